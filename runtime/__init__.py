@@ -1,0 +1,1 @@
+"""modelrun's runtime: everything that runs inside model.run."""
