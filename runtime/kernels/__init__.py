@@ -1,7 +1,19 @@
 """Numba kernels that compute straight on GGUF's quantized blocks.
 
-(Being written: the public entry points dequantize / matvec / matmul land here.)
+The public entry points take `raw`, the tensor's bytes as a uint8 array (a zero-copy view
+of the memory-mapped file), and never build a float32 copy of a weight matrix: matvec
+decodes and multiplies block by block, matmul decodes one row at a time and reuses it for
+every vector of the batch.
+
+Importing this package does not import numba (the kernels load on first use), so that
+reading a model's header, `--info`, stays fast.
 """
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
 
 # The tensor types this build can compute with (names as in runtime.ggml_types).
 SUPPORTED_TYPES = frozenset({
@@ -10,3 +22,79 @@ SUPPORTED_TYPES = frozenset({
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ4_NL", "IQ4_XS",
 })
+
+
+def supported_type(qtype: int | str | GGMLType) -> GGMLType:
+    """The type, if this build has kernels for it; a clear error naming it otherwise."""
+    t = ggml_type(qtype)
+    if t.name not in SUPPORTED_TYPES:
+        raise UnsupportedTypeError(
+            f"tensor type {t.name} is not supported by this build of modelrun "
+            f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})"
+        )
+    return t
+
+
+def _raw_bytes(raw: np.ndarray, need: int, what: str) -> np.ndarray:
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        raise TypeError(f"raw must be a uint8 array of block bytes, got {raw.dtype}")
+    raw = raw.reshape(-1)  # a view for contiguous input
+    if not raw.flags.c_contiguous:
+        raise ValueError("raw must be contiguous")
+    if raw.size < need:
+        raise ValueError(f"{what} needs {need} bytes of blocks, raw has only {raw.size}")
+    return raw
+
+
+def _vector(x: np.ndarray, length: int, name: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] != length:
+        raise ValueError(f"{name} has {x.shape[-1]} columns, the matrix has {length}")
+    return x
+
+
+def dequantize(raw: np.ndarray, qtype: int | str, n_elements: int) -> np.ndarray:
+    """The first `n_elements` values stored in `raw`, as float32 (for small tensors and tests)."""
+    from .dispatch import dequantize_kernel
+
+    t = supported_type(qtype)
+    nbytes = t.row_bytes(n_elements)
+    raw = _raw_bytes(raw, nbytes, f"{n_elements} {t.name} elements")
+    out = np.empty(n_elements, np.float32)
+    dequantize_kernel(t.id, raw, n_elements // t.block_elems, t.block_bytes, t.block_elems, out)
+    return out
+
+
+def matvec(raw: np.ndarray, qtype: int | str, rows: int, cols: int, x: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """W @ x for the rows x cols matrix W stored in `raw` (GGUF layout: row after row)."""
+    from .dispatch import matvec_kernel
+
+    t = supported_type(qtype)
+    row_bytes = t.row_bytes(cols)
+    raw = _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
+    x = _vector(x, cols, "x")
+    if x.ndim != 1:
+        raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
+    if out is None:
+        out = np.empty(rows, np.float32)
+    matvec_kernel(t.id, raw, rows, row_bytes, cols // t.block_elems, x, out)
+    return out
+
+
+def matmul(raw: np.ndarray, qtype: int | str, rows: int, cols: int, X: np.ndarray,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """X @ W.T for a batch X of n vectors: float32[n, rows]."""
+    from .dispatch import matmul_kernel
+
+    t = supported_type(qtype)
+    row_bytes = t.row_bytes(cols)
+    raw = _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
+    X = _vector(X, cols, "X")
+    if X.ndim != 2:
+        raise ValueError(f"X must be a batch of vectors [n, {cols}], got shape {X.shape}")
+    if out is None:
+        out = np.empty((X.shape[0], rows), np.float32)
+    matmul_kernel(t.id, raw, rows, row_bytes, cols // t.block_elems, X, out)
+    return out

@@ -1,0 +1,128 @@
+"""Every kernel against the `gguf` package's NumPy dequantization, on random valid blocks.
+
+Blocks are random bytes with their f16 scale fields replaced by sane values, so every
+quant index, sign bit and packed scale takes random values. matvec and matmul are checked
+against a float64 product of the reference dequantization with the worst-case bound for
+float32 summation, n * 2^-24 * sum|w * x| (Higham's gamma_n): a single wrong weight shifts
+the result by about sum|w * x| / n, hundreds of times more.
+"""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as reference_dequantize
+
+from runtime import kernels
+from runtime.ggml_types import UnsupportedTypeError, ggml_type
+
+# Byte offsets of the f16 fields (scales, minimums) inside one block of each type.
+F16_FIELDS = {
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "IQ4_NL": [0], "IQ4_XS": [0],
+}
+FLOAT_TYPES = ["F32", "F16", "BF16"]
+ALL_TYPES = FLOAT_TYPES + list(F16_FIELDS)
+
+
+def random_blocks(name: str, n_elements: int, rng: np.random.Generator) -> np.ndarray:
+    """Random valid bytes holding `n_elements` values of type `name`."""
+    if name == "F32":
+        return rng.standard_normal(n_elements).astype(np.float32).view(np.uint8)
+    if name == "F16":
+        return rng.standard_normal(n_elements).astype(np.float16).view(np.uint8)
+    if name == "BF16":
+        f32 = rng.standard_normal(n_elements).astype(np.float32)
+        return (f32.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    t = ggml_type(name)
+    n_blocks = n_elements // t.block_elems
+    blocks = rng.integers(0, 256, size=(n_blocks, t.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[name]:
+        scale = rng.uniform(1e-3, 1e-1, n_blocks) * rng.choice([-1, 1], n_blocks)
+        blocks[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(-1)
+
+
+def reference(raw: np.ndarray, name: str, n_elements: int) -> np.ndarray:
+    values = reference_dequantize(raw, GGMLQuantizationType[name])
+    return np.asarray(values, dtype=np.float32).reshape(-1)[:n_elements]
+
+
+def cols_for(name: str) -> int:
+    return 2 * 256 if name not in FLOAT_TYPES else 200
+
+
+def assert_close_to_product(got: np.ndarray, w64: np.ndarray, x64: np.ndarray) -> None:
+    """got ~ x64 @ w64.T within the float32 summation bound (see the module docstring)."""
+    want = x64 @ w64.T
+    scale = np.abs(x64) @ np.abs(w64.T)
+    bound = w64.shape[1] * 2.0 ** -24 * scale + 1e-30
+    err = np.abs(got.astype(np.float64) - want)
+    assert np.all(err <= bound), f"worst error {np.max(err / bound):.3g} x the bound"
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_dequantize_matches_gguf_reference(name):
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    n = 8 * cols_for(name)
+    raw = random_blocks(name, n, rng)
+    np.testing.assert_array_equal(kernels.dequantize(raw, name, n), reference(raw, name, n))
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("rows", [1, 7, 37])
+def test_matvec_matches_float64_product(name, rows):
+    rng = np.random.default_rng(rows)
+    cols = cols_for(name)
+    raw = random_blocks(name, rows * cols, rng)
+    w64 = reference(raw, name, rows * cols).astype(np.float64).reshape(rows, cols)
+    x = rng.standard_normal(cols).astype(np.float32)
+    got = kernels.matvec(raw, name, rows, cols, x)
+    assert got.shape == (rows,) and got.dtype == np.float32
+    assert_close_to_product(got[None, :], w64, x.astype(np.float64)[None, :])
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+@pytest.mark.parametrize("n", [1, 5])
+def test_matmul_matches_float64_product(name, n):
+    rng = np.random.default_rng(100 + n)
+    rows, cols = 37, cols_for(name)
+    raw = random_blocks(name, rows * cols, rng)
+    w64 = reference(raw, name, rows * cols).astype(np.float64).reshape(rows, cols)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    got = kernels.matmul(raw, name, rows, cols, X)
+    assert got.shape == (n, rows) and got.dtype == np.float32
+    assert_close_to_product(got, w64, X.astype(np.float64))
+
+
+def test_type_given_by_id_or_name_alike():
+    rng = np.random.default_rng(0)
+    raw = random_blocks("Q4_K", 256 * 4, rng)
+    x = rng.standard_normal(256).astype(np.float32)
+    by_name = kernels.matvec(raw, "q4_k", 4, 256, x)
+    by_id = kernels.matvec(raw, int(GGMLQuantizationType.Q4_K), 4, 256, x)
+    np.testing.assert_array_equal(by_name, by_id)
+
+
+def test_unsupported_type_is_named():
+    raw = np.zeros(66, np.uint8)
+    with pytest.raises(UnsupportedTypeError, match="IQ2_XXS"):
+        kernels.matvec(raw, "IQ2_XXS", 1, 256, np.zeros(256, np.float32))
+    with pytest.raises(UnsupportedTypeError, match="NOPE"):
+        kernels.dequantize(raw, "NOPE", 32)
+    with pytest.raises(UnsupportedTypeError, match="77"):
+        kernels.dequantize(raw, 77, 32)
+
+
+def test_bad_shapes_are_refused_before_reading_memory():
+    raw = np.zeros(18 * 4, np.uint8)  # four Q4_0 blocks
+    with pytest.raises(ValueError, match="needs 144 bytes"):
+        kernels.matvec(raw, "Q4_0", 2, 64 * 2, np.zeros(128, np.float32))
+    with pytest.raises(ValueError, match="multiple"):
+        kernels.matvec(raw, "Q4_0", 1, 33, np.zeros(33, np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        kernels.matvec(raw, "Q4_0", 2, 64, np.zeros(65, np.float32))
+    with pytest.raises(ValueError, match="batch"):
+        kernels.matmul(raw, "Q4_0", 2, 64, np.zeros(64, np.float32))
+    with pytest.raises(TypeError, match="uint8"):
+        kernels.dequantize(raw.view(np.int8), "Q4_0", 32)
