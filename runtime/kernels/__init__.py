@@ -11,6 +11,11 @@ reading a model's header, `--info`, stays fast.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
@@ -22,6 +27,27 @@ SUPPORTED_TYPES = frozenset({
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     "IQ4_NL", "IQ4_XS",
 })
+
+
+def _configure_numba_cache() -> None:
+    """Cache compiled kernels under a key of all kernel sources.
+
+    Numba keys a cached function on its own file only, yet inlines the kernels it calls
+    from other files: editing kquants.py would leave dispatch.py's cache stale. Keying the
+    cache folder on every kernel source makes any edit recompile. Runs at import, before
+    any kernel module is decorated, without importing numba.
+    """
+    sources = sorted(Path(__file__).parent.glob("*.py"))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = str(base / "modelrun" / "numba" / key)
+    if "numba" in sys.modules:
+        sys.modules["numba"].config.CACHE_DIR = sys.modules["numba"].config.CACHE_DIR or folder
+    else:
+        os.environ.setdefault("NUMBA_CACHE_DIR", folder)
+
+
+_configure_numba_cache()
 
 
 def supported_type(qtype: int | str | GGMLType) -> GGMLType:

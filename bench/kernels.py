@@ -1,0 +1,123 @@
+"""Kernel benchmark: matvec and matmul for every supported type, 1 thread and all threads.
+
+Prints a table of weight bytes read per second, GFLOP/s and the fraction of this
+machine's read bandwidth, which is measured in the same run with a plain parallel sum.
+Weights are spread over enough copies to exceed the CPU caches (>= 512 MiB), as a
+model's weights do when decoding, so matvec figures are DRAM figures.
+
+    python bench/kernels.py [--types Q4_K,Q8_0] [--batch 64] [--seconds 0.5]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from runtime import kernels  # noqa: E402
+from runtime.ggml_types import ggml_type  # noqa: E402
+
+SHAPES = [(4096, 4096), (640, 2048)]  # a 7B-class square matrix; Gemma 3 270M's ffn_down
+WORKING_SET = 512 << 20
+
+
+@njit(parallel=True, cache=True)
+def _read_all(words):
+    """Sum of all words: the cheapest way to read every byte once."""
+    chunks = 256
+    per = words.size // chunks
+    partial = np.zeros(chunks, np.uint64)
+    for c in prange(chunks):
+        s = np.uint64(0)
+        for i in range(c * per, (c + 1) * per):
+            s += words[i]
+        partial[c] = s
+    return partial.sum()
+
+
+def timed(fn, seconds):
+    """Mean seconds per call of fn() over about `seconds` of calls (after one warm-up)."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return elapsed / n
+
+
+def read_bandwidth(seconds):
+    words = np.ones(WORKING_SET // 8, np.uint64)
+    return words.nbytes / timed(lambda: _read_all(words), seconds)
+
+
+def random_matrix_bytes(t, rows, cols, rng):
+    """Random bytes with sane f16 scales wherever the type keeps them (first 2 bytes of a block)."""
+    nbytes = t.row_bytes(cols) * rows
+    raw = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
+    if t.name in ("F32", "F16", "BF16"):
+        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.float32}[t.name]
+        vals = rng.standard_normal(nbytes // np.dtype(dtype).itemsize).astype(dtype)
+        if t.name == "BF16":
+            vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
+        return vals.view(np.uint8)
+    return raw  # scales may be any f16, including inf/nan: timing does not depend on values
+
+
+def bench_type(name, rows, cols, batch, seconds, rng):
+    t = ggml_type(name)
+    one = random_matrix_bytes(t, rows, cols, rng)
+    copies = [one] + [one.copy() for _ in range(max(0, WORKING_SET // one.nbytes - 1))]
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((batch, cols)).astype(np.float32)
+    out_v = np.empty(rows, np.float32)
+    out_m = np.empty((batch, rows), np.float32)
+    state = {"i": 0}
+
+    def next_copy():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    t_mv = timed(lambda: kernels.matvec(next_copy(), t, rows, cols, x, out_v), seconds)
+    t_mm = timed(lambda: kernels.matmul(next_copy(), t, rows, cols, X, out_m), seconds)
+    return one.nbytes, t_mv, t_mm
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", default=",".join(sorted(kernels.SUPPORTED_TYPES, key=lambda n: ggml_type(n).id)))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=0.4)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    all_threads = numba.config.NUMBA_NUM_THREADS
+    thread_counts = [1] if all_threads == 1 else [1, all_threads]
+    bandwidth = {}
+    for th in thread_counts:
+        numba.set_num_threads(th)
+        bandwidth[th] = read_bandwidth(args.seconds * 2)
+    print(f"read bandwidth: " + ", ".join(f"{bw / 1e9:.1f} GB/s ({th} thr)" for th, bw in bandwidth.items()))
+    print(f"matvec: one vector; matmul: batch of {args.batch}; GB/s = weight bytes read per second; "
+          f"%BW = matvec GB/s / read bandwidth at the same thread count")
+    head = f"{'type':7} {'rows x cols':>11} {'thr':>3} | {'matvec ms':>9} {'GB/s':>6} {'%BW':>5} | {'matmul ms':>9} {'GFLOP/s':>8}"
+    print(head)
+    print("-" * len(head))
+    for name in args.types.split(","):
+        for rows, cols in SHAPES:
+            for th in thread_counts:
+                numba.set_num_threads(th)
+                nbytes, t_mv, t_mm = bench_type(name, rows, cols, args.batch, args.seconds, rng)
+                gbs = nbytes / t_mv / 1e9
+                gflops = 2.0 * rows * cols * args.batch / t_mm / 1e9
+                print(f"{name:7} {f'{rows}x{cols}':>11} {th:>3} | {t_mv * 1e3:9.3f} {gbs:6.1f} "
+                      f"{100 * gbs * 1e9 / bandwidth[th]:4.0f}% | {t_mm * 1e3:9.2f} {gflops:8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Vector primitives for the block kernels, written as LLVM IR through Numba intrinsics.
+
+Why: Numba fully unrolls a 16- or 32-step loop over one block and LLVM then fails to
+re-vectorize it (measured: byte-by-byte `vpinsrb` gathers, ~2.4 G weights/s per core for
+Q8_0), while the same work as explicit `<32 x i8>` vector IR runs at ~7.6 G weights/s.
+The IR here is generic LLVM (no x86 intrinsics), so every CPU tier compiles it.
+
+Every format stores small integers in bit fields. `bits_dot` and `bits_decode` build one
+intrinsic per field recipe: for l in 0..n-1,
+
+    v[l] = ((A[l] >> a_shift) & a_mask) | (((B[l] >> b_shift) & b_mask) << b_lshift)
+
+where A is n bytes at raw[a_off] and B, when the recipe has one, is either n bytes at
+raw[b_off] ("bytes") or the 32-bit little-endian word at raw[b_off] whose bit
+(b_shift + l) belongs to value l ("bits32"). The dot intrinsic returns
+sum((v[l] - ibias) * x[x_off + l]); the decode intrinsic writes
+out[out_off + l] = scale * float(v[l] - ibias) + fbias, the operation order ggml uses,
+so decoding is bit-exact.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+
+
+def _element_pointer(context, builder, array_type, array, offset):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(data, [offset])
+
+
+def _load_vector(builder, pointer, vector_type):
+    return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
+
+
+def _splat(value, n):
+    return ir.Constant(ir.VectorType(_I32, n), [value] * n)
+
+
+def _field_values(context, builder, sig, raw, a_off, b_off, recipe):
+    """The <n x float> of v[l] - ibias for one recipe (see the module docstring)."""
+    n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias = recipe
+    vec_i32 = ir.VectorType(_I32, n)
+    a = _load_vector(builder, _element_pointer(context, builder, sig.args[0], raw, a_off), ir.VectorType(_I8, n))
+    v = builder.sext(a, vec_i32) if signed else builder.zext(a, vec_i32)
+    if a_shift:
+        v = builder.lshr(v, _splat(a_shift, n))
+    if a_mask != 0xFF:
+        v = builder.and_(v, _splat(a_mask, n))
+    if b_kind == "bytes":
+        b = _load_vector(builder, _element_pointer(context, builder, sig.args[0], raw, b_off), ir.VectorType(_I8, n))
+        b = builder.zext(b, vec_i32)
+        if b_shift:
+            b = builder.lshr(b, _splat(b_shift, n))
+    elif b_kind == "bits32":
+        word_ptr = builder.bitcast(_element_pointer(context, builder, sig.args[0], raw, b_off), _I32.as_pointer())
+        word = builder.load(word_ptr, align=1)
+        b = builder.insert_element(ir.Constant(vec_i32, ir.Undefined), word, ir.Constant(_I32, 0))
+        b = builder.shuffle_vector(b, ir.Constant(vec_i32, ir.Undefined), ir.Constant(vec_i32, [0] * n))
+        b = builder.lshr(b, ir.Constant(vec_i32, [b_shift + lane for lane in range(n)]))
+    if b_kind is not None:
+        b = builder.and_(b, _splat(b_mask, n))
+        if b_lshift:
+            b = builder.shl(b, _splat(b_lshift, n))
+        v = builder.or_(v, b)
+    if ibias:
+        v = builder.sub(v, _splat(ibias, n))
+    return builder.sitofp(v, ir.VectorType(_F32, n))
+
+
+def _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias):
+    if n not in (16, 32) or b_kind not in (None, "bytes", "bits32"):
+        raise ValueError(f"unsupported field recipe n={n} b_kind={b_kind}")
+    return (n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+
+
+def bits_dot(n, a_shift=0, a_mask=0xFF, signed=False, b_kind=None, b_shift=0, b_mask=0, b_lshift=0, ibias=0):
+    """An intrinsic f(raw, a_off, b_off, x, x_off) -> float32 = sum((v - ibias) * x[x_off:x_off+n])."""
+    recipe = _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+
+    @intrinsic
+    def dot(typingctx, raw, a_off, b_off, x, x_off):
+        sig = types.float32(raw, a_off, b_off, x, x_off)
+
+        def codegen(context, builder, sig, args):
+            raw_, a_off_, b_off_, x_, x_off_ = args
+            values = _field_values(context, builder, sig, raw_, a_off_, b_off_, recipe)
+            xs = _load_vector(builder, _element_pointer(context, builder, sig.args[3], x_, x_off_),
+                              ir.VectorType(_F32, n))
+            products = builder.fmul(values, xs, flags=("fast",))
+            reduce_add = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_F32, [_F32, ir.VectorType(_F32, n)]),
+                f"llvm.vector.reduce.fadd.v{n}f32")
+            return builder.call(reduce_add, [ir.Constant(_F32, 0.0), products], fastmath=("fast",))
+
+        return sig, codegen
+
+    return dot
+
+
+def bits_decode(n, a_shift=0, a_mask=0xFF, signed=False, b_kind=None, b_shift=0, b_mask=0, b_lshift=0, ibias=0):
+    """An intrinsic f(raw, a_off, b_off, scale, fbias, out, out_off) writing scale * (v - ibias) + fbias."""
+    recipe = _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+
+    @intrinsic
+    def decode(typingctx, raw, a_off, b_off, scale, fbias, out, out_off):
+        sig = types.void(raw, a_off, b_off, types.float32, types.float32, out, out_off)
+
+        def codegen(context, builder, sig, args):
+            raw_, a_off_, b_off_, scale_, fbias_, out_, out_off_ = args
+            values = _field_values(context, builder, sig, raw_, a_off_, b_off_, recipe)
+            vec_f32 = ir.VectorType(_F32, n)
+            scale_vec = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vec_f32, ir.Undefined), scale_, ir.Constant(_I32, 0)),
+                ir.Constant(vec_f32, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+            bias_vec = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(vec_f32, ir.Undefined), fbias_, ir.Constant(_I32, 0)),
+                ir.Constant(vec_f32, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+            result = builder.fadd(builder.fmul(scale_vec, values), bias_vec)
+            target = builder.bitcast(_element_pointer(context, builder, sig.args[5], out_, out_off_),
+                                     vec_f32.as_pointer())
+            builder.store(result, target, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return decode
+
+
+def _sum_intrinsic(n):
+    @intrinsic
+    def vector_sum(typingctx, x, x_off):
+        sig = types.float32(x, x_off)
+
+        def codegen(context, builder, sig, args):
+            xs = _load_vector(builder, _element_pointer(context, builder, sig.args[0], args[0], args[1]),
+                              ir.VectorType(_F32, n))
+            reduce_add = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_F32, [_F32, ir.VectorType(_F32, n)]),
+                f"llvm.vector.reduce.fadd.v{n}f32")
+            return builder.call(reduce_add, [ir.Constant(_F32, 0.0), xs], fastmath=("fast",))
+
+        return sig, codegen
+
+    return vector_sum
+
+
+sum16 = _sum_intrinsic(16)  # sum(x[x_off:x_off+16])
+sum32 = _sum_intrinsic(32)  # sum(x[x_off:x_off+32])
