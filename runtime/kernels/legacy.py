@@ -19,22 +19,15 @@ from numba import njit
 from .common import read_f16
 from .simd import bits_decode, bits_dot, sum32
 
-# Field recipes: the low and high halves of a block, for 4-bit and 5-bit (bit i of qh) values.
-_Q4_LO = dict(n=16, a_mask=15)
-_Q4_HI = dict(n=16, a_shift=4, a_mask=15)
-_Q5_LO = dict(n=16, a_mask=15, b_kind="bits32", b_shift=0, b_mask=1, b_lshift=4)
-_Q5_HI = dict(n=16, a_shift=4, a_mask=15, b_kind="bits32", b_shift=16, b_mask=1, b_lshift=4)
-
-_dot_q4_0_lo, _dot_q4_0_hi = bits_dot(ibias=8, **_Q4_LO), bits_dot(ibias=8, **_Q4_HI)
-_dec_q4_0_lo, _dec_q4_0_hi = bits_decode(ibias=8, **_Q4_LO), bits_decode(ibias=8, **_Q4_HI)
-_dot_q4_1_lo, _dot_q4_1_hi = bits_dot(**_Q4_LO), bits_dot(**_Q4_HI)
-_dec_q4_1_lo, _dec_q4_1_hi = bits_decode(**_Q4_LO), bits_decode(**_Q4_HI)
-_dot_q5_0_lo, _dot_q5_0_hi = bits_dot(ibias=16, **_Q5_LO), bits_dot(ibias=16, **_Q5_HI)
-_dec_q5_0_lo, _dec_q5_0_hi = bits_decode(ibias=16, **_Q5_LO), bits_decode(ibias=16, **_Q5_HI)
-_dot_q5_1_lo, _dot_q5_1_hi = bits_dot(**_Q5_LO), bits_dot(**_Q5_HI)
-_dec_q5_1_lo, _dec_q5_1_hi = bits_decode(**_Q5_LO), bits_decode(**_Q5_HI)
-_dot_q8_0 = bits_dot(n=32, signed=True)
-_dec_q8_0 = bits_decode(n=32, signed=True)
+# Field recipes: 16 nibbles (shift 0: the low half of a block, 4: the high half), with a
+# fifth bit from the 32-bit qh (shift 0 or 16: the half's first bit) for Q5; signed bytes for Q8_0.
+_Q4 = dict(n=16, a_mask=15)
+_Q5 = dict(n=16, a_mask=15, b_kind="bits32", b_mask=1, b_lshift=4)
+_dot_q4_0, _dec_q4_0 = bits_dot(ibias=8, **_Q4), bits_decode(ibias=8, **_Q4)
+_dot_q4_1, _dec_q4_1 = bits_dot(**_Q4), bits_decode(**_Q4)
+_dot_q5_0, _dec_q5_0 = bits_dot(ibias=16, **_Q5), bits_decode(ibias=16, **_Q5)
+_dot_q5_1, _dec_q5_1 = bits_dot(**_Q5), bits_decode(**_Q5)
+_dot_q8_0, _dec_q8_0 = bits_dot(n=32, signed=True), bits_decode(n=32, signed=True)
 
 _ZERO = np.float32(0.0)
 
@@ -44,8 +37,8 @@ def decode_q4_0(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o, w = off + 18 * b, out_off + 32 * b
         d = read_f16(raw, o)
-        _dec_q4_0_lo(raw, o + 2, 0, d, _ZERO, out, w)
-        _dec_q4_0_hi(raw, o + 2, 0, d, _ZERO, out, w + 16)
+        _dec_q4_0(raw, o + 2, 0, 0, 0, d, _ZERO, out, w)
+        _dec_q4_0(raw, o + 2, 4, 0, 0, d, _ZERO, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -53,7 +46,7 @@ def dot_q4_0(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 18 * b, x_off + 32 * b
-        acc += read_f16(raw, o) * (_dot_q4_0_lo(raw, o + 2, 0, x, xo) + _dot_q4_0_hi(raw, o + 2, 0, x, xo + 16))
+        acc += read_f16(raw, o) * (_dot_q4_0(raw, o + 2, 0, 0, 0, x, xo) + _dot_q4_0(raw, o + 2, 4, 0, 0, x, xo + 16))
     return acc
 
 
@@ -62,8 +55,8 @@ def decode_q4_1(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o, w = off + 20 * b, out_off + 32 * b
         d, m = read_f16(raw, o), read_f16(raw, o + 2)
-        _dec_q4_1_lo(raw, o + 4, 0, d, m, out, w)
-        _dec_q4_1_hi(raw, o + 4, 0, d, m, out, w + 16)
+        _dec_q4_1(raw, o + 4, 0, 0, 0, d, m, out, w)
+        _dec_q4_1(raw, o + 4, 4, 0, 0, d, m, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -71,7 +64,7 @@ def dot_q4_1(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 20 * b, x_off + 32 * b
-        s = _dot_q4_1_lo(raw, o + 4, 0, x, xo) + _dot_q4_1_hi(raw, o + 4, 0, x, xo + 16)
+        s = _dot_q4_1(raw, o + 4, 0, 0, 0, x, xo) + _dot_q4_1(raw, o + 4, 4, 0, 0, x, xo + 16)
         acc += read_f16(raw, o) * s + read_f16(raw, o + 2) * sum32(x, xo)
     return acc
 
@@ -81,8 +74,8 @@ def decode_q5_0(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o, w = off + 22 * b, out_off + 32 * b
         d = read_f16(raw, o)
-        _dec_q5_0_lo(raw, o + 6, o + 2, d, _ZERO, out, w)
-        _dec_q5_0_hi(raw, o + 6, o + 2, d, _ZERO, out, w + 16)
+        _dec_q5_0(raw, o + 6, 0, o + 2, 0, d, _ZERO, out, w)
+        _dec_q5_0(raw, o + 6, 4, o + 2, 16, d, _ZERO, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -90,7 +83,7 @@ def dot_q5_0(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 22 * b, x_off + 32 * b
-        s = _dot_q5_0_lo(raw, o + 6, o + 2, x, xo) + _dot_q5_0_hi(raw, o + 6, o + 2, x, xo + 16)
+        s = _dot_q5_0(raw, o + 6, 0, o + 2, 0, x, xo) + _dot_q5_0(raw, o + 6, 4, o + 2, 16, x, xo + 16)
         acc += read_f16(raw, o) * s
     return acc
 
@@ -100,8 +93,8 @@ def decode_q5_1(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o, w = off + 24 * b, out_off + 32 * b
         d, m = read_f16(raw, o), read_f16(raw, o + 2)
-        _dec_q5_1_lo(raw, o + 8, o + 4, d, m, out, w)
-        _dec_q5_1_hi(raw, o + 8, o + 4, d, m, out, w + 16)
+        _dec_q5_1(raw, o + 8, 0, o + 4, 0, d, m, out, w)
+        _dec_q5_1(raw, o + 8, 4, o + 4, 16, d, m, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -109,7 +102,7 @@ def dot_q5_1(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 24 * b, x_off + 32 * b
-        s = _dot_q5_1_lo(raw, o + 8, o + 4, x, xo) + _dot_q5_1_hi(raw, o + 8, o + 4, x, xo + 16)
+        s = _dot_q5_1(raw, o + 8, 0, o + 4, 0, x, xo) + _dot_q5_1(raw, o + 8, 4, o + 4, 16, x, xo + 16)
         acc += read_f16(raw, o) * s + read_f16(raw, o + 2) * sum32(x, xo)
     return acc
 
@@ -118,7 +111,7 @@ def dot_q5_1(raw, off, nblocks, x, x_off):
 def decode_q8_0(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o = off + 34 * b
-        _dec_q8_0(raw, o + 2, 0, read_f16(raw, o), _ZERO, out, out_off + 32 * b)
+        _dec_q8_0(raw, o + 2, 0, 0, 0, read_f16(raw, o), _ZERO, out, out_off + 32 * b)
 
 
 @njit(fastmath=True, cache=True)
@@ -126,5 +119,5 @@ def dot_q8_0(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o = off + 34 * b
-        acc += read_f16(raw, o) * _dot_q8_0(raw, o + 2, 0, x, x_off + 32 * b)
+        acc += read_f16(raw, o) * _dot_q8_0(raw, o + 2, 0, 0, 0, x, x_off + 32 * b)
     return acc

@@ -6,7 +6,8 @@ Q8_0), while the same work as explicit `<32 x i8>` vector IR runs at ~7.6 G weig
 The IR here is generic LLVM (no x86 intrinsics), so every CPU tier compiles it.
 
 Every format stores small integers in bit fields. `bits_dot` and `bits_decode` build one
-intrinsic per field recipe: for l in 0..n-1,
+intrinsic per field recipe (width, masks, layout of B, bias); the shifts are arguments, so
+one recipe serves every sub-block of a format (constants fold once inlined): for l in 0..n-1,
 
     v[l] = ((A[l] >> a_shift) & a_mask) | (((B[l] >> b_shift) & b_mask) << b_lshift)
 
@@ -38,30 +39,37 @@ def _load_vector(builder, pointer, vector_type):
 
 
 def _splat(value, n):
+    """A constant <n x i32> with every lane = value."""
     return ir.Constant(ir.VectorType(_I32, n), [value] * n)
 
 
-def _field_values(context, builder, sig, raw, a_off, b_off, recipe):
+def _splat_value(builder, value, vector_type):
+    """A vector with every lane = the scalar `value` (of the vector's element type)."""
+    n = vector_type.count
+    first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _field_values(context, builder, sig, raw, a_off, a_shift, b_off, b_shift, recipe):
     """The <n x float> of v[l] - ibias for one recipe (see the module docstring)."""
-    n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias = recipe
+    n, a_mask, signed, b_kind, b_mask, b_lshift, ibias = recipe
     vec_i32 = ir.VectorType(_I32, n)
+    a_shift = builder.trunc(a_shift, _I32) if a_shift.type != _I32 else a_shift
+    b_shift = builder.trunc(b_shift, _I32) if b_shift.type != _I32 else b_shift
     a = _load_vector(builder, _element_pointer(context, builder, sig.args[0], raw, a_off), ir.VectorType(_I8, n))
     v = builder.sext(a, vec_i32) if signed else builder.zext(a, vec_i32)
-    if a_shift:
-        v = builder.lshr(v, _splat(a_shift, n))
+    v = builder.lshr(v, _splat_value(builder, a_shift, vec_i32))
     if a_mask != 0xFF:
         v = builder.and_(v, _splat(a_mask, n))
     if b_kind == "bytes":
         b = _load_vector(builder, _element_pointer(context, builder, sig.args[0], raw, b_off), ir.VectorType(_I8, n))
-        b = builder.zext(b, vec_i32)
-        if b_shift:
-            b = builder.lshr(b, _splat(b_shift, n))
+        b = builder.lshr(builder.zext(b, vec_i32), _splat_value(builder, b_shift, vec_i32))
     elif b_kind == "bits32":
         word_ptr = builder.bitcast(_element_pointer(context, builder, sig.args[0], raw, b_off), _I32.as_pointer())
         word = builder.load(word_ptr, align=1)
-        b = builder.insert_element(ir.Constant(vec_i32, ir.Undefined), word, ir.Constant(_I32, 0))
-        b = builder.shuffle_vector(b, ir.Constant(vec_i32, ir.Undefined), ir.Constant(vec_i32, [0] * n))
-        b = builder.lshr(b, ir.Constant(vec_i32, [b_shift + lane for lane in range(n)]))
+        lanes = builder.add(_splat_value(builder, b_shift, vec_i32), ir.Constant(vec_i32, list(range(n))))
+        b = builder.lshr(_splat_value(builder, word, vec_i32), lanes)
     if b_kind is not None:
         b = builder.and_(b, _splat(b_mask, n))
         if b_lshift:
@@ -72,24 +80,25 @@ def _field_values(context, builder, sig, raw, a_off, b_off, recipe):
     return builder.sitofp(v, ir.VectorType(_F32, n))
 
 
-def _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias):
+def _recipe(n, a_mask, signed, b_kind, b_mask, b_lshift, ibias):
     if n not in (16, 32) or b_kind not in (None, "bytes", "bits32"):
         raise ValueError(f"unsupported field recipe n={n} b_kind={b_kind}")
-    return (n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+    return (n, a_mask, signed, b_kind, b_mask, b_lshift, ibias)
 
 
-def bits_dot(n, a_shift=0, a_mask=0xFF, signed=False, b_kind=None, b_shift=0, b_mask=0, b_lshift=0, ibias=0):
-    """An intrinsic f(raw, a_off, b_off, x, x_off) -> float32 = sum((v - ibias) * x[x_off:x_off+n])."""
-    recipe = _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+def bits_dot(n, a_mask=0xFF, signed=False, b_kind=None, b_mask=0, b_lshift=0, ibias=0):
+    """An intrinsic f(raw, a_off, a_shift, b_off, b_shift, x, x_off) -> float32
+    = sum((v - ibias) * x[x_off:x_off+n])."""
+    recipe = _recipe(n, a_mask, signed, b_kind, b_mask, b_lshift, ibias)
 
     @intrinsic
-    def dot(typingctx, raw, a_off, b_off, x, x_off):
-        sig = types.float32(raw, a_off, b_off, x, x_off)
+    def dot(typingctx, raw, a_off, a_shift, b_off, b_shift, x, x_off):
+        sig = types.float32(raw, a_off, types.int32, b_off, types.int32, x, x_off)
 
         def codegen(context, builder, sig, args):
-            raw_, a_off_, b_off_, x_, x_off_ = args
-            values = _field_values(context, builder, sig, raw_, a_off_, b_off_, recipe)
-            xs = _load_vector(builder, _element_pointer(context, builder, sig.args[3], x_, x_off_),
+            raw_, a_off_, a_shift_, b_off_, b_shift_, x_, x_off_ = args
+            values = _field_values(context, builder, sig, raw_, a_off_, a_shift_, b_off_, b_shift_, recipe)
+            xs = _load_vector(builder, _element_pointer(context, builder, sig.args[5], x_, x_off_),
                               ir.VectorType(_F32, n))
             products = builder.fmul(values, xs, flags=("fast",))
             reduce_add = cgutils.get_or_insert_function(
@@ -102,26 +111,22 @@ def bits_dot(n, a_shift=0, a_mask=0xFF, signed=False, b_kind=None, b_shift=0, b_
     return dot
 
 
-def bits_decode(n, a_shift=0, a_mask=0xFF, signed=False, b_kind=None, b_shift=0, b_mask=0, b_lshift=0, ibias=0):
-    """An intrinsic f(raw, a_off, b_off, scale, fbias, out, out_off) writing scale * (v - ibias) + fbias."""
-    recipe = _recipe(n, a_shift, a_mask, signed, b_kind, b_shift, b_mask, b_lshift, ibias)
+def bits_decode(n, a_mask=0xFF, signed=False, b_kind=None, b_mask=0, b_lshift=0, ibias=0):
+    """An intrinsic f(raw, a_off, a_shift, b_off, b_shift, scale, fbias, out, out_off)
+    writing out[out_off:out_off+n] = scale * (v - ibias) + fbias."""
+    recipe = _recipe(n, a_mask, signed, b_kind, b_mask, b_lshift, ibias)
 
     @intrinsic
-    def decode(typingctx, raw, a_off, b_off, scale, fbias, out, out_off):
-        sig = types.void(raw, a_off, b_off, types.float32, types.float32, out, out_off)
+    def decode(typingctx, raw, a_off, a_shift, b_off, b_shift, scale, fbias, out, out_off):
+        sig = types.void(raw, a_off, types.int32, b_off, types.int32, types.float32, types.float32, out, out_off)
 
         def codegen(context, builder, sig, args):
-            raw_, a_off_, b_off_, scale_, fbias_, out_, out_off_ = args
-            values = _field_values(context, builder, sig, raw_, a_off_, b_off_, recipe)
+            raw_, a_off_, a_shift_, b_off_, b_shift_, scale_, fbias_, out_, out_off_ = args
+            values = _field_values(context, builder, sig, raw_, a_off_, a_shift_, b_off_, b_shift_, recipe)
             vec_f32 = ir.VectorType(_F32, n)
-            scale_vec = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vec_f32, ir.Undefined), scale_, ir.Constant(_I32, 0)),
-                ir.Constant(vec_f32, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
-            bias_vec = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(vec_f32, ir.Undefined), fbias_, ir.Constant(_I32, 0)),
-                ir.Constant(vec_f32, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
-            result = builder.fadd(builder.fmul(scale_vec, values), bias_vec)
-            target = builder.bitcast(_element_pointer(context, builder, sig.args[5], out_, out_off_),
+            scaled = builder.fmul(_splat_value(builder, scale_, vec_f32), values)
+            result = builder.fadd(scaled, _splat_value(builder, fbias_, vec_f32))
+            target = builder.bitcast(_element_pointer(context, builder, sig.args[7], out_, out_off_),
                                      vec_f32.as_pointer())
             builder.store(result, target, align=1)
             return context.get_dummy_value()
