@@ -21,3 +21,171 @@ def llamacpp_reference() -> dict:
     import json
 
     return json.loads((TESTDATA / "gemma3_270m_llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def gemma_metadata(gemma_path) -> dict:
+    """The Gemma GGUF's metadata (key -> value), as runtime.gguf reads it."""
+    from runtime.gguf import GGUFFile
+
+    return GGUFFile(gemma_path).metadata
+
+
+# --- synthetic tiny models (tests/test_model.py, tests/test_engine.py) ----------------------
+
+# One tiny model per architecture: GQA, several tensor types (K-types where rows are a
+# multiple of 256), the minimum metadata each architecture needs.
+SYNTHETIC_SPECS = {
+    "llama": dict(n_vocab=300, n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512,
+                  rope_scaling=("linear", 2.0), untied=True,
+                  types={"attn_q": "Q4_K", "attn_k": "Q6_K", "attn_v": "Q8_0", "attn_output": "Q4_0",
+                         "ffn_gate": "F16", "ffn_up": "Q4_K", "ffn_down": "Q6_K",
+                         "token_embd": "Q8_0", "output": "F16"}),
+    "qwen2": dict(n_vocab=200, n_embd=128, n_layer=2, n_head=4, n_head_kv=1, head_dim=32, n_ff=256,
+                  bias=True,
+                  types={"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "F16", "attn_output": "Q8_0",
+                         "ffn_gate": "Q4_0", "ffn_up": "F32", "ffn_down": "Q8_0", "token_embd": "Q8_0"}),
+    "qwen3": dict(n_vocab=160, n_embd=64, n_layer=3, n_head=4, n_head_kv=2, head_dim=32, n_ff=192,
+                  types={"attn_q": "F16", "attn_k": "Q8_0", "attn_v": "Q4_0", "attn_output": "Q8_0",
+                         "ffn_gate": "Q8_0", "ffn_up": "F16", "ffn_down": "F32", "token_embd": "F16"}),
+    # 6 layers: layers 0-4 slide over a window of 4 positions, layer 5 is global
+    "gemma3": dict(n_vocab=256, n_embd=256, n_layer=6, n_head=4, n_head_kv=1, head_dim=64, n_ff=512,
+                   sliding_window=4, rope_base=1e6,
+                   types={"attn_q": "Q4_K", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0",
+                          "ffn_gate": "Q6_K", "ffn_up": "Q4_K", "ffn_down": "Q4_K", "token_embd": "Q8_0"}),
+}
+
+
+def _k_quant_blocks(rng, qtype, n_blocks):
+    """Random but valid K-quant blocks (gguf.quants has no K quantizer): sane f16 scales."""
+    import numpy as np
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    if qtype == Q.Q4_K:  # d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of nibbles
+        b = rng.integers(0, 256, size=(n_blocks, 144), dtype=np.uint8)
+        b[:, 0:2] = np.frombuffer(np.full(n_blocks, 0.00045, np.float16).tobytes(), np.uint8).reshape(-1, 2)
+        b[:, 2:4] = np.frombuffer(np.full(n_blocks, 0.0034, np.float16).tobytes(), np.uint8).reshape(-1, 2)
+        return b
+    if qtype == Q.Q6_K:  # ql[128], qh[64], int8 scales[16], d (f16)
+        b = rng.integers(0, 256, size=(n_blocks, 210), dtype=np.uint8)
+        b[:, 192:208] = rng.integers(-32, 32, size=(n_blocks, 16)).astype(np.int8).view(np.uint8)
+        b[:, 208:210] = np.frombuffer(np.full(n_blocks, 0.0002, np.float16).tobytes(), np.uint8).reshape(-1, 2)
+        return b
+    # any other 256-element format: random bytes (enough for a test that it is refused)
+    return rng.integers(0, 256, size=(n_blocks, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
+
+
+def write_synthetic_model(path, arch: str, seed: int = 0, **overrides) -> dict:
+    """Write a tiny random model of `arch` to path; return {tensor name: (raw array, qtype)}.
+
+    The raw arrays are exactly the bytes (or floats) written, so a test can rebuild every
+    weight with gguf.quants.dequantize, independently of runtime/.
+    """
+    import numpy as np
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    spec = {**SYNTHETIC_SPECS[arch], **overrides}
+    rng = np.random.default_rng(seed)
+    n_embd, n_head, n_kv, hd, n_ff = (spec[k] for k in ("n_embd", "n_head", "n_head_kv", "head_dim", "n_ff"))
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(spec.get("n_ctx_train", 128))
+    w.add_embedding_length(n_embd)
+    w.add_block_count(spec["n_layer"])
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_layer_norm_rms_eps(1e-6 if arch == "gemma3" else 1e-5)
+    w.add_rope_freq_base(spec.get("rope_base", 10000.0))
+    if "rope_scaling" in spec:
+        w.add_rope_scaling_type(gguf.RopeScalingType(spec["rope_scaling"][0]))
+        w.add_rope_scaling_factor(spec["rope_scaling"][1])
+    if spec.get("sliding_window"):
+        w.add_sliding_window(spec["sliding_window"])
+
+    tensors = {}
+
+    def add(name, rows, cols, qtype_name, scale=None, center=0.0):
+        qtype = Q[qtype_name]
+        scale = (1.0 / np.sqrt(cols)) if scale is None else scale
+        shape = (rows, cols) if rows > 1 else (cols,)
+        values = (center + scale * rng.standard_normal(shape)).astype(np.float32)
+        if gguf.GGML_QUANT_SIZES[qtype][0] == 256:
+            bs, bb = gguf.GGML_QUANT_SIZES[qtype]
+            raw = _k_quant_blocks(rng, qtype, rows * cols // bs).reshape(rows, cols // bs * bb)
+        elif qtype == Q.F32:
+            raw = values
+        else:
+            raw = gguf.quants.quantize(values, qtype)
+        w.add_tensor(name, raw, raw_dtype=None if qtype == Q.F32 else qtype)
+        tensors[name] = (raw, qtype)
+
+    types = spec["types"]
+    add("token_embd.weight", spec["n_vocab"], n_embd, types["token_embd"], scale=0.2)
+    if spec.get("untied"):
+        add("output.weight", spec["n_vocab"], n_embd, types["output"])
+    add("output_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+    for il in range(spec["n_layer"]):
+        p = f"blk.{il}."
+        add(p + "attn_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+        add(p + "attn_q.weight", n_head * hd, n_embd, types["attn_q"])
+        add(p + "attn_k.weight", n_kv * hd, n_embd, types["attn_k"])
+        add(p + "attn_v.weight", n_kv * hd, n_embd, types["attn_v"])
+        add(p + "attn_output.weight", n_embd, n_head * hd, types["attn_output"])
+        if spec.get("bias"):
+            add(p + "attn_q.bias", 1, n_head * hd, "F32", scale=0.5)
+            add(p + "attn_k.bias", 1, n_kv * hd, "F32", scale=0.5)
+            add(p + "attn_v.bias", 1, n_kv * hd, "F32", scale=0.5)
+        if arch in ("qwen3", "gemma3"):
+            add(p + "attn_q_norm.weight", 1, hd, "F32", scale=0.1, center=1.0)
+            add(p + "attn_k_norm.weight", 1, hd, "F32", scale=0.1, center=1.0)
+        if arch == "gemma3":
+            add(p + "post_attention_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+            add(p + "post_ffw_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+        add(p + "ffn_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+        add(p + "ffn_gate.weight", n_ff, n_embd, types["ffn_gate"])
+        add(p + "ffn_up.weight", n_ff, n_embd, types["ffn_up"])
+        add(p + "ffn_down.weight", n_embd, n_ff, types["ffn_down"])
+    for name, value in spec.get("extra_tensors", {}).items():
+        w.add_tensor(name, value[0], raw_dtype=value[1])
+        tensors[name] = value
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def synthetic_models(tmp_path_factory) -> dict:
+    """{arch: (path, tensors)} for each tiny synthetic model (see write_synthetic_model)."""
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for i, arch in enumerate(SYNTHETIC_SPECS):
+        path = folder / f"{arch}.gguf"
+        out[arch] = (path, write_synthetic_model(path, arch, seed=i))
+    return out
+
+
+@pytest.fixture(scope="session")
+def write_gguf():
+    """write_gguf(path, build, arch="llama") -> path: a small GGUF made by gguf.GGUFWriter.
+
+    `build(writer)` adds the keys and tensors; the writer adds general.architecture first.
+    Session-scoped (it is a plain function) so module-scoped fixtures can use it too.
+    """
+    import gguf
+
+    def write(path, build, arch: str = "llama", **writer_args) -> Path:
+        writer = gguf.GGUFWriter(str(path), arch, **writer_args)
+        build(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return Path(path)
+
+    return write

@@ -1,0 +1,234 @@
+"""The command line of model.run (and `python -m runtime`).
+
+One command with llama.cpp / llamafile style flags (-m MODEL, -p PROMPT, -n, --temp, --chat,
+...), not subcommands: model.run's embedded `.args` are prepended to the user's own flags, which
+only composes when every action is a flag of the same command. Bad input (a missing file, a
+file that is not a GGUF) gets one line on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import numpy as np
+
+from runtime.gguf import GGUFError, GGUFFile, StringArray
+
+# What the user gets when they ask for something this build cannot do yet.
+NOT_BUILT_YET = "generation is not built yet; this build can only describe a model: add --info"
+
+
+class UserError(click.ClickException):
+    """Input the user can fix: one line on stderr, no traceback."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-m", "--model", "model", metavar="FILE", help="The GGUF model file.")
+@click.option("--info", is_flag=True,
+              help="Describe the model (architecture, size, tokenizer, quantization) and exit.")
+def main(model: str | None, info: bool) -> None:
+    """Run a GGUF language model on this computer, offline."""
+    if model is None:
+        raise UserError("no model given; pass -m MODEL.gguf (see --help)", exit_code=2)
+    with open_model(model) as gguf:
+        if info:
+            click.echo(describe(gguf, model))
+            return
+    raise UserError(NOT_BUILT_YET, exit_code=2)
+
+
+def open_model(path: str) -> GGUFFile:
+    """The parsed header of the model at `path`, or a UserError that says what to do."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file; pass the path of a .gguf model file")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; pass the .gguf model file itself")
+    try:
+        return GGUFFile(path)
+    except GGUFError as e:
+        raise UserError(f"{path}: {e.problem}; {e.hint}") from None
+    except PermissionError:
+        raise UserError(f"cannot read {path}: permission denied") from None
+    except (OSError, ValueError) as e:  # ValueError: mmap refuses some special files
+        reason = getattr(e, "strerror", None) or str(e)
+        raise UserError(f"cannot read {path}: {reason}; pass a regular .gguf file") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# --info
+
+TOKENIZER_KINDS = {
+    "llama": "SentencePiece",
+    "gpt2": "byte-level BPE",
+    "bert": "WordPiece",
+    "t5": "Unigram",
+    "rwkv": "RWKV",
+}
+
+
+@dataclass
+class TypeShare:
+    """The tensors of one GGML type in a model."""
+
+    name: str
+    tensors: int = 0
+    weights: int = 0
+    bytes: int = 0
+
+
+def quantization_mix(gguf: GGUFFile) -> list[TypeShare]:
+    """Tensor types by the bytes they take, largest first."""
+    shares: dict[str, TypeShare] = {}
+    for t in gguf.tensors.values():
+        share = shares.setdefault(t.type.name, TypeShare(t.type.name))
+        share.tensors += 1
+        share.weights += t.n_elements
+        share.bytes += t.n_bytes
+    return sorted(shares.values(), key=lambda s: (-s.bytes, s.name))
+
+
+def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
+    # Importing runtime.kernels does not import numba, so --info stays fast.
+    from runtime.kernels import SUPPORTED_TYPES
+
+    return [s for s in mix if s.name not in SUPPORTED_TYPES]
+
+
+def describe(gguf: GGUFFile, path: str) -> str:
+    """What a user wants to know before running a model, as text."""
+    arch = gguf.get("general.architecture")
+    a = f"{arch}."
+
+    def key(name: str) -> Any:
+        return gguf.get(a + name)
+
+    mix = quantization_mix(gguf)
+    weights = sum(s.weights for s in mix)
+    tensor_bytes = sum(s.bytes for s in mix)
+
+    rows = [
+        ("architecture", _text(arch)),
+        ("name", _text(gguf.get("general.name"))),
+        ("parameters", _count(weights) if weights else "none (no tensors)"),
+        ("context length", _number(key("context_length"))),
+        ("layers", _number(key("block_count"))),
+        ("attention heads", _heads(key("attention.head_count"), key("attention.head_count_kv"),
+                                   key("attention.key_length"))),
+        ("embedding size", _number(key("embedding_length"))),
+        ("feed-forward size", _number(key("feed_forward_length"))),
+    ]
+    if key("expert_count") is not None:
+        rows.append(("experts", f"{_number(key('expert_count'))} "
+                                f"({_number(key('expert_used_count'))} used per token)"))
+    if key("attention.sliding_window") is not None:
+        rows.append(("sliding window", _number(key("attention.sliding_window"))))
+    rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))
+    template = gguf.get("tokenizer.chat_template")
+    rows.append(("chat template", "yes" if isinstance(template, str) and template else "none"))
+
+    size = gguf.size
+    lines = [f"{os.path.basename(path)}: GGUF v{gguf.version}, {_bytes(size)}"]
+    lines += [f"  {label:<18} {value}" for label, value in rows]
+    lines.append("")
+    lines.append(f"  {'quantization':<12} {'tensors':>7} {'weights':>15} {'size':>11} "
+                 f"{'share':>6} {'bits/weight':>11}")
+    for s in mix:
+        lines.append(f"  {s.name:<12} {s.tensors:>7} {s.weights:>15,} {_bytes(s.bytes):>11} "
+                     f"{_percent(s.bytes, tensor_bytes):>6} {_bpw(s.bytes, s.weights):>11}")
+    lines.append(f"  {'total':<12} {len(gguf.tensors):>7} {weights:>15,} "
+                 f"{_bytes(tensor_bytes):>11} {_percent(tensor_bytes, tensor_bytes):>6} "
+                 f"{_bpw(tensor_bytes, weights):>11}")
+    lines.append("")
+    missing = unsupported_types(mix)
+    if missing:
+        names = ", ".join(f"{s.name} ({s.tensors} tensor{'s' if s.tensors != 1 else ''})"
+                          for s in missing)
+        lines.append(f"  runs on this build: no, it has no kernels for {names}; use a "
+                     f"quantization of this model in other types (e.g. Q4_K_M or Q8_0)")
+    else:
+        lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
+    return "\n".join(lines)
+
+
+def _tokenizer(gguf: GGUFFile, vocab_size_key: Any) -> str:
+    model = gguf.get("tokenizer.ggml.model")
+    tokens = gguf.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, StringArray):
+        vocab = len(tokens)
+    elif vocab_size_key is not None:
+        vocab = vocab_size_key
+    else:
+        vocab = None
+    if model is None and vocab is None:
+        return "none in the file"
+    kind = TOKENIZER_KINDS.get(model) if isinstance(model, str) else None
+    text = _text(model) + (f" ({kind})" if kind else "")
+    pre = gguf.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre not in ("", "default"):
+        text += f", pre-tokenizer {pre}"
+    return f"{text}, vocabulary of {_number(vocab)} tokens"
+
+
+def _heads(heads: Any, kv_heads: Any, head_size: Any) -> str:
+    if heads is None:
+        return "unknown"
+    text = _number(heads)
+    if kv_heads is not None:
+        text += f", KV heads {_number(kv_heads)}"
+    if head_size is not None:
+        text += f", head size {_number(head_size)}"
+    return text
+
+
+def _number(value: Any) -> str:
+    """A metadata number; per-layer arrays show as a range."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf":
+        if value.size == 0:
+            return "unknown"
+        low, high = value.min(), value.max()
+        return f"{low}" if low == high else f"{low}-{high} (varies by layer)"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _bpw(n_bytes: int, weights: int) -> str:
+    return f"{8 * n_bytes / weights:.2f}" if weights else "-"
