@@ -9,8 +9,8 @@ Every block holds 32 weights; all fields are little-endian.
 - Q5_1 (24 bytes): d:f16, m:f16, qh:u32, qs[16]. Weight i is d * q_i + m, q_i as in Q5_0.
 - Q8_0 (34 bytes): d:f16, qs[32] as int8. Weight i is d * qs[i].
 
-Each block is two vector operations of 16 (the low and the high nibbles) built from the
-field recipes in simd.py; with a minimum m, sum(w * x) = d * sum(q * x) + m * sum(x).
+Each block is one vector operation of 32 built from a field recipe in simd.py; with a
+minimum m, sum(w * x) = d * sum(q * x) + m * sum(x).
 """
 
 import numpy as np
@@ -19,10 +19,10 @@ from numba import njit
 from .common import read_f16
 from .simd import bits_decode, bits_dot, sum32
 
-# Field recipes: 16 nibbles (shift 0: the low half of a block, 4: the high half), with a
-# fifth bit from the 32-bit qh (shift 0 or 16: the half's first bit) for Q5; signed bytes for Q8_0.
-_Q4 = dict(n=16, a_mask=15)
-_Q5 = dict(n=16, a_mask=15, b_kind="bits32", b_mask=1, b_lshift=4)
+# Field recipes: 32 nibbles from 16 bytes, with a fifth bit from the 32-bit qh for Q5;
+# signed bytes for Q8_0.
+_Q4 = dict(n=32, a_mask=15, a_nibbles=True)
+_Q5 = dict(n=32, a_mask=15, a_nibbles=True, b_kind="bits32", b_mask=1, b_lshift=4)
 _dot_q4_0, _dec_q4_0 = bits_dot(ibias=8, **_Q4), bits_decode(ibias=8, **_Q4)
 _dot_q4_1, _dec_q4_1 = bits_dot(**_Q4), bits_decode(**_Q4)
 _dot_q5_0, _dec_q5_0 = bits_dot(ibias=16, **_Q5), bits_decode(ibias=16, **_Q5)
@@ -38,7 +38,6 @@ def decode_q4_0(raw, off, nblocks, out, out_off):
         o, w = off + 18 * b, out_off + 32 * b
         d = read_f16(raw, o)
         _dec_q4_0(raw, o + 2, 0, 0, 0, d, _ZERO, out, w)
-        _dec_q4_0(raw, o + 2, 4, 0, 0, d, _ZERO, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -46,7 +45,7 @@ def dot_q4_0(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 18 * b, x_off + 32 * b
-        acc += read_f16(raw, o) * (_dot_q4_0(raw, o + 2, 0, 0, 0, x, xo) + _dot_q4_0(raw, o + 2, 4, 0, 0, x, xo + 16))
+        acc += read_f16(raw, o) * _dot_q4_0(raw, o + 2, 0, 0, 0, x, xo)
     return acc
 
 
@@ -56,7 +55,6 @@ def decode_q4_1(raw, off, nblocks, out, out_off):
         o, w = off + 20 * b, out_off + 32 * b
         d, m = read_f16(raw, o), read_f16(raw, o + 2)
         _dec_q4_1(raw, o + 4, 0, 0, 0, d, m, out, w)
-        _dec_q4_1(raw, o + 4, 4, 0, 0, d, m, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -64,7 +62,7 @@ def dot_q4_1(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 20 * b, x_off + 32 * b
-        s = _dot_q4_1(raw, o + 4, 0, 0, 0, x, xo) + _dot_q4_1(raw, o + 4, 4, 0, 0, x, xo + 16)
+        s = _dot_q4_1(raw, o + 4, 0, 0, 0, x, xo)
         acc += read_f16(raw, o) * s + read_f16(raw, o + 2) * sum32(x, xo)
     return acc
 
@@ -75,7 +73,6 @@ def decode_q5_0(raw, off, nblocks, out, out_off):
         o, w = off + 22 * b, out_off + 32 * b
         d = read_f16(raw, o)
         _dec_q5_0(raw, o + 6, 0, o + 2, 0, d, _ZERO, out, w)
-        _dec_q5_0(raw, o + 6, 4, o + 2, 16, d, _ZERO, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -83,7 +80,7 @@ def dot_q5_0(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 22 * b, x_off + 32 * b
-        s = _dot_q5_0(raw, o + 6, 0, o + 2, 0, x, xo) + _dot_q5_0(raw, o + 6, 4, o + 2, 16, x, xo + 16)
+        s = _dot_q5_0(raw, o + 6, 0, o + 2, 0, x, xo)
         acc += read_f16(raw, o) * s
     return acc
 
@@ -94,7 +91,6 @@ def decode_q5_1(raw, off, nblocks, out, out_off):
         o, w = off + 24 * b, out_off + 32 * b
         d, m = read_f16(raw, o), read_f16(raw, o + 2)
         _dec_q5_1(raw, o + 8, 0, o + 4, 0, d, m, out, w)
-        _dec_q5_1(raw, o + 8, 4, o + 4, 16, d, m, out, w + 16)
 
 
 @njit(fastmath=True, cache=True)
@@ -102,7 +98,7 @@ def dot_q5_1(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o, xo = off + 24 * b, x_off + 32 * b
-        s = _dot_q5_1(raw, o + 8, 0, o + 4, 0, x, xo) + _dot_q5_1(raw, o + 8, 4, o + 4, 16, x, xo + 16)
+        s = _dot_q5_1(raw, o + 8, 0, o + 4, 0, x, xo)
         acc += read_f16(raw, o) * s + read_f16(raw, o + 2) * sum32(x, xo)
     return acc
 
