@@ -1,0 +1,704 @@
+# SPM and BPE tokenizers built from GGUF metadata, token for token as llama.cpp does it.
+#
+# Every encode runs in two stages, exactly as llama.cpp's llama_vocab::tokenize:
+#
+# 1. Special-token partition. The text is cut around the literal text of "special" tokens
+#    (control, user-defined and unknown types). They are taken longest first: for each such
+#    token in turn, every raw fragment left is split at each of its (non-overlapping, leftmost)
+#    occurrences. Control/unknown tokens take part only when parse_special is on; user-defined
+#    tokens (Gemma's "\n", "\t", runs of spaces; Qwen's <think>) always do. Only the special
+#    tokens that occur in the text are tried: an index by their first few characters finds
+#    those candidates without scanning thousands of <unusedN> tokens per call.
+#
+# 2. Each raw fragment is tokenized by the model's algorithm:
+#
+#    SPM ("llama": Llama 1/2, Mistral, Gemma). Optionally prefix a space (add_space_prefix, and
+#    only at the start or right after a special token), replace every space by U+2581, split
+#    into characters, then repeatedly merge the adjacent pair whose concatenation is a
+#    vocabulary piece with the highest score (leftmost pair on ties). A max-heap of candidate
+#    pairs over a linked list of symbols makes this O(n log n); entries made stale by an
+#    earlier merge are recognised by their length and skipped. A final symbol that is not a
+#    piece (a character outside the vocabulary) falls back to one <0xXX> token per UTF-8 byte.
+#    Fragment -> ids results are cached (a chat re-encodes the same lines every turn).
+#
+#    BPE ("gpt2": Llama 3, Qwen, SmolLM, GPT-2...). The pre-tokenizer that
+#    tokenizer.ggml.pre names splits the fragment into words with one or more regexes (as
+#    llama.cpp writes them) applied in sequence: each splits every piece the previous one
+#    left, and text between matches stays a piece of its own. Each word's UTF-8 bytes are
+#    mapped to printable characters with GPT-2's byte-to-unicode table, then the adjacent pair
+#    with the lowest merge rank (tokenizer.ggml.merges, rank = line number) is merged until no
+#    ranked pair is left, with the same heap as SPM. Some pre-tokenizers (llama3) first take a
+#    word that is already a whole vocabulary piece as is ("ignore_merges"). Word -> ids
+#    results are cached.
+#
+# Decoding concatenates per-token byte pieces: SPM turns U+2581 back into spaces and <0xXX>
+# tokens into raw bytes; BPE maps each character back through the inverse byte table;
+# user-defined tokens decode to their literal text; control and unknown tokens decode to
+# their text only when asked (special=True), as llama.cpp's token_to_piece. StreamDecoder
+# turns a stream of token ids into text without ever emitting half a UTF-8 character.
+#
+# End-of-generation ids follow llama.cpp's rules too: the ids the metadata names (eos, eot,
+# eom) plus tokens recognised by their text, which become control tokens. That includes
+# "</s>" wherever a vocabulary has it, so Gemma's HTML </s> (id 212) ends a generation there.
+"""SPM and BPE tokenizers built from GGUF metadata only, matching llama.cpp token for token."""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+
+import regex
+
+__all__ = ["Tokenizer", "StreamDecoder"]
+
+# tokenizer.ggml.token_type values (GGUF spec / llama.cpp's llama_token_type)
+TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+TOKEN_UNUSED = 5
+TOKEN_BYTE = 6
+
+SPM_SPACE = "\u2581"  # the "lower one eighth block" SentencePiece writes for a space
+
+# Texts llama.cpp recognises when the metadata does not name the token (llama-vocab.cpp).
+_EOT_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
+    "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+))
+_EOM_TEXTS = frozenset(("<|eom_id|>",))
+_FIM_PAD_TEXTS = frozenset(("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"))
+_FIM_REP_TEXTS = frozenset(("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"))
+_FIM_SEP_TEXTS = frozenset(("<|file_sep|>",))
+# Tokens that end a generation whatever the metadata says.
+_EOG_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
+    "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
+    "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<｜end▁of▁sentence｜>", "[e~[",
+))
+# gpt-oss: llama.cpp always renders these, as user-defined tokens.
+_ALWAYS_RENDERED_TEXTS = frozenset(("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"))
+
+# ---------------------------------------------------------------------------------------------
+# BPE pre-tokenizers: tokenizer.ggml.pre -> the regexes llama.cpp applies in sequence.
+# Facts from llama.cpp's src/llama-vocab.cpp (llm_tokenizer_bpe); its case-insensitive
+# contraction group is spelled out as [sS] etc. there, and so it is here.
+
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_GPT2_RE = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# GPT-4o and Tekken as llama.cpp adapts them: a letter counts as "upper" unless it is a-z and
+# as "lower" unless it is A-Z, so every non-ASCII letter is both (and marks are not letters).
+_UPPER = r"(?:(?=\p{L})[^a-z])"
+_LOWER = r"(?:(?=\p{L})[^A-Z])"
+_GPT4O_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
+             rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTIONS}?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+              r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+class _PreTokenizer:
+    """How one family of BPE models splits text into words before merging."""
+
+    def __init__(self, patterns: Sequence[str], *, ignore_merges: bool = False,
+                 add_bos: bool = False):
+        self.patterns = tuple(patterns)
+        self.ignore_merges = ignore_merges
+        self.add_bos = add_bos  # llama.cpp's default when the metadata has no add_bos_token
+
+
+_LLAMA3 = _PreTokenizer([_LLAMA3_RE], ignore_merges=True, add_bos=True)
+_LLAMA3_REGEX_ONLY = _PreTokenizer([_LLAMA3_RE])
+_QWEN2 = _PreTokenizer([_QWEN2_RE])
+_GPT2 = _PreTokenizer([_GPT2_RE])
+_DIGITS_THEN_GPT2 = _PreTokenizer([r"\p{N}", _GPT2_RE])
+_DEFAULT = _PreTokenizer([r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"])
+_GPT4O = _PreTokenizer([_GPT4O_RE])
+_TEKKEN = _PreTokenizer([_TEKKEN_RE], ignore_merges=True, add_bos=True)
+
+_PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
+    "default": _DEFAULT,
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+                     "midm-2.0", "lfm2"), _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), _LLAMA3_REGEX_ONLY),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2),
+    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es",
+                     "jina-v2-de", "a.x-4.0", "mellum", "exaone4", "mpt", "olmo", "jais",
+                     "trillion", "granite-docling", "modern-bert"), _GPT2),
+    **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
+                     "minerva-7b"), _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+    "tekken": _TEKKEN,
+}
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_TO_UNICODE = _byte_to_unicode()
+_UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
+_LATIN1_TO_BYTE_CHARS = str.maketrans({chr(b): c for b, c in _BYTE_TO_UNICODE.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary: pieces, their types, and the special ids derived from them.
+
+def _as_list(value) -> list:
+    """GGUF arrays arrive as lists, numpy arrays or lazy sequences; make a plain list."""
+    if value is None:
+        return []
+    tolist = getattr(value, "tolist", None)
+    return tolist() if callable(tolist) else list(value)
+
+
+def _pieces_of(tokens) -> list[str]:
+    """Token texts. Invalid UTF-8 (a few converted vocabularies hold fragments of characters)
+    is kept byte for byte as surrogate escapes, as llama.cpp keeps raw bytes."""
+    pieces = _as_list(tokens)
+    if pieces and isinstance(pieces[0], (bytes, bytearray, memoryview)):
+        return [bytes(p).decode("utf-8", "surrogateescape") for p in pieces]
+    bytes_at = getattr(tokens, "bytes_at", None)  # runtime.gguf decodes with errors="replace"
+    if callable(bytes_at) and "\ufffd" in "".join(pieces):
+        for i, piece in enumerate(pieces):
+            if "\ufffd" in piece:
+                pieces[i] = bytes_at(i).decode("utf-8", "surrogateescape")
+    return pieces
+
+
+class _Vocab:
+    """Pieces, types, and the lookups every encode and decode needs."""
+
+    _PREFIX_LEN = 4  # characters of a special token's text that index it
+
+    def __init__(self, pieces: list[str], types: list[int]):
+        n = len(pieces)
+        self.pieces = pieces
+        self.types = types
+        self.piece_to_id = dict(zip(pieces, range(n)))
+        if len(self.piece_to_id) != n:
+            seen = set()
+            for tid, piece in enumerate(pieces):
+                if piece in seen:
+                    raise ValueError(f"duplicate token in vocabulary: {piece!r} (id {tid})")
+                seen.add(piece)
+        self.unknown_id: int | None = None
+
+    def find_first(self, texts: frozenset[str]) -> int | None:
+        """Lowest id whose piece is one of texts."""
+        ids = [self.piece_to_id[t] for t in texts if t in self.piece_to_id]
+        return min(ids) if ids else None
+
+    def build_special_index(self) -> None:
+        """Index control/unknown and user-defined tokens by their first characters."""
+        special_kinds = {TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED}
+        groups: dict[str, dict[str, tuple[int, int, str]]] = {}
+        for tid in [i for i, kind in enumerate(self.types) if kind in special_kinds]:
+            piece = self.pieces[tid]
+            groups.setdefault(piece[:self._PREFIX_LEN], {})[piece] = (-len(piece), tid, piece)
+        # prefix -> (piece -> (-length, id, piece), the lengths of those pieces)
+        self.special_index = {prefix: (by_piece, sorted({len(p) for p in by_piece}))
+                              for prefix, by_piece in groups.items()}
+
+    def specials_in(self, text: str, parse_special: bool) -> list[tuple[int, int, str]]:
+        """Special tokens whose text occurs in text, longest first (then by id)."""
+        found = set()
+        for prefix, (by_piece, lengths) in self.special_index.items():
+            seen = text.count(prefix)
+            if not seen:
+                continue
+            if seen * len(lengths) < len(by_piece):  # few sightings of a big family (<unusedN>)
+                at = text.find(prefix)
+                while at >= 0:
+                    for length in lengths:
+                        entry = by_piece.get(text[at:at + length])
+                        if entry is not None:
+                            found.add(entry)
+                    at = text.find(prefix, at + 1)
+            else:
+                found.update(entry for piece, entry in by_piece.items() if piece in text)
+        if not parse_special:
+            found = {entry for entry in found if self.types[entry[1]] == TOKEN_USER_DEFINED}
+        return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge loop both models share.
+
+def _merge_symbols(symbols: list[str], priority: dict[str, float], separator: str) -> list[str]:
+    """Merge adjacent symbols until no pair qualifies; return the final symbols.
+
+    A pair (left, right) qualifies when priority has left + separator + right; the smallest
+    value merges first, the leftmost pair on ties (llama.cpp's order).
+    """
+    n = len(symbols)
+    if n < 2:
+        return symbols
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prev = list(range(-1, n - 1))
+    lengths = [len(s) for s in symbols]
+    find = priority.get
+    heap = []
+    for i in range(n - 1):
+        key = find(symbols[i] + separator + symbols[i + 1])
+        if key is not None:
+            heap.append((key, i, i + 1, lengths[i] + lengths[i + 1]))
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        _, left, right, size = pop(heap)
+        left_len, right_len = lengths[left], lengths[right]
+        # Stale: one side was merged away, or grew, since this pair was queued.
+        if not left_len or not right_len or left_len + right_len != size:
+            continue
+        merged = symbols[left] + symbols[right]
+        symbols[left] = merged
+        lengths[left] = size
+        lengths[right] = 0
+        after = nxt[right]
+        nxt[left] = after
+        if after >= 0:
+            prev[after] = left
+            key = find(merged + separator + symbols[after])
+            if key is not None:
+                push(heap, (key, left, after, size + lengths[after]))
+        before = prev[left]
+        if before >= 0:
+            key = find(symbols[before] + separator + merged)
+            if key is not None:
+                push(heap, (key, before, left, lengths[before] + size))
+    return [symbols[i] for i in range(n) if lengths[i]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models: how a raw fragment becomes ids, and how an id becomes bytes.
+
+class _SpmModel:
+    """SentencePiece-style BPE over characters, driven by piece scores."""
+
+    _CACHE_LIMIT = 1 << 14
+
+    def __init__(self, vocab: _Vocab, scores: list[float], add_space_prefix: bool):
+        self.vocab = vocab
+        self.add_space_prefix = add_space_prefix
+        # piece -> merge priority: the highest score merges first
+        self.priority = dict(zip(vocab.pieces, [-score for score in scores]))
+        piece_to_id = vocab.piece_to_id
+        self.byte_ids: list[int] = []
+        for b in range(256):
+            tid = piece_to_id.get(f"<0x{b:02X}>")
+            if tid is None and b < 0x80:
+                tid = piece_to_id.get(chr(b))
+            if tid is None:
+                tid = vocab.unknown_id
+            if tid is None:
+                raise ValueError(f"SPM vocabulary without <0x{b:02X}> and without an unknown token")
+            self.byte_ids.append(tid)
+        # Fragments (text between special tokens: for Gemma, mostly single lines) repeat
+        # whenever a chat is re-encoded turn after turn.
+        self.fragment_cache: dict[str, list[int]] = {}
+
+    def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
+        if self.add_space_prefix and after_special:
+            text = " " + text
+        ids = self.fragment_cache.get(text)
+        if ids is None:
+            ids = self._encode(text)
+            if len(self.fragment_cache) >= self._CACHE_LIMIT:
+                self.fragment_cache.clear()
+            self.fragment_cache[text] = ids
+        out.extend(ids)
+
+    def _encode(self, text: str) -> list[int]:
+        piece_to_id = self.vocab.piece_to_id
+        ids = []
+        for symbol in _merge_symbols(list(text.replace(" ", SPM_SPACE)), self.priority, ""):
+            tid = piece_to_id.get(symbol)
+            if tid is not None:
+                ids.append(tid)
+            else:  # a character outside the vocabulary: one token per UTF-8 byte
+                ids.extend(self.byte_ids[b] for b in symbol.encode("utf-8", "surrogatepass"))
+        return ids
+
+    def normal_piece(self, text: str) -> bytes:
+        return text.replace(SPM_SPACE, " ").encode("utf-8", "surrogateescape")
+
+
+class _BpeModel:
+    """Byte-level BPE with merge ranks and a regex pre-tokenizer."""
+
+    _CACHE_LIMIT = 1 << 16
+
+    def __init__(self, vocab: _Vocab, merges: list[str], pre: _PreTokenizer):
+        self.vocab = vocab
+        self.pre = pre
+        self.splitters = [regex.compile(p) for p in pre.patterns]
+        # "left right" -> rank; the first occurrence wins, as in llama.cpp. Pieces never
+        # contain a space (GPT-2 writes it as U+0120), so the joined string is a unique key.
+        self.merge_ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        self.word_cache: dict[str, list[int]] = {}
+
+    def words(self, text: str) -> list[str]:
+        """Split a fragment into pre-tokenizer words (llama.cpp's unicode_regex_split)."""
+        pieces = [text]
+        for splitter in self.splitters:
+            split = []
+            for piece in pieces:
+                start = 0
+                for match in splitter.finditer(piece):
+                    begin, end = match.span()
+                    if begin > start:
+                        split.append(piece[start:begin])
+                    if end > begin:
+                        split.append(piece[begin:end])
+                    start = end
+                if start < len(piece):
+                    split.append(piece[start:])
+            pieces = split
+        return pieces
+
+    def encode_word(self, word: str) -> list[int]:
+        piece_to_id = self.vocab.piece_to_id
+        chars = word.encode("utf-8", "surrogatepass").decode("latin-1")
+        chars = chars.translate(_LATIN1_TO_BYTE_CHARS)
+        if self.pre.ignore_merges:
+            tid = piece_to_id.get(chars)
+            if tid is not None:
+                return [tid]
+        ids = []
+        for symbol in _merge_symbols(list(chars), self.merge_ranks, " "):
+            tid = piece_to_id.get(symbol)
+            if tid is not None:
+                ids.append(tid)
+            else:  # merged but not a piece (inconsistent merges): llama.cpp looks up each
+                # UTF-8 byte as a one-byte piece, which only ASCII characters can match
+                ids.extend(piece_to_id[c] for c in symbol if c < "\x80" and c in piece_to_id)
+        return ids
+
+    def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
+        cache = self.word_cache
+        for word in self.words(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = self.encode_word(word)
+                if len(cache) >= self._CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = ids
+            out.extend(ids)
+
+    def normal_piece(self, text: str) -> bytes:
+        try:
+            return bytes(_UNICODE_TO_BYTE[c] for c in text)
+        except KeyError:  # a character outside the byte table: keep it as UTF-8
+            return b"".join(bytes((_UNICODE_TO_BYTE[c],)) if c in _UNICODE_TO_BYTE
+                            else c.encode("utf-8", "surrogateescape") for c in text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer the engine and server use.
+
+def _text(value) -> str | None:
+    return bytes(value).decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
+
+def _meta_id(metadata: Mapping, key: str, n_tokens: int) -> int | None:
+    value = metadata.get(key)
+    if value is None:
+        return None
+    value = int(value)
+    return value if 0 <= value < n_tokens else None
+
+
+class Tokenizer:
+    """Text <-> token ids for one GGUF model, identical to llama.cpp's tokenizer."""
+
+    def __init__(self, vocab: _Vocab, model: _SpmModel | _BpeModel, *, model_name: str,
+                 bos_id: int | None, eos_id: int | None, eog_ids: frozenset[int],
+                 add_bos: bool, add_eos: bool):
+        self._vocab = vocab
+        self._model = model
+        self._pieces_cache: dict[int, bytes] = {}
+        self.model_name = model_name
+        self._bos_id = bos_id
+        self._eos_id = eos_id
+        self._eog_ids = eog_ids
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping) -> Tokenizer:
+        """Build the tokenizer from GGUF key/values (tokenizer.ggml.*)."""
+        model_name = _text(metadata.get("tokenizer.ggml.model"))
+        if model_name not in ("llama", "gpt2"):
+            raise ValueError(
+                f"unsupported tokenizer model {model_name!r} (tokenizer.ggml.model); "
+                "modelrun supports 'llama' (SentencePiece/SPM) and 'gpt2' (byte-level BPE)")
+        pieces = _pieces_of(metadata.get("tokenizer.ggml.tokens"))
+        if not pieces:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+        n = len(pieces)
+        if "" in pieces:  # llama.cpp renames empty pieces so they cannot match
+            pieces = [piece or f"[EMPTY_{i}]" for i, piece in enumerate(pieces)]
+        types = _as_list(metadata.get("tokenizer.ggml.token_type")) or [TOKEN_NORMAL] * n
+        if len(types) < n:
+            raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+        types = types[:n] if isinstance(types[0], int) else [int(t) for t in types[:n]]
+        vocab = _Vocab(pieces, types)
+
+        def flag(key: str, default: bool) -> bool:
+            value = metadata.get(key)
+            return default if value is None else bool(value)
+
+        # llama.cpp's defaults when the metadata names no ids: Llama's for SPM. (Its BPE
+        # placeholder, id 11, is deliberately not copied: no id is better than a comma.)
+        defaults = {"bos": 1, "eos": 2, "unknown": 0} if model_name == "llama" else {}
+
+        def special_id(name: str) -> int | None:
+            found = _meta_id(metadata, f"tokenizer.ggml.{name}_token_id", n)
+            if found is None and defaults.get(name, n) < n:
+                found = defaults[name]
+            return found
+
+        bos_id, eos_id = special_id("bos"), special_id("eos")
+        vocab.unknown_id = special_id("unknown")
+
+        if model_name == "llama":
+            scores = _as_list(metadata.get("tokenizer.ggml.scores")) or [0.0] * n
+            if len(scores) < n:
+                raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
+            scores = scores[:n] if isinstance(scores[0], float) else [float(s) for s in scores[:n]]
+            model = _SpmModel(vocab, scores, flag("tokenizer.ggml.add_space_prefix", True))
+            add_bos_default = True
+        else:
+            pre_name = _text(metadata.get("tokenizer.ggml.pre")) or "default"
+            pre = _PRE_TOKENIZERS.get(pre_name)
+            if pre is None:
+                raise ValueError(
+                    f"unsupported BPE pre-tokenizer {pre_name!r} (tokenizer.ggml.pre); known: "
+                    + ", ".join(sorted(_PRE_TOKENIZERS)))
+            merges = _as_list(metadata.get("tokenizer.ggml.merges"))
+            if not merges:
+                raise ValueError("BPE tokenizer without tokenizer.ggml.merges")
+            model = _BpeModel(vocab, merges, pre)
+            add_bos_default = pre.add_bos
+
+        eog_ids = cls._end_of_generation_ids(metadata, vocab, eos_id)
+        vocab.build_special_index()
+
+        add_bos = flag("tokenizer.ggml.add_bos_token", add_bos_default)
+        add_eos = flag("tokenizer.ggml.add_eos_token", False)
+        if add_bos and bos_id is None:
+            raise ValueError("add_bos_token is true, but tokenizer.ggml.bos_token_id is not set")
+        if add_eos and eos_id is None:
+            raise ValueError("add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
+        return cls(vocab, model, model_name=model_name, bos_id=bos_id, eos_id=eos_id,
+                   eog_ids=eog_ids, add_bos=add_bos, add_eos=add_eos)
+
+    @staticmethod
+    def _end_of_generation_ids(metadata: Mapping, vocab: _Vocab,
+                               eos_id: int | None) -> frozenset[int]:
+        """llama.cpp's special_eog_ids: named ids plus tokens recognised by their text.
+
+        Tokens recognised by text become control tokens (llama.cpp does the same), so they are
+        parsed only with parse_special and hidden from plain decoding.
+        """
+        n = len(vocab.pieces)
+        types = vocab.types
+
+        def make_control(tid: int | None) -> None:
+            if tid is not None and types[tid] != TOKEN_CONTROL:
+                types[tid] = TOKEN_CONTROL
+
+        def named_or_found(key: str, texts: frozenset[str]) -> int | None:
+            tid = _meta_id(metadata, key, n)
+            if tid is None:
+                tid = vocab.find_first(texts)
+                make_control(tid)
+            return tid
+
+        eot_id = named_or_found("tokenizer.ggml.eot_token_id", _EOT_TEXTS)
+        eom_id = named_or_found("tokenizer.ggml.eom_token_id", _EOM_TEXTS)
+        eog = set()
+        for key, texts in (("fim_pad", _FIM_PAD_TEXTS), ("fim_rep", _FIM_REP_TEXTS),
+                           ("fim_sep", _FIM_SEP_TEXTS)):
+            tid = named_or_found(f"tokenizer.ggml.{key}_token_id", texts)
+            if tid is not None:
+                eog.add(tid)
+        for text in _EOG_TEXTS:
+            tid = vocab.piece_to_id.get(text)
+            if tid is not None:
+                eog.add(tid)
+                make_control(tid)
+        for text in _ALWAYS_RENDERED_TEXTS:
+            tid = vocab.piece_to_id.get(text)
+            if tid is not None:
+                types[tid] = TOKEN_USER_DEFINED
+        eog.update(tid for tid in (eos_id, eot_id, eom_id) if tid is not None)
+
+        def eog_id_of(*texts: str) -> int | None:
+            ids = [vocab.piece_to_id.get(t) for t in texts]
+            return next((tid for tid in ids if tid in eog), None)
+
+        # Harmony (gpt-oss) and solar-open: <|end|> ends a message, not the generation.
+        end_id = eog_id_of("<|end|>")
+        if end_id is not None and eog_id_of("<|call|>", "<|calls|>") is not None and (
+                eog_id_of("<|return|>") is not None or eog_id_of("<|flush|>") is not None):
+            eog.discard(end_id)
+            types[end_id] = TOKEN_USER_DEFINED
+        # Gemma 4 / PaddleOCR: </s> is an ordinary token there.
+        s_id = eog_id_of("</s>")
+        if s_id is not None and eog_id_of("<|tool_response>") is not None:
+            eog.discard(s_id)
+            types[s_id] = TOKEN_NORMAL
+        return frozenset(eog)
+
+    # --- properties --------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab.pieces)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Ids that end a generation: eos, eot, eom and the end-of-turn tokens."""
+        return self._eog_ids
+
+    def token_id(self, piece: str) -> int | None:
+        """The id of a vocabulary piece, written as in the GGUF (e.g. '<end_of_turn>')."""
+        return self._vocab.piece_to_id.get(piece)
+
+    def is_control(self, token_id: int) -> bool:
+        """Control and unknown tokens: hidden by decode unless asked for."""
+        return self._vocab.types[token_id] in (TOKEN_CONTROL, TOKEN_UNKNOWN)
+
+    # --- encode ------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of text; add_special adds BOS/EOS as the model asks, parse_special turns
+        control-token text (e.g. '<start_of_turn>') into those tokens."""
+        out: list[int] = []
+        if add_special and self.add_bos:
+            out.append(self._bos_id)
+        after_special = True  # SPM's space prefix applies at the start and after specials
+        for fragment in self._partition(text, parse_special):
+            if isinstance(fragment, int):
+                out.append(fragment)
+                after_special = True
+            else:
+                self._model.encode_fragment(fragment, after_special, out)
+                after_special = False
+        if add_special and self.add_eos:
+            out.append(self._eos_id)
+        return out
+
+    def _partition(self, text: str, parse_special: bool) -> list[str | int]:
+        """Cut text around special tokens (llama.cpp's tokenizer_st_partition)."""
+        if not text:
+            return []
+        fragments: list[str | int] = [text]
+        for _, tid, piece in self._vocab.specials_in(text, parse_special):
+            split: list[str | int] = []
+            for fragment in fragments:
+                if isinstance(fragment, int) or piece not in fragment:
+                    split.append(fragment)
+                    continue
+                for i, part in enumerate(fragment.split(piece)):
+                    if i:
+                        split.append(tid)
+                    if part:
+                        split.append(part)
+            fragments = split
+        return fragments
+
+    # --- decode ------------------------------------------------------------------------------
+
+    def token_to_piece(self, token_id: int, special: bool = True) -> bytes:
+        """The bytes token_id stands for. Control/unknown tokens give their text only when
+        special is true (llama.cpp's token_to_piece); pieces may be partial UTF-8."""
+        vocab = self._vocab
+        if not 0 <= token_id < len(vocab.pieces):
+            raise IndexError(f"token id {token_id} out of range (vocab size {len(vocab.pieces)})")
+        kind = vocab.types[token_id]
+        if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN) and not special:
+            return b""
+        piece = self._pieces_cache.get(token_id)
+        if piece is None:
+            text = vocab.pieces[token_id]
+            if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
+                piece = text.encode("utf-8", "surrogateescape")
+            elif kind == TOKEN_NORMAL:
+                piece = self._model.normal_piece(text)
+            elif kind == TOKEN_BYTE:
+                piece = bytes((int(text[3:5], 16),))
+            else:  # unused and unknown types render as nothing, as in llama.cpp
+                piece = b""
+            self._pieces_cache[token_id] = piece
+        return piece
+
+    def decode(self, tokens: Iterable[int], skip_special: bool = True) -> str:
+        """Text of a token sequence.
+
+        As llama.cpp's llama_detokenize with unparse_special = not skip_special: control
+        tokens (BOS, <end_of_turn>...) vanish by default, user-defined ones always show, and
+        with add_space_prefix (SPM) one leading space of the first token is dropped, undoing
+        the prefix encode added. One pass is left out on purpose: the clean-up of spaces
+        before punctuation (" ," -> ",") that llama.cpp applies to some BPE vocabularies
+        (Llama 3) loses information, and llama-server's completions, streamed or not, are
+        built from token pieces without it, as StreamDecoder builds them here.
+        """
+        special = not skip_special
+        pieces = [self.token_to_piece(int(t), special) for t in tokens]
+        if pieces and isinstance(self._model, _SpmModel) and self._model.add_space_prefix:
+            if pieces[0].startswith(b" "):
+                pieces[0] = pieces[0][1:]
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    def stream_decoder(self, skip_special: bool = True) -> StreamDecoder:
+        """A fresh per-generation StreamDecoder."""
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+class StreamDecoder:
+    """Turns generated token ids into text as they come, one call per token.
+
+    A piece can end inside a multibyte character (byte-fallback tokens, byte-level BPE), so
+    feed returns only complete characters and keeps the rest until the next piece.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = True):
+        self._tokenizer = tokenizer
+        self._special = not skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_to_piece(token_id, self._special))
+
+    def flush(self) -> str:
+        """Whatever is held back, with an incomplete trailing character as U+FFFD."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
