@@ -46,6 +46,7 @@ SYNTHETIC_SPECS = {
                   types={"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "F16", "attn_output": "Q8_0",
                          "ffn_gate": "Q4_0", "ffn_up": "F32", "ffn_down": "Q8_0", "token_embd": "Q8_0"}),
     "qwen3": dict(n_vocab=160, n_embd=64, n_layer=3, n_head=4, n_head_kv=2, head_dim=32, n_ff=192,
+                  rope_freqs=True,  # llama3-style per-pair RoPE frequency factors
                   types={"attn_q": "F16", "attn_k": "Q8_0", "attn_v": "Q4_0", "attn_output": "Q8_0",
                          "ffn_gate": "Q8_0", "ffn_up": "F16", "ffn_down": "F32", "token_embd": "F16"}),
     # 6 layers: layers 0-4 slide over a window of 4 positions, layer 5 is global
@@ -128,6 +129,10 @@ def write_synthetic_model(path, arch: str, seed: int = 0, **overrides) -> dict:
     if spec.get("untied"):
         add("output.weight", spec["n_vocab"], n_embd, types["output"])
     add("output_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)
+    if spec.get("rope_freqs"):
+        factors = np.linspace(1.0, 8.0, hd // 2, dtype=np.float32)
+        w.add_tensor("rope_freqs.weight", factors)
+        tensors["rope_freqs.weight"] = (factors, Q.F32)
     for il in range(spec["n_layer"]):
         p = f"blk.{il}."
         add(p + "attn_norm.weight", 1, n_embd, "F32", scale=0.1, center=1.0)

@@ -1,0 +1,134 @@
+"""The engine: one model, one KV cache, and the loop that turns a prompt into tokens.
+
+One Engine object per model, owned by one thread (not thread-safe by design: the server
+talks to that thread through a queue). The cache remembers which tokens it holds, so a
+follow-up turn of a chat only computes the tokens after the shared prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from runtime.model import KVCache, Transformer, load_model
+
+DEFAULT_N_CTX = 4096
+PREFILL_CHUNK = 256  # tokens per matmul batch: big enough to reuse each decoded weight row
+
+
+class ContextOverflowError(ValueError):
+    """A prompt (plus what must follow it) that does not fit the context window."""
+
+
+class Engine:
+    """Owns a model and its KV cache; evaluates tokens and generates."""
+
+    def __init__(self, model: Transformer, n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        self.model = model
+        train_ctx = model.hp.n_ctx_train
+        self.n_ctx = min(train_ctx, DEFAULT_N_CTX) if n_ctx is None else int(n_ctx)
+        if not 0 < self.n_ctx <= train_ctx:
+            raise ValueError(f"n_ctx {self.n_ctx} must be between 1 and the model's context {train_ctx}")
+        self.cache = KVCache(model.hp, self.n_ctx)
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.tokens: list[int] = []  # the tokens whose K/V fill cache positions 0..len-1
+        self.n_computed = 0  # tokens run through the model since creation (prefix reuse shows here)
+        self._cancelled = False
+        self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+    @classmethod
+    def from_gguf(cls, gguf_file, n_ctx: int | None = None, **kw) -> "Engine":
+        return cls(load_model(gguf_file), n_ctx=n_ctx, **kw)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.cache.nbytes
+
+    # --- evaluating tokens ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the K/V memory is simply overwritten later)."""
+        self.tokens = []
+
+    def check_fits(self, n_tokens: int, what: str = "prompt") -> None:
+        if n_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                f"the {what} has {n_tokens} tokens but the context holds only {self.n_ctx}")
+
+    def prefill(self, tokens: Iterable[int]) -> np.ndarray:
+        """Append tokens to the cache in chunks through matmul; logits of the last one."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("prefill needs at least one token")
+        self.check_fits(len(self.tokens) + len(tokens), "prompt")
+        t0 = time.perf_counter()
+        logits = None
+        for i in range(0, len(tokens), self.prefill_chunk):
+            chunk = tokens[i:i + self.prefill_chunk]
+            logits = self.model.forward(np.array(chunk), len(self.tokens), self.cache)
+            self.tokens.extend(chunk)
+            self.n_computed += len(chunk)
+        self.stats["prefill_tokens"] += len(tokens)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        return logits
+
+    def decode(self, token: int) -> np.ndarray:
+        """Append one token through matvec; its logits."""
+        self.check_fits(len(self.tokens) + 1, "conversation")
+        t0 = time.perf_counter()
+        logits = self.model.forward(np.array([int(token)]), len(self.tokens), self.cache)
+        self.tokens.append(int(token))
+        self.n_computed += 1
+        self.stats["decode_tokens"] += 1
+        self.stats["decode_s"] += time.perf_counter() - t0
+        return logits
+
+    def eval(self, tokens: Iterable[int]) -> np.ndarray:
+        """Logits after `tokens`, computing only what the cache does not already hold.
+
+        The longest common prefix of `tokens` and the cached tokens is kept; the rest of
+        the cache is dropped and the new suffix is prefilled. If `tokens` is exactly the
+        cached sequence, its last token is recomputed (its logits were not kept).
+        """
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        self.check_fits(len(tokens), "prompt")
+        keep = 0
+        for a, b in zip(self.tokens, tokens):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - 1)  # at least one token to compute logits from
+        del self.tokens[keep:]
+        return self.prefill(tokens[keep:])
+
+    # --- generation ----------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ask the running generation to stop before its next token (safe from any thread)."""
+        self._cancelled = True
+
+    def generate(self, prompt_tokens: Iterable[int], sampler_fn: Callable[[np.ndarray], int],
+                 max_tokens: int, stop_ids: Iterable[int] = ()) -> Iterator[int]:
+        """Yield up to max_tokens sampled tokens after the prompt.
+
+        Stops at a token in stop_ids (not yielded), at max_tokens, at the end of the
+        context, or when cancel() is called. The prompt reuses the cached prefix.
+        """
+        self._cancelled = False
+        stop = set(int(t) for t in stop_ids)
+        logits = self.eval(prompt_tokens)
+        for i in range(max_tokens):
+            if self._cancelled:
+                return
+            token = int(sampler_fn(logits))
+            if token in stop:
+                return
+            yield token
+            if i + 1 == max_tokens or self._cancelled or len(self.tokens) >= self.n_ctx:
+                # the last token is not fed back: nothing will read its logits
+                return
+            logits = self.decode(token)

@@ -1,0 +1,173 @@
+"""Numba kernels for the transformer's non-matmul ops: norms, RoPE, attention, activations.
+
+Activations are float32 rows: a batch of n tokens is an [n, width] array, and a row that
+holds several heads stores them one after another (head h at columns h*head_dim..).
+These ops are cheap next to the matmuls (they touch activations, not weights), so they are
+written for clarity first; the ones that loop over many rows run in parallel (`prange`).
+
+The KV cache these kernels read is float32, laid out [n_kv_head, n_ctx, head_dim] per
+layer, so the keys one head attends over are one contiguous slab.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rms_norm(x, weight, eps, out):
+    """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight, for each row i of x[n, d]."""
+    n, d = x.shape
+    for i in prange(n):
+        ss = 0.0  # float64 sum, as llama.cpp does
+        for j in range(d):
+            ss += np.float64(x[i, j]) * x[i, j]
+        scale = np.float32(1.0 / math.sqrt(ss / d + eps))
+        for j in range(d):
+            out[i, j] = x[i, j] * scale * weight[j]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rms_norm_heads(x, n_heads, head_dim, weight, eps):
+    """In place RMSNorm of every head of every row of x[n, n_heads*head_dim] (QK-norm)."""
+    n = x.shape[0]
+    for t in prange(n * n_heads):
+        i = t // n_heads
+        base = (t % n_heads) * head_dim
+        ss = 0.0
+        for j in range(head_dim):
+            v = np.float64(x[i, base + j])
+            ss += v * v
+        scale = np.float32(1.0 / math.sqrt(ss / head_dim + eps))
+        for j in range(head_dim):
+            x[i, base + j] = x[i, base + j] * scale * weight[j]
+
+
+@njit(cache=True, fastmath=True)
+def rope_inv_freq(n_rot, freq_base, freq_scale, freq_factors):
+    """The rotation speed of each of the n_rot/2 dimension pairs (radians per position).
+
+    theta_i = freq_scale * base^(-2i/n_rot) / factor_i: linear scaling divides every speed
+    by the scaling factor, llama3-style scaling divides each by its own factor.
+    """
+    half = n_rot // 2
+    inv = np.empty(half, np.float64)
+    for i in range(half):
+        inv[i] = freq_scale * freq_base ** (-2.0 * i / n_rot)
+        if freq_factors.size:
+            inv[i] /= freq_factors[i]
+    return inv
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
+    """In place rotary embedding of x[n, n_heads*head_dim], row i at positions[i].
+
+    The first n_rot dimensions of each head rotate in pairs: (2k, 2k+1) in the original
+    (GPT-J, llama) style, (k, k + n_rot/2) in the NEOX style (Qwen, Gemma).
+    """
+    n = x.shape[0]
+    half = n_rot // 2
+    for t in prange(n * n_heads):
+        i = t // n_heads
+        base = (t % n_heads) * head_dim
+        pos = positions[i]
+        for k in range(half):
+            angle = pos * inv_freq[k]
+            c = np.float32(math.cos(angle))
+            s = np.float32(math.sin(angle))
+            if neox:
+                a = base + k
+                b = base + k + half
+            else:
+                a = base + 2 * k
+                b = a + 1
+            x0 = x[i, a]
+            x1 = x[i, b]
+            x[i, a] = x0 * c - x1 * s
+            x[i, b] = x0 * s + x1 * c
+
+
+@njit(cache=True, fastmath=True)
+def softmax_inplace(x, n):
+    """Softmax of x[:n] in place, in float32 with the max subtracted first."""
+    m = x[0]
+    for j in range(1, n):
+        if x[j] > m:
+            m = x[j]
+    total = np.float32(0.0)
+    for j in range(n):
+        e = np.float32(math.exp(x[j] - m))
+        x[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(n):
+        x[j] *= inv
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention(q, k_cache, v_cache, start_pos, n_heads, scale, window, out):
+    """Causal multi-head attention of n new queries over the cache.
+
+    q[n, n_heads*head_dim] holds the queries of the tokens at positions start_pos+i, whose
+    keys and values are already in k_cache/v_cache[n_kv_heads, n_ctx, head_dim]. Query head
+    h reads KV head h // (n_heads // n_kv_heads) (grouped-query attention). With window > 0
+    the query at position p sees only keys at positions > p - window (sliding window).
+    Writes out[n, n_heads*head_dim_v].
+    """
+    n = q.shape[0]
+    n_kv_heads = k_cache.shape[0]
+    head_dim = k_cache.shape[2]
+    head_dim_v = v_cache.shape[2]
+    group = n_heads // n_kv_heads
+    for t in prange(n * n_heads):
+        i = t // n_heads
+        h = t % n_heads
+        kvh = h // group
+        pos = start_pos + i
+        first = 0
+        if window > 0 and pos - window + 1 > 0:
+            first = pos - window + 1
+        n_keys = pos + 1 - first
+        # a contiguous copy of the query and row views of K/V let LLVM vectorize the dots
+        qh = q[i, h * head_dim:(h + 1) * head_dim].copy()
+        keys = k_cache[kvh]
+        values = v_cache[kvh]
+        scores = np.empty(n_keys, np.float32)
+        for j in range(n_keys):
+            key = keys[first + j]
+            s = np.float32(0.0)
+            for d in range(head_dim):
+                s += qh[d] * key[d]
+            scores[j] = s * scale
+        softmax_inplace(scores, n_keys)
+        acc = np.zeros(head_dim_v, np.float32)
+        for j in range(n_keys):
+            w = scores[j]
+            value = values[first + j]
+            for d in range(head_dim_v):
+                acc[d] += w * value[d]
+        out[i, h * head_dim_v:(h + 1) * head_dim_v] = acc
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place (the SwiGLU feed-forward of llama and Qwen)."""
+    n, d = gate.shape
+    for i in prange(n):
+        for j in range(d):
+            g = gate[i, j]
+            gate[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i, j]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def gelu_tanh_mul(gate, up):
+    """gate = gelu_tanh(gate) * up, in place (the GeGLU feed-forward of Gemma)."""
+    n, d = gate.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for i in prange(n):
+        for j in range(d):
+            g = gate[i, j]
+            inner = c * (g + np.float32(0.044715) * g * g * g)
+            gate[i, j] = np.float32(0.5) * g * (np.float32(1.0) + np.float32(math.tanh(inner))) * up[i, j]

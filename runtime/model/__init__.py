@@ -1,0 +1,29 @@
+"""Architectures modelrun runs, each a small file on the shared skeleton in base.py."""
+
+from .base import HParams, KVCache, Matrix, Transformer, UnsupportedModelError
+from .gemma3 import Gemma3
+from .llama import Llama
+from .qwen2 import Qwen2
+from .qwen3 import Qwen3
+
+ARCHITECTURES: dict[str, type[Transformer]] = {
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Gemma3)
+}
+
+
+def load_model(gguf_file) -> Transformer:
+    """The model in an opened runtime.gguf.GGUFFile; weights stay views on its memory map.
+
+    Raises UnsupportedModelError naming the architecture, or UnsupportedTypeError naming
+    the tensor and its type, before any computation starts.
+    """
+    arch = str(gguf_file.metadata.get("general.architecture", ""))
+    cls = ARCHITECTURES.get(arch)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
+    return cls(gguf_file)
+
+
+__all__ = ["ARCHITECTURES", "HParams", "KVCache", "Matrix", "Transformer",
+           "UnsupportedModelError", "load_model"]

@@ -1,0 +1,361 @@
+"""The transformer skeleton every supported architecture shares.
+
+A decoder-only transformer, read straight from a GGUF file:
+
+    x = embed(tokens) [* sqrt(n_embd)]
+    for each layer:
+        h = rms_norm(x) -> q, k, v projections [+ bias] -> [QK-norm] -> RoPE
+        K, V go into the cache; h = attention(q, cached K, V) @ Wo [-> post-norm]
+        x = x + h
+        h = rms_norm(x) -> act(gate(h)) * up(h) -> down [-> post-norm]
+        x = x + h
+    logits = rms_norm(x) @ Wout      (Wout = the token embedding when tied)
+
+Each architecture family is a small subclass (llama.py, qwen2.py, ...) that switches on the
+bracketed parts through class attributes and two hooks (which layers slide, which RoPE base
+a layer uses). Weight matrices stay quantized on the memory map and go through
+runtime.kernels' matvec (one token) and matmul (a batch); only the small 1-D tensors (norm
+weights, biases, RoPE factors) are converted to float32 at load.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import kernels
+from runtime.ggml_types import GGMLType, UnsupportedTypeError
+from runtime.kernels import ops
+
+
+class UnsupportedModelError(ValueError):
+    """A GGUF file this build cannot run: unknown architecture, missing tensor, bad shape."""
+
+
+@dataclass(frozen=True)
+class HParams:
+    """The numbers that shape the network, from the GGUF metadata `{arch}.*` keys."""
+
+    arch: str
+    n_vocab: int
+    n_ctx_train: int  # context_length the model was trained for
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int  # of queries and keys (attention.key_length)
+    head_dim_v: int  # of values (attention.value_length)
+    n_rot: int  # leading dimensions of each head that RoPE rotates
+    rms_eps: float
+    rope_base: float
+    rope_scale: float  # multiplies every rotation speed: 1 / rope.scaling.factor when linear
+    sliding_window: int  # 0: none
+    final_logit_softcap: float  # 0: none
+
+    @classmethod
+    def from_metadata(cls, md: dict, n_vocab: int) -> "HParams":
+        arch = str(md["general.architecture"])
+
+        def get(key, default=None):
+            full = f"{arch}.{key}"
+            if full in md:
+                return md[full]
+            if default is None:
+                raise UnsupportedModelError(f"{arch} model has no metadata key {full!r}")
+            return default
+
+        n_embd = int(get("embedding_length"))
+        n_head = int(_scalar(get("attention.head_count")))
+        n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
+        head_dim = int(get("attention.key_length", n_embd // n_head))
+        scaling = str(get("rope.scaling.type", "none"))
+        factor = float(get("rope.scaling.factor", 1.0))
+        # llama3-style scaling needs no type: it comes as the rope_freqs tensor
+        if scaling not in ("none", "linear"):
+            raise UnsupportedModelError(f"RoPE scaling type {scaling!r} is not supported")
+        rope_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+        return cls(
+            arch=arch,
+            n_vocab=n_vocab,
+            n_ctx_train=int(get("context_length")),
+            n_embd=n_embd,
+            n_layer=int(get("block_count")),
+            n_ff=int(_scalar(get("feed_forward_length"))),
+            n_head=n_head,
+            n_head_kv=n_head_kv,
+            head_dim=head_dim,
+            head_dim_v=int(get("attention.value_length", head_dim)),
+            n_rot=int(get("rope.dimension_count", head_dim)),
+            rms_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_base=float(get("rope.freq_base", 10000.0)),
+            rope_scale=rope_scale,
+            sliding_window=int(get("attention.sliding_window", 0)),
+            final_logit_softcap=float(get("final_logit_softcapping", 0.0)),
+        )
+
+
+def _scalar(value):
+    """Per-layer arrays (head counts, ff lengths) must be uniform here; take the one value."""
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return arr.item()
+    if arr.size and np.all(arr == arr.flat[0]):
+        return arr.flat[0].item()
+    raise UnsupportedModelError(f"per-layer hyperparameters {arr.tolist()} are not supported")
+
+
+class Matrix:
+    """A rows x cols weight matrix: quantized blocks on the memory map, row after row."""
+
+    __slots__ = ("name", "raw", "qtype", "rows", "cols", "row_bytes")
+
+    def __init__(self, name: str, raw: np.ndarray, qtype: GGMLType, rows: int, cols: int):
+        self.name, self.raw, self.qtype, self.rows, self.cols = name, raw, qtype, rows, cols
+        self.row_bytes = qtype.row_bytes(cols)
+
+    def __call__(self, X: np.ndarray) -> np.ndarray:
+        """X[n, cols] @ W.T -> [n, rows]: matvec for one token, matmul for a batch."""
+        if X.shape[0] == 1:
+            out = np.empty((1, self.rows), np.float32)
+            kernels.matvec(self.raw, self.qtype, self.rows, self.cols, X[0], out=out[0])
+            return out
+        return kernels.matmul(self.raw, self.qtype, self.rows, self.cols, X)
+
+    def rows_f32(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
+        out = np.empty((len(ids), self.cols), np.float32)
+        rb = self.row_bytes
+        for i, r in enumerate(ids):
+            r = int(r)
+            if not 0 <= r < self.rows:
+                raise IndexError(f"token id {r} is outside the vocabulary of {self.rows}")
+            out[i] = kernels.dequantize(self.raw[r * rb:(r + 1) * rb], self.qtype, self.cols)
+        return out
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    wq: Matrix
+    wk: Matrix
+    wv: Matrix
+    wo: Matrix
+    bq: np.ndarray | None
+    bk: np.ndarray | None
+    bv: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+    post_attn_norm: np.ndarray | None
+    ffn_norm: np.ndarray
+    w_gate: Matrix
+    w_up: Matrix
+    w_down: Matrix
+    post_ffn_norm: np.ndarray | None
+    sliding: bool  # attends over the last `sliding_window` positions only
+    rope_inv_freq: np.ndarray  # radians per position of each rotated pair
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0..n_ctx-1, float32.
+
+    Layout [n_layer, n_kv_head, n_ctx, head_dim]: the keys one head attends over are one
+    contiguous slab. Memory: 2 * n_layer * n_kv_head * n_ctx * head_dim * 4 bytes (Gemma 3
+    270M at 4096 positions: 151 MB). Which tokens are stored is the engine's business.
+    """
+
+    def __init__(self, hp: HParams, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.k = np.zeros((hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim), np.float32)
+        self.v = np.zeros((hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim_v), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Transformer:
+    """The shared forward pass; subclasses state how their family differs."""
+
+    architecture: str = ""  # general.architecture this class runs
+    rope_neox: bool = False  # rotate pairs (i, i + n_rot/2) instead of (2i, 2i+1)
+    attention_bias: bool = False  # q/k/v projections have biases (also loaded when present)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
+    post_norms: bool = False  # RMSNorm on the attention and FFN outputs before the residual add
+    ffn_activation: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    scale_embedding: bool = False  # multiply token embeddings by sqrt(n_embd)
+
+    def __init__(self, gguf_file):
+        self.gguf = gguf_file
+        md = gguf_file.metadata
+        arch = str(md.get("general.architecture", "?"))
+        if arch != self.architecture:
+            raise UnsupportedModelError(f"{type(self).__name__} runs {self.architecture!r}, not {arch!r}")
+        self._tensors = gguf_file.tensors
+        embd = self._tensor("token_embd.weight")
+        self.hp = hp = HParams.from_metadata(md, n_vocab=int(embd.shape[1]))
+        self.check_hparams()
+
+        self.token_embd = self._matrix("token_embd.weight", hp.n_vocab, hp.n_embd)
+        self.output_norm = self._vector("output_norm.weight", hp.n_embd)
+        if "output.weight" in self._tensors:
+            self.output = self._matrix("output.weight", hp.n_vocab, hp.n_embd)
+        else:
+            self.output = self.token_embd  # tied: the projection runs on the quantized embedding
+        rope_factors = (self._vector("rope_freqs.weight", hp.n_rot // 2)
+                        if "rope_freqs.weight" in self._tensors else np.zeros(0, np.float32))
+
+        q_dim, kv_dim, v_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim_v
+        self.layers: list[Layer] = []
+        for il in range(hp.n_layer):
+            p = f"blk.{il}."
+            has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
+            base, scale = self.rope_for_layer(il)
+            self.layers.append(Layer(
+                attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
+                wq=self._matrix(p + "attn_q.weight", q_dim, hp.n_embd),
+                wk=self._matrix(p + "attn_k.weight", kv_dim, hp.n_embd),
+                wv=self._matrix(p + "attn_v.weight", v_dim, hp.n_embd),
+                wo=self._matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
+                bq=self._vector(p + "attn_q.bias", q_dim) if has_bias else None,
+                bk=self._vector(p + "attn_k.bias", kv_dim) if has_bias else None,
+                bv=self._vector(p + "attn_v.bias", v_dim) if has_bias else None,
+                q_norm=self._vector(p + "attn_q_norm.weight", hp.head_dim) if self.qk_norm else None,
+                k_norm=self._vector(p + "attn_k_norm.weight", hp.head_dim) if self.qk_norm else None,
+                post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
+                                if self.post_norms else None),
+                ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
+                w_gate=self._matrix(p + "ffn_gate.weight", hp.n_ff, hp.n_embd),
+                w_up=self._matrix(p + "ffn_up.weight", hp.n_ff, hp.n_embd),
+                w_down=self._matrix(p + "ffn_down.weight", hp.n_embd, hp.n_ff),
+                post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
+                sliding=self.is_sliding(il),
+                rope_inv_freq=ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors),
+            ))
+        self.attention_scale = self.attention_scale_for(hp)
+
+    # --- what a family may override -------------------------------------------------------
+
+    def check_hparams(self) -> None:
+        hp = self.hp
+        if hp.n_head % hp.n_head_kv:
+            raise UnsupportedModelError(f"{hp.n_head} query heads do not group over {hp.n_head_kv} KV heads")
+        if hp.n_rot > hp.head_dim or hp.n_rot % 2:
+            raise UnsupportedModelError(f"RoPE over {hp.n_rot} dimensions of heads of {hp.head_dim}")
+
+    def is_sliding(self, il: int) -> bool:
+        """Whether layer il attends over a sliding window (none do by default)."""
+        return False
+
+    def rope_for_layer(self, il: int) -> tuple[float, float]:
+        """(freq_base, freq_scale) of layer il's RoPE."""
+        return self.hp.rope_base, self.hp.rope_scale
+
+    @staticmethod
+    def attention_scale_for(hp: HParams) -> float:
+        return 1.0 / math.sqrt(hp.head_dim)
+
+    # --- loading ------------------------------------------------------------------------
+
+    def _tensor(self, name: str):
+        t = self._tensors.get(name)
+        if t is None:
+            raise UnsupportedModelError(f"{self.architecture} model has no tensor {name!r}")
+        try:
+            kernels.supported_type(t.type)
+        except UnsupportedTypeError as e:
+            raise UnsupportedTypeError(f"tensor {name}: {e}") from None
+        return t
+
+    def _matrix(self, name: str, rows: int, cols: int) -> Matrix:
+        t = self._tensor(name)
+        if tuple(int(s) for s in t.shape) != (cols, rows):
+            raise UnsupportedModelError(
+                f"tensor {name} has shape {list(t.shape)}, expected [{cols}, {rows}] (GGUF order)")
+        return Matrix(name, t.data, t.type, rows, cols)
+
+    def _vector(self, name: str, n: int) -> np.ndarray:
+        t = self._tensor(name)
+        if t.n_elements != n:
+            raise UnsupportedModelError(f"tensor {name} has {t.n_elements} elements, expected {n}")
+        return kernels.dequantize(t.data, t.type, n)
+
+    # --- the forward pass ---------------------------------------------------------------
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        x = self.token_embd.rows_f32(tokens)
+        if self.scale_embedding:
+            x *= np.float32(math.sqrt(self.hp.n_embd))
+        return x
+
+    def forward(self, tokens, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at positions [start_pos, start_pos + n); their K/V go into the cache.
+
+        Returns the logits of the last token, float32[n_vocab], or of every token,
+        float32[n, n_vocab], when all_logits. One token goes through matvec, more through
+        matmul; callers choose the batch size (the engine's prefill chunks).
+        """
+        hp = self.hp
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("forward needs at least one token")
+        if start_pos < 0 or start_pos + n > cache.n_ctx:
+            raise ValueError(f"positions {start_pos}..{start_pos + n - 1} do not fit a cache of {cache.n_ctx}")
+        positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
+        x = self.embed(tokens)
+        h = np.empty_like(x)
+        for il, layer in enumerate(self.layers):
+            ops.rms_norm(x, layer.attn_norm, hp.rms_eps, h)
+            attn = self.attention(il, layer, h, positions, start_pos, cache)
+            if layer.post_attn_norm is not None:
+                ops.rms_norm(attn, layer.post_attn_norm, hp.rms_eps, attn)
+            x += attn
+            ops.rms_norm(x, layer.ffn_norm, hp.rms_eps, h)
+            ffn = self.feed_forward(layer, h)
+            if layer.post_ffn_norm is not None:
+                ops.rms_norm(ffn, layer.post_ffn_norm, hp.rms_eps, ffn)
+            x += ffn
+        if not all_logits:
+            x = x[-1:]
+        out = np.empty_like(x)
+        ops.rms_norm(x, self.output_norm, hp.rms_eps, out)
+        logits = self.output(out)
+        if hp.final_logit_softcap:
+            cap = np.float32(hp.final_logit_softcap)
+            logits = np.tanh(logits / cap) * cap
+        return logits if all_logits else logits[0]
+
+    def attention(self, il: int, layer: Layer, h, positions, start_pos: int, cache: KVCache):
+        hp = self.hp
+        n = h.shape[0]
+        q, k, v = layer.wq(h), layer.wk(h), layer.wv(h)
+        if layer.bq is not None:
+            q += layer.bq
+            k += layer.bk
+            v += layer.bv
+        if layer.q_norm is not None:
+            ops.rms_norm_heads(q, hp.n_head, hp.head_dim, layer.q_norm, hp.rms_eps)
+            ops.rms_norm_heads(k, hp.n_head_kv, hp.head_dim, layer.k_norm, hp.rms_eps)
+        ops.rope(q, positions, hp.n_head, hp.head_dim, hp.n_rot, layer.rope_inv_freq, self.rope_neox)
+        ops.rope(k, positions, hp.n_head_kv, hp.head_dim, hp.n_rot, layer.rope_inv_freq, self.rope_neox)
+        end = start_pos + n
+        cache.k[il, :, start_pos:end] = k.reshape(n, hp.n_head_kv, hp.head_dim).transpose(1, 0, 2)
+        cache.v[il, :, start_pos:end] = v.reshape(n, hp.n_head_kv, hp.head_dim_v).transpose(1, 0, 2)
+        out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
+        window = hp.sliding_window if layer.sliding else 0
+        ops.attention(q, cache.k[il], cache.v[il], start_pos, hp.n_head,
+                      np.float32(self.attention_scale), window, out)
+        return layer.wo(out)
+
+    def feed_forward(self, layer: Layer, h):
+        gate, up = layer.w_gate(h), layer.w_up(h)
+        if self.ffn_activation == "silu":
+            ops.silu_mul(gate, up)
+        elif self.ffn_activation == "gelu_tanh":
+            ops.gelu_tanh_mul(gate, up)
+        else:
+            raise UnsupportedModelError(f"activation {self.ffn_activation!r}")
+        return layer.w_down(gate)

@@ -1,0 +1,205 @@
+"""The transformer against an independent float64 NumPy forward pass, per architecture.
+
+The reference below rebuilds every weight with gguf.quants.dequantize from the bytes the
+fixture wrote and shares no code with runtime/model, so an error in the skeleton, a family
+file, an op kernel or the GGUF reader shows up as a logit mismatch.
+
+Tolerance: both sides see the same dequantized weights; the model computes in float32
+(dot products of a few hundred terms, ~10 layers), the reference in float64, so the
+expected difference is float32 rounding: measured 1e-7..6e-7 of the largest logit. A
+semantic slip (a wrong RoPE pairing, a missing norm, a window off by one, a wrong scale)
+moves the logits by 1e-2..1 relative (the two "mutation" tests below show it for the RoPE
+pairing and the sliding window). 1e-4 relative to the largest logit sits between the two.
+"""
+
+import math
+
+import numpy as np
+import pytest
+from gguf.quants import dequantize
+
+from runtime.ggml_types import UnsupportedTypeError
+from runtime.gguf import GGUFFile
+from runtime.model import KVCache, UnsupportedModelError, load_model
+
+RTOL = 1e-4
+PROMPT = [5, 17, 3, 99, 42, 7, 150, 1, 64, 23, 11, 88]  # longer than gemma's window of 4
+
+
+# --- the independent reference ---------------------------------------------------------------
+
+def reference_logits(md: dict, tensors: dict, tokens) -> np.ndarray:
+    """Logits of every token of `tokens` at positions 0..n-1, float64[n, n_vocab]."""
+    arch = md["general.architecture"]
+
+    def hp(key, default=None):
+        return md.get(f"{arch}.{key}", default)
+
+    def weight(name):
+        if name not in tensors:
+            return None
+        raw, qtype = tensors[name]
+        return dequantize(raw, qtype).astype(np.float64)
+
+    n_embd, n_layer = int(hp("embedding_length")), int(hp("block_count"))
+    n_head, n_kv = int(hp("attention.head_count")), int(hp("attention.head_count_kv"))
+    hd = int(hp("attention.key_length", n_embd // n_head))
+    eps = float(hp("attention.layer_norm_rms_epsilon"))
+    base = float(hp("rope.freq_base", 10000.0))
+    freq_scale = 1.0 / float(hp("rope.scaling.factor")) if hp("rope.scaling.type") == "linear" else 1.0
+    window = int(hp("attention.sliding_window", 0))
+    gemma = arch == "gemma3"
+    neox = arch in ("qwen2", "qwen3", "gemma3")  # llama.cpp's LLAMA_ROPE_TYPE_NEOX families
+
+    def rms(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    def rope(x, theta_base, scale):  # x[n, heads, hd]
+        freqs = scale * theta_base ** (-np.arange(0, hd, 2) / hd)
+        if "rope_freqs.weight" in tensors:  # llama3-style: each pair's speed divided by its factor
+            freqs = freqs / weight("rope_freqs.weight")
+        angle = np.arange(len(x))[:, None, None] * freqs
+        cos, sin = np.cos(angle), np.sin(angle)
+        a, b = (x[..., : hd // 2], x[..., hd // 2:]) if neox else (x[..., 0::2], x[..., 1::2])
+        y = np.empty_like(x)
+        ra, rb = a * cos - b * sin, a * sin + b * cos
+        if neox:
+            y[..., : hd // 2], y[..., hd // 2:] = ra, rb
+        else:
+            y[..., 0::2], y[..., 1::2] = ra, rb
+        return y
+
+    n = len(tokens)
+    embedding = weight("token_embd.weight")
+    x = embedding[tokens]
+    if gemma:
+        x = x * math.sqrt(n_embd)
+    for il in range(n_layer):
+        w = lambda name: weight(f"blk.{il}.{name}")  # noqa: E731
+        h = rms(x, w("attn_norm.weight"))
+        q, k, v = (h @ w(f"attn_{c}.weight").T for c in "qkv")
+        if w("attn_q.bias") is not None:
+            q, k, v = q + w("attn_q.bias"), k + w("attn_k.bias"), v + w("attn_v.bias")
+        q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
+        if arch in ("qwen3", "gemma3"):
+            q, k = rms(q, w("attn_q_norm.weight")), rms(k, w("attn_k_norm.weight"))
+        sliding = gemma and (il + 1) % 6 != 0
+        theta_base, scale = (10000.0, 1.0) if sliding else (base, freq_scale)
+        q, k = rope(q, theta_base, scale), rope(k, theta_base, scale)
+        attn = np.zeros((n, n_head, hd))
+        for i in range(n):
+            first = max(0, i - window + 1) if sliding else 0
+            for head in range(n_head):
+                kv = head // (n_head // n_kv)
+                scores = k[first:i + 1, kv] @ q[i, head] / math.sqrt(hd)
+                p = np.exp(scores - scores.max())
+                attn[i, head] = (p / p.sum()) @ v[first:i + 1, kv]
+        out = attn.reshape(n, -1) @ w("attn_output.weight").T
+        if gemma:
+            out = rms(out, w("post_attention_norm.weight"))
+        x = x + out
+        h = rms(x, w("ffn_norm.weight"))
+        gate, up = h @ w("ffn_gate.weight").T, h @ w("ffn_up.weight").T
+        if gemma:
+            act = 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
+        else:
+            act = gate / (1 + np.exp(-gate))
+        out = (act * up) @ w("ffn_down.weight").T
+        if gemma:
+            out = rms(out, w("post_ffw_norm.weight"))
+        x = x + out
+    x = rms(x, weight("output_norm.weight"))
+    output = weight("output.weight")
+    return x @ (embedding if output is None else output).T
+
+
+def assert_logits_close(actual, expected):
+    err = np.abs(np.asarray(actual, np.float64) - expected).max()
+    assert err <= RTOL * np.abs(expected).max(), f"max |diff| {err:.3g} vs max |logit| {np.abs(expected).max():.3g}"
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_logits_match_float64_reference(synthetic_models, arch):
+    path, tensors = synthetic_models[arch]
+    gguf_file = GGUFFile(path)
+    model = load_model(gguf_file)
+    assert model.architecture == arch
+    expected = reference_logits(gguf_file.metadata, tensors, PROMPT)
+    cache = KVCache(model.hp, 32)
+    all_logits = model.forward(PROMPT, 0, cache, all_logits=True)
+    assert all_logits.shape == (len(PROMPT), model.hp.n_vocab)
+    assert_logits_close(all_logits, expected)
+    # last-token-only logits are the last row
+    last = model.forward(PROMPT, 0, KVCache(model.hp, 32))
+    assert_logits_close(last, expected[-1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_wrong_rope_pairing_is_caught(synthetic_models, arch):
+    """The tolerance is tight enough to see a model that rotates the wrong pairs."""
+    path, tensors = synthetic_models[arch]
+    gguf_file = GGUFFile(path)
+    model = load_model(gguf_file)
+    model.rope_neox = not model.rope_neox
+    expected = reference_logits(gguf_file.metadata, tensors, PROMPT)
+    wrong = model.forward(PROMPT, 0, KVCache(model.hp, 32), all_logits=True)
+    assert np.abs(wrong - expected).max() > 100 * RTOL * np.abs(expected).max()
+
+
+def test_gemma_sliding_window_changes_only_what_it_should(synthetic_models):
+    """Window 4 < 12 tokens: the reference (which applies the window) matches, and a model
+    forced to attend globally everywhere does not, so the window is really in effect."""
+    path, tensors = synthetic_models["gemma3"]
+    gguf_file = GGUFFile(path)
+    model = load_model(gguf_file)
+    assert [layer.sliding for layer in model.layers] == [True] * 5 + [False]
+    expected = reference_logits(gguf_file.metadata, tensors, PROMPT)
+    for layer in model.layers:
+        layer.sliding = False
+    unwindowed = model.forward(PROMPT, 0, KVCache(model.hp, 32), all_logits=True)
+    assert_logits_close(unwindowed[:4], expected[:4])  # inside the window: no difference
+    assert np.abs(unwindowed[4:] - expected[4:]).max() > 100 * RTOL * np.abs(expected).max()
+
+
+def test_attention_kernel_gqa_window_against_numpy():
+    from runtime.kernels import ops
+
+    rng = np.random.default_rng(1)
+    n_heads, n_kv, hd, n_ctx, start, n = 6, 2, 16, 20, 5, 7
+    k_cache = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
+    v_cache = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
+    q = rng.standard_normal((n, n_heads * hd)).astype(np.float32)
+    for window in (0, 3):
+        out = np.empty_like(q)
+        ops.attention(q, k_cache, v_cache, start, n_heads, np.float32(0.25), window, out)
+        for i in range(n):
+            pos = start + i
+            first = max(0, pos - window + 1) if window else 0
+            for h in range(n_heads):
+                kv = h // 3
+                s = k_cache[kv, first:pos + 1].astype(np.float64) @ q[i, h * hd:(h + 1) * hd] * 0.25
+                p = np.exp(s - s.max())
+                ref = (p / p.sum()) @ v_cache[kv, first:pos + 1]
+                np.testing.assert_allclose(out[i, h * hd:(h + 1) * hd], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_architecture_is_refused_by_name(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((4, 32), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        load_model(GGUFFile(tmp_path / "m.gguf"))
+
+
+def test_unsupported_tensor_type_is_refused_by_name(tmp_path):
+    from conftest import SYNTHETIC_SPECS, write_synthetic_model
+
+    path = tmp_path / "iq2.gguf"
+    types = {**SYNTHETIC_SPECS["llama"]["types"], "ffn_up": "IQ2_XXS"}  # no kernel for IQ2_XXS
+    write_synthetic_model(path, "llama", types=types)
+    with pytest.raises(UnsupportedTypeError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
+        load_model(GGUFFile(path))
