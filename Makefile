@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-kernels clean
+.PHONY: demo test bench bench-kernels bench-engine clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,10 @@ test: $(STAMP)
 bench-kernels: $(STAMP)
 	$(BIN)/python bench/kernels.py
 
-bench: bench-kernels
+bench-engine: $(STAMP)
+	$(BIN)/python bench/engine.py
+
+bench: bench-engine
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

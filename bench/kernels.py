@@ -11,53 +11,21 @@ model's weights do when decoding, so matvec figures are DRAM figures.
 import argparse
 import os
 import sys
-import time
 
 import numba
 import numpy as np
-from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.common import WORKING_SET, read_bandwidth, timed  # noqa: E402
 from runtime import kernels  # noqa: E402
 from runtime.ggml_types import ggml_type  # noqa: E402
 
 SHAPES = [(4096, 4096), (640, 2048)]  # a 7B-class square matrix; Gemma 3 270M's ffn_down
-WORKING_SET = 512 << 20
-
-
-@njit(parallel=True, cache=True)
-def _read_all(words):
-    """Sum of all words: the cheapest way to read every byte once."""
-    chunks = 256
-    per = words.size // chunks
-    partial = np.zeros(chunks, np.uint64)
-    for c in prange(chunks):
-        s = np.uint64(0)
-        for i in range(c * per, (c + 1) * per):
-            s += words[i]
-        partial[c] = s
-    return partial.sum()
-
-
-def timed(fn, seconds):
-    """Mean seconds per call of fn() over about `seconds` of calls (after one warm-up)."""
-    fn()
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return elapsed / n
-
-
-def read_bandwidth(seconds):
-    words = np.ones(WORKING_SET // 8, np.uint64)
-    return words.nbytes / timed(lambda: _read_all(words), seconds)
 
 
 def random_matrix_bytes(t, rows, cols, rng):
-    """Random bytes with sane f16 scales wherever the type keeps them (first 2 bytes of a block)."""
+    """Random bytes for the quantized types (timing does not depend on the values, inf/nan
+    scales included); finite random values for the float types."""
     nbytes = t.row_bytes(cols) * rows
     raw = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
     if t.name in ("F32", "F16", "BF16"):
@@ -66,7 +34,7 @@ def random_matrix_bytes(t, rows, cols, rng):
         if t.name == "BF16":
             vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
         return vals.view(np.uint8)
-    return raw  # scales may be any f16, including inf/nan: timing does not depend on values
+    return raw
 
 
 def bench_type(name, rows, cols, batch, seconds, rng):
