@@ -27,14 +27,14 @@ def random_matrix_bytes(t, rows, cols, rng):
     """Random bytes for the quantized types (timing does not depend on the values, inf/nan
     scales included); finite random values for the float types."""
     nbytes = t.row_bytes(cols) * rows
-    raw = rng.integers(0, 256, size=nbytes, dtype=np.uint8)
-    if t.name in ("F32", "F16", "BF16"):
-        dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.float32}[t.name]
-        vals = rng.standard_normal(nbytes // np.dtype(dtype).itemsize).astype(dtype)
-        if t.name == "BF16":
-            vals = (vals.view(np.uint32) >> 16).astype(np.uint16)
-        return vals.view(np.uint8)
-    return raw
+    if t.name == "F32":
+        return rng.standard_normal(nbytes // 4, dtype=np.float32).view(np.uint8)
+    if t.name == "F16":
+        return rng.standard_normal(nbytes // 2, dtype=np.float32).astype(np.float16).view(np.uint8)
+    if t.name == "BF16":
+        f32 = rng.standard_normal(nbytes // 2, dtype=np.float32)
+        return (f32.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8)
+    return rng.integers(0, 256, size=nbytes, dtype=np.uint8)
 
 
 def bench_type(name, rows, cols, batch, seconds, rng):
