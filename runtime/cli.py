@@ -9,6 +9,8 @@ file that is not a GGUF) gets one line on stderr and exit code 1, never a traceb
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,8 @@ import numpy as np
 from runtime.gguf import GGUFError, GGUFFile, StringArray
 
 # What the user gets when they ask for something this build cannot do yet.
-NOT_BUILT_YET = "generation is not built yet; this build can only describe a model: add --info"
+NOT_BUILT_YET = ("nothing to do: pass -p PROMPT to continue a text, --chat to chat, or --info; "
+                 "serving a chat page is not built yet")
 
 
 class UserError(click.ClickException):
@@ -36,7 +39,23 @@ class UserError(click.ClickException):
 @click.option("-m", "--model", "model", metavar="FILE", help="The GGUF model file.")
 @click.option("--info", is_flag=True,
               help="Describe the model (architecture, size, tokenizer, quantization) and exit.")
-def main(model: str | None, info: bool) -> None:
+@click.option("-p", "--prompt", metavar="TEXT", help="Continue TEXT and print the continuation.")
+@click.option("--chat", is_flag=True, help="Chat in the terminal, using the model's chat template.")
+@click.option("-n", "--n-predict", type=int, default=-1, show_default=True, metavar="N",
+              help="Tokens to generate at most (-1: until the model stops or the context is full).")
+@click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (0: greedy).")
+@click.option("--top-k", type=int, default=40, show_default=True, help="Keep the K likeliest tokens (0: off).")
+@click.option("--top-p", type=float, default=0.95, show_default=True, help="Nucleus sampling (1: off).")
+@click.option("--min-p", type=float, default=0.05, show_default=True,
+              help="Drop tokens below this fraction of the likeliest one (0: off).")
+@click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="(1: off)")
+@click.option("--seed", type=int, default=-1, show_default=True, help="Random seed (-1: random).")
+@click.option("-c", "--ctx-size", type=int, default=0, show_default=True, metavar="N",
+              help="Context size in tokens (0: the model's, at most 4096).")
+@click.option("-t", "--threads", type=int, default=0, metavar="N", help="CPU threads (default: all cores).")
+def main(model: str | None, info: bool, prompt: str | None, chat: bool, n_predict: int, temp: float,
+         top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
+         threads: int) -> None:
     """Run a GGUF language model on this computer, offline."""
     if model is None:
         raise UserError("no model given; pass -m MODEL.gguf (see --help)", exit_code=2)
@@ -44,7 +63,132 @@ def main(model: str | None, info: bool) -> None:
         if info:
             click.echo(describe(gguf, model))
             return
-    raise UserError(NOT_BUILT_YET, exit_code=2)
+        if prompt is None and not chat:
+            raise UserError(NOT_BUILT_YET, exit_code=2)
+        from runtime.sampling import SamplingParams
+
+        try:
+            params = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                                    repeat_penalty=repeat_penalty, seed=seed,
+                                    max_tokens=None if n_predict < 0 else max(n_predict, 1))
+        except ValueError as e:
+            raise UserError(f"{e}", exit_code=2) from None
+        session = load_session(gguf, ctx_size, threads)
+        if chat:
+            run_chat(session, params)
+        else:
+            run_prompt(session, prompt, params, n_predict)
+
+
+@dataclass
+class Session:
+    """A loaded model: engine, tokenizer, chat template."""
+
+    engine: Any
+    tokenizer: Any
+    gguf: GGUFFile
+
+
+def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
+    """The model ready to run, or a UserError naming what this build cannot run."""
+    from runtime.engine import Engine
+    from runtime.ggml_types import UnsupportedTypeError
+    from runtime.model import UnsupportedModelError
+    from runtime.tokenizer import Tokenizer
+
+    if threads:
+        import numba
+
+        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+            raise UserError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
+                            f"(this machine's cores), got {threads}", exit_code=2)
+        numba.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        tokenizer = Tokenizer.from_metadata(gguf.metadata)
+        engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None)
+    except (UnsupportedModelError, UnsupportedTypeError) as e:
+        raise UserError(f"this build cannot run the model: {e}") from None
+    except ValueError as e:
+        raise UserError(f"{e}", exit_code=2) from None
+    click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
+               f"KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", err=True)
+    return Session(engine, tokenizer, gguf)
+
+
+def generate_text(session: Session, prompt_tokens: list[int], params) -> str:
+    """Stream the continuation to stdout; timings to stderr. Returns the text."""
+    from runtime.engine import ContextOverflowError, TextGeneration
+
+    try:
+        generation = TextGeneration(session.engine, session.tokenizer, prompt_tokens, params)
+    except ContextOverflowError as e:
+        raise UserError(f"{e}; shorten it or raise -c (the model allows "
+                        f"{session.engine.model.hp.n_ctx_train})") from None
+    pieces = []
+    for piece in generation:
+        pieces.append(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    stats = session.engine.stats
+    click.echo(f"\n[{len(prompt_tokens)} prompt tokens, {len(generation.tokens)} generated; "
+               f"prefill {_rate(stats['prefill_tokens'], stats['prefill_s'])}, "
+               f"decode {_rate(stats['decode_tokens'], stats['decode_s'])}; "
+               f"stopped: {generation.finish_reason}]", err=True)
+    return "".join(pieces)
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    return f"{tokens / seconds:.1f} tok/s" if seconds > 0 else "-"
+
+
+def run_prompt(session: Session, prompt: str, params, n_predict: int) -> None:
+    if n_predict == 0:
+        return
+    tokens = session.tokenizer.encode(prompt)
+    generate_text(session, tokens, params)
+    click.echo()
+
+
+def run_chat(session: Session, params) -> None:
+    """A terminal chat: the conversation is re-rendered each turn; the engine reuses the
+    shared prefix of the KV cache, so only the new turn is computed."""
+    from runtime.chat import ChatTemplate, ChatTemplateError
+
+    template = ChatTemplate.for_model(session.gguf.metadata)
+    messages: list[dict] = []
+    click.echo("chat: type a message; /clear starts over, /exit (or Ctrl-D) quits", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo(err=True)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/clear":
+            messages.clear()
+            click.echo("(conversation cleared)", err=True)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            text = template.drop_leading_bos(template.render(messages, add_generation_prompt=True))
+        except ChatTemplateError as e:
+            messages.pop()
+            click.echo(f"error: {e}", err=True)
+            continue
+        try:
+            reply = generate_text(session, session.tokenizer.encode(text), params)
+        except UserError as e:
+            messages.pop()
+            click.echo(f"error: {e.format_message()}; /clear to start over", err=True)
+            continue
+        except KeyboardInterrupt:
+            reply = ""
+            click.echo("\n(interrupted)", err=True)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def open_model(path: str) -> GGUFFile:

@@ -111,6 +111,11 @@ class Engine:
         """Ask the running generation to stop before its next token (safe from any thread)."""
         self._cancelled = True
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the last generation was asked to stop."""
+        return self._cancelled
+
     def generate(self, prompt_tokens: Iterable[int], sampler_fn: Callable[[np.ndarray], int],
                  max_tokens: int, stop_ids: Iterable[int] = ()) -> Iterator[int]:
         """Yield up to max_tokens sampled tokens after the prompt.
@@ -132,3 +137,48 @@ class Engine:
                 # the last token is not fed back: nothing will read its logits
                 return
             logits = self.decode(token)
+
+
+class TextGeneration:
+    """One prompt's continuation as text: sampling, end-of-generation tokens, stop strings,
+    and streaming that never splits a UTF-8 character. Iterate it for text pieces; after the
+    loop, `finish_reason` is "stop" (an end-of-generation token or a stop string) or
+    "length" (max_tokens, or the context is full) and `tokens` holds what was generated.
+
+    The CLI and the server both use it, so every front end stops and streams the same way.
+    """
+
+    def __init__(self, engine: Engine, tokenizer, prompt_tokens: list[int], params):
+        from runtime.sampling import Sampler, StopMatcher
+
+        engine.check_fits(len(prompt_tokens) + 1, "prompt")
+        self.engine, self.tokenizer, self.params = engine, tokenizer, params
+        self.prompt_tokens = list(prompt_tokens)
+        self.sampler = Sampler(params, engine.model.hp.n_vocab)
+        self.stop_matcher = StopMatcher(params.stop)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def _next_token(self, logits: np.ndarray) -> int:
+        return self.sampler.sample(logits, self.prompt_tokens + self.tokens)
+
+    def __iter__(self) -> Iterator[str]:
+        engine, params = self.engine, self.params
+        room = engine.n_ctx - len(self.prompt_tokens)
+        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        decoder = self.tokenizer.stream_decoder()
+        self.finish_reason = "length"
+        for token in engine.generate(self.prompt_tokens, self._next_token, limit, self.tokenizer.eog_ids):
+            self.tokens.append(token)
+            text = self.stop_matcher.push(decoder.feed(token))
+            if text:
+                yield text
+            if self.stop_matcher.stopped:  # returning closes engine.generate: no more tokens
+                self.finish_reason = "stop"
+                return
+        if len(self.tokens) < limit and not engine.cancelled:
+            self.finish_reason = "stop"  # ended by an end-of-generation token
+        tail = self.stop_matcher.push(decoder.flush())
+        tail += self.stop_matcher.flush()
+        if tail:
+            yield tail
