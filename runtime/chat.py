@@ -75,7 +75,8 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     raise SecurityError("integer product too large")
             else:
                 seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
-                if isinstance(seq, (str, list, tuple)) and _is_int(n) and len(seq) * n > MAX_REPEAT_ITEMS:
+                repeatable = isinstance(seq, (str, list, tuple)) and _is_int(n)
+                if repeatable and len(seq) * n > MAX_REPEAT_ITEMS:
                     raise SecurityError(f"repeating a {type(seq).__name__} {n} times is too large")
         return super().call_binop(context, operator, left, right)
 
@@ -137,14 +138,16 @@ def validate_messages(messages: Any) -> list[dict]:
     templates that use them. A ValueError says which message and what is wrong.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ValueError(f"messages must be a list of {{role, content}} objects, got {type(messages).__name__}")
+        raise ValueError("messages must be a list of {role, content} objects, "
+                         f"got {type(messages).__name__}")
     if not messages:
         raise ValueError("messages must hold at least one message")
     checked = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, Mapping):
-            raise ValueError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+            raise ValueError(f"{where} must be an object with 'role' and 'content', "
+                             f"got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}")
@@ -158,8 +161,8 @@ def validate_messages(messages: Any) -> list[dict]:
                         and isinstance(part.get("text"), str)):
                     kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
                     raise ValueError(f"{where}.content[{j}] must be a text part "
-                                     f"{{\"type\": \"text\", \"text\": ...}} (this model reads text only), "
-                                     f"got {kind!r}")
+                                     '{"type": "text", "text": ...} (this model reads text '
+                                     f"only), got {kind!r}")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif not isinstance(content, str):
@@ -176,7 +179,8 @@ class ChatTemplate:
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom"):
         if not isinstance(source, str):
-            raise ChatTemplateError(f"a chat template is Jinja2 source text, got {type(source).__name__}")
+            raise ChatTemplateError("a chat template is Jinja2 source text, "
+                                    f"got {type(source).__name__}")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -184,11 +188,13 @@ class ChatTemplate:
         try:
             self._template = _ENV.from_string(source)
         except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"the chat template has a syntax error on line {e.lineno}: {e.message}") from None
+            raise ChatTemplateError(f"the chat template has a syntax error on line {e.lineno}: "
+                                    f"{e.message}") from None
         except SecurityError as e:
             raise ChatTemplateError(f"the chat template was refused: {e}") from None
         except Exception as e:  # e.g. nesting too deep for the compiler
-            raise ChatTemplateError(f"the chat template cannot be compiled: {type(e).__name__}: {e}") from None
+            raise ChatTemplateError("the chat template cannot be compiled: "
+                                    f"{type(e).__name__}: {e}") from None
 
     def __repr__(self) -> str:
         return f"ChatTemplate(name={self.name!r}, {len(self.source)} chars)"
@@ -205,12 +211,14 @@ class ChatTemplate:
             for piece in self._template.generate(context):
                 size += len(piece)
                 if size > MAX_OUTPUT_CHARS:
-                    raise ChatTemplateError(f"the chat template wrote more than {MAX_OUTPUT_CHARS} characters")
+                    raise ChatTemplateError(
+                        f"the chat template wrote more than {MAX_OUTPUT_CHARS} characters")
                 pieces.append(piece)
         except ChatTemplateError:
             raise
         except SecurityError as e:
-            raise ChatTemplateError(f"the chat template tried something the sandbox forbids: {e}") from None
+            raise ChatTemplateError(
+                f"the chat template tried something the sandbox forbids: {e}") from None
         except Exception as e:
             raise ChatTemplateError(f"the chat template failed on this conversation: "
                                     f"{type(e).__name__}: {e}") from None
@@ -300,7 +308,9 @@ BUILTIN_TEMPLATES = {
         "+ message['content'] | trim + '<|eot_id|>' %}"
         "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
         "{{ content }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+        "{% if add_generation_prompt %}"
+        "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+        "{% endif %}"
     ),
     # ChatML, as transformers' former default template
     "chatml": (

@@ -140,7 +140,8 @@ class SamplingParams:
         stop = list(stop)
         for s in stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must be a string or a list of non-empty strings, got {s!r} in it")
+                raise ValueError("stop must be a string or a list of non-empty strings, "
+                                 f"got {s!r} in it")
         return stop
 
 
@@ -198,7 +199,8 @@ class Sampler:
             raise ValueError("every token is banned (logit -inf after logit_bias): nothing to sample")
         return x
 
-    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    def distribution(self, logits: np.ndarray,
+                     history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities): what sample() draws from, after the whole chain."""
         x = self.adjusted_logits(logits, history)
         if self._greedy:

@@ -298,12 +298,17 @@ ATTACKS = [
     "{% include '/etc/passwd' %}",
     "{% import 'os' as os %}{{ os.system('touch MARKER') }}",
     "{% extends '/etc/passwd' %}",
-    "{{ range(10**9)|list }}",
+]
+
+# memory and CPU bombs: refused up front (unguarded, the first one gets a 2-core test
+# machine's process killed for want of 10 GB)
+BOMBS = [
     "{{ 'x' * 10**10 }}",
     "{{ [0] * 10**10 }}",
     "{{ 2 ** (2 ** 40) }}",
     "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
-    "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",  # output cap
+    "{{ range(10**9)|list }}",
+    "{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",  # the output cap
 ]
 
 
@@ -311,12 +316,18 @@ ATTACKS = [
 def test_hostile_templates_are_refused(attack, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     messages = [dict(m) for m in CONVERSATION]
-    t0 = time.perf_counter()
-    with pytest.raises(ChatTemplateError):
+    with pytest.raises(ChatTemplateError, match="forbids|not allowed"):
         ChatTemplate(attack).render(messages)
-    assert time.perf_counter() - t0 < 2.0
     assert not (tmp_path / "MARKER").exists()
     assert messages == CONVERSATION  # nothing changed the caller's messages
+
+
+@pytest.mark.parametrize("bomb", BOMBS)
+def test_resource_bombs_are_refused_quickly(bomb):
+    t0 = time.perf_counter()
+    with pytest.raises(ChatTemplateError, match="too large|Range too big|more than 16777216 characters"):
+        ChatTemplate(bomb).render(CONVERSATION)
+    assert time.perf_counter() - t0 < 2.0
 
 
 def test_refusals_say_why():

@@ -232,6 +232,19 @@ def test_top_p_matches_its_definition(n, scale):
         assert set(ids.tolist()) == brute_top_p(logits, p), p
 
 
+@pytest.mark.parametrize("n", [4, 64, 1000, 20_000])
+def test_top_p_boundary_is_inclusive(n):
+    """Equal logits make the running mass exact: p = 0.5 reaches 0.5 after n/2 tokens, and
+    llama.cpp stops there (`cum_sum >= p`), not one token later."""
+    ids, probs = Sampler(params(top_p=0.5), n).distribution(np.zeros(n, np.float32))
+    assert ids.size == n // 2 and np.allclose(probs, 2 / n)
+    # the same when the 1024 largest of a large vocabulary hold all the mass
+    logits = np.full(50_000, -1000.0, np.float32)  # exp() underflows to exactly 0
+    logits[:n] = 0.0
+    ids, _ = Sampler(params(top_p=0.5), logits.size).distribution(logits)
+    assert ids.size == n // 2
+
+
 @pytest.mark.parametrize("min_p, kept", [(0.3, 3), (0.25, 4), (0.9, 1), (0.05, 7)])
 def test_min_p_threshold(min_p, kept):
     # threshold = min_p * 0.35: 0.105 keeps 0.35 0.25 0.15; 0.0875 also keeps 0.10
@@ -331,6 +344,16 @@ def test_prefix_index_matches_a_plain_cumulative_sum(seed, n, fraction, side):
     if i:
         before = run[i - 1]
         assert (before < target + tol) if side == "left" else (before <= target + tol)
+
+
+@pytest.mark.parametrize("n", [100, 8192])
+def test_prefix_index_at_exact_boundaries(n):
+    w = np.ones(n, np.float32)  # integer running sums: the half-way mark is hit exactly
+    assert _prefix_index(w, 0.5, "left") == n // 2 - 1  # the sum reaches n/2 there
+    assert _prefix_index(w, 0.5, "right") == n // 2  # and first exceeds it one later
+    assert _prefix_index(w, 0.0, "right") == 0
+    w[:10] = 0
+    assert _prefix_index(w, 0.0, "left") == 10  # never a zero weight
 
 
 def test_seed_reproduces_and_different_seeds_differ():
