@@ -160,7 +160,8 @@ class TextGeneration:
         self.finish_reason: str | None = None
 
     def _next_token(self, logits: np.ndarray) -> int:
-        return self.sampler.sample(logits, self.prompt_tokens + self.tokens)
+        # the engine's cached tokens are exactly the prompt and what was generated so far
+        return self.sampler.sample(logits, self.engine.tokens)
 
     def __iter__(self) -> Iterator[str]:
         engine, params = self.engine, self.params
