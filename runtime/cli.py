@@ -9,7 +9,9 @@ file that is not a GGUF) gets one line on stderr and exit code 1, never a traceb
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +20,6 @@ import click
 import numpy as np
 
 from runtime.gguf import GGUFError, GGUFFile, StringArray
-
-# What the user gets when they ask for something this build cannot do yet.
-NOT_BUILT_YET = ("nothing to do: pass -p PROMPT to continue a text, --chat to chat, or --info; "
-                 "serving a chat page is not built yet")
 
 
 class UserError(click.ClickException):
@@ -53,10 +51,27 @@ class UserError(click.ClickException):
 @click.option("-c", "--ctx-size", type=int, default=0, show_default=True, metavar="N",
               help="Context size in tokens (0: the model's, at most 4096).")
 @click.option("-t", "--threads", type=int, default=0, metavar="N", help="CPU threads (default: all cores).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on. Anything but loopback exposes the model to your network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to serve on; when taken, the next free one of the following 9 is used.")
+@click.option("--api-key", metavar="KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on the API (the page and /health stay open).")
+@click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
+@click.option("--cors", metavar="ORIGIN", default=None,
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
+              help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
+                   "in the order they come (the others wait in a queue).")
 def main(model: str | None, info: bool, prompt: str | None, chat: bool, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
-         threads: int) -> None:
-    """Run a GGUF language model on this computer, offline."""
+         threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
+         cors: str | None, parallel: int) -> None:
+    """Run a GGUF language model on this computer, offline.
+
+    Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
+    (/v1/chat/completions, /v1/completions, /v1/models) on http://127.0.0.1:8080/.
+    """
     if model is None:
         raise UserError("no model given; pass -m MODEL.gguf (see --help)", exit_code=2)
     with open_model(model) as gguf:
@@ -64,7 +79,9 @@ def main(model: str | None, info: bool, prompt: str | None, chat: bool, n_predic
             click.echo(describe(gguf, model))
             return
         if prompt is None and not chat:
-            raise UserError(NOT_BUILT_YET, exit_code=2)
+            serve(gguf, model, ctx_size, threads, host=host, port=port, api_key=api_key,
+                  open_browser=not nobrowser, cors=cors, parallel=parallel)
+            return
         from runtime.sampling import SamplingParams
 
         try:
@@ -114,6 +131,87 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
     click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
                f"KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", err=True)
     return Session(engine, tokenizer, gguf)
+
+
+def model_name(gguf: GGUFFile, path: str) -> str:
+    """The model's id in the API: its general.name, else the file's name without .gguf."""
+    name = gguf.get("general.name")
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    base = os.path.basename(path)
+    return base[:-5] if base.lower().endswith(".gguf") else base
+
+
+def has_display() -> bool:
+    """Whether a browser could show a window here (Linux needs X11 or Wayland)."""
+    if sys.platform.startswith("linux") or "bsd" in sys.platform:
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def serve(gguf: GGUFFile, path: str, ctx_size: int, threads: int, *, host: str, port: int,
+          api_key: str | None, open_browser: bool, cors: str | None, parallel: int) -> None:
+    """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
+    from runtime.server import EngineWorker, ModelServer, bind_server
+
+    missing = unsupported_types(quantization_mix(gguf))
+    if missing:  # known before loading: say it before serving anything
+        raise UserError("this build cannot run the model: it has no kernels for "
+                        + ", ".join(s.name for s in missing))
+    failure: list[BaseException] = []
+    server_box: list[ModelServer] = []
+
+    def load() -> Session:
+        return load_session(gguf, ctx_size, threads)
+
+    def on_failure(error: BaseException) -> None:
+        failure.append(error)
+        if server_box:
+            threading.Thread(target=server_box[0].shutdown, daemon=True).start()
+
+    worker = EngineWorker(load, on_failure)
+    name = model_name(gguf, path)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    try:
+        server = bind_server(host, port, lambda address: ModelServer(
+            address, worker, name, api_key=api_key, cors_origin=cors), say=say)
+    except OSError as e:
+        raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
+    server_box.append(server)
+    if parallel > 1:
+        say(f"--parallel {parallel}: requests are answered one at a time; the others wait in a queue")
+    shown_host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+    url = f"http://{shown_host}:{server.port}/"
+    worker.start()
+    click.echo(f"modelrun: serving {name} at {url} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+        say(f"warning: listening on {host}: other machines can reach this server"
+            + ("" if api_key else " (no --api-key set)"))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    if open_browser and has_display():
+        import webbrowser
+
+        threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        say("stopping")
+    finally:
+        server.server_close()
+        worker.stop(timeout=5.0)
+    if failure:
+        error = failure[0]
+        if isinstance(error, UserError):
+            raise error
+        raise UserError(f"the model failed to load: {type(error).__name__}: {error}")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def generate_text(session: Session, prompt_tokens: list[int], params) -> str:

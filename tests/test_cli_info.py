@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as VT
 
-from runtime.cli import NOT_BUILT_YET, main
+from runtime.cli import main
 from runtime.gguf import GGUFFile
 from runtime.kernels import SUPPORTED_TYPES
 
@@ -165,11 +165,12 @@ def test_bad_files_get_one_clear_line(bad_files):
             assert "Traceback" not in result.output
 
 
-def test_without_an_action_says_generation_is_not_built(tmp_path, write_gguf):
+def test_without_an_action_it_serves_and_a_model_that_cannot_load_is_one_line(tmp_path, write_gguf):
     path = write_gguf(tmp_path / "ok.gguf", lambda w: _synthetic(w, unsupported=False))
-    result = run("-m", str(path))
+    result = run("-m", str(path), "--port", "0", "--nobrowser")
     assert result.exit_code == 2
-    assert result.stderr == f"error: {NOT_BUILT_YET}\n" and result.stdout == ""
+    assert re.match(r"modelrun: serving Tiny Test at http://127\.0\.0\.1:\d+/ ", result.stdout)
+    assert result.stderr == "error: BPE tokenizer without tokenizer.ggml.merges\n"
     result = run("--info")
     assert result.exit_code == 2 and result.stderr.startswith("error: no model given; pass -m")
 
