@@ -73,6 +73,13 @@ def _raw_bytes(raw: np.ndarray, need: int, what: str) -> np.ndarray:
     return raw
 
 
+def _matrix(raw: np.ndarray, qtype: int | str, rows: int, cols: int) -> tuple[GGMLType, int, np.ndarray]:
+    """(type, bytes per row, raw checked to hold the whole matrix)."""
+    t = supported_type(qtype)
+    row_bytes = t.row_bytes(cols)
+    return t, row_bytes, _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
+
+
 def _vector(x: np.ndarray, length: int, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] != length:
@@ -97,9 +104,7 @@ def matvec(raw: np.ndarray, qtype: int | str, rows: int, cols: int, x: np.ndarra
     """W @ x for the rows x cols matrix W stored in `raw` (GGUF layout: row after row)."""
     from .dispatch import matvec_kernel
 
-    t = supported_type(qtype)
-    row_bytes = t.row_bytes(cols)
-    raw = _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
+    t, row_bytes, raw = _matrix(raw, qtype, rows, cols)
     x = _vector(x, cols, "x")
     if x.ndim != 1:
         raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
@@ -114,9 +119,7 @@ def matmul(raw: np.ndarray, qtype: int | str, rows: int, cols: int, X: np.ndarra
     """X @ W.T for a batch X of n vectors: float32[n, rows]."""
     from .dispatch import matmul_kernel
 
-    t = supported_type(qtype)
-    row_bytes = t.row_bytes(cols)
-    raw = _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
+    t, row_bytes, raw = _matrix(raw, qtype, rows, cols)
     X = _vector(X, cols, "X")
     if X.ndim != 2:
         raise ValueError(f"X must be a batch of vectors [n, {cols}], got shape {X.shape}")
