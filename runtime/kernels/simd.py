@@ -53,6 +53,14 @@ def _splat_value(builder, value, vector_type):
                                   ir.Constant(ir.VectorType(_I32, n), [0] * n))
 
 
+def _horizontal_sum(builder, vector):
+    """The float32 sum of a <n x float>, in whatever order is fastest (fast-math reduction)."""
+    n = vector.type.count
+    reduce_add = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_F32, [_F32, vector.type]), f"llvm.vector.reduce.fadd.v{n}f32")
+    return builder.call(reduce_add, [ir.Constant(_F32, 0.0), vector], fastmath=("fast",))
+
+
 def _field_values(context, builder, sig, raw, a_off, a_shift, b_off, b_shift, recipe):
     """The <n x float> of v[l] - ibias for one recipe (see the module docstring)."""
     n, a_mask, signed, a_nibbles, b_kind, b_mask, b_lshift, ibias = recipe
@@ -112,11 +120,7 @@ def bits_dot(n, a_mask=0xFF, signed=False, a_nibbles=False, b_kind=None, b_mask=
             values = _field_values(context, builder, sig, raw_, a_off_, a_shift_, b_off_, b_shift_, recipe)
             xs = _load_vector(builder, _element_pointer(context, builder, sig.args[5], x_, x_off_),
                               ir.VectorType(_F32, n))
-            products = builder.fmul(values, xs, flags=("fast",))
-            reduce_add = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_F32, [_F32, ir.VectorType(_F32, n)]),
-                f"llvm.vector.reduce.fadd.v{n}f32")
-            return builder.call(reduce_add, [ir.Constant(_F32, 0.0), products], fastmath=("fast",))
+            return _horizontal_sum(builder, builder.fmul(values, xs, flags=("fast",)))
 
         return sig, codegen
 
@@ -156,10 +160,7 @@ def _sum_intrinsic(n):
         def codegen(context, builder, sig, args):
             xs = _load_vector(builder, _element_pointer(context, builder, sig.args[0], args[0], args[1]),
                               ir.VectorType(_F32, n))
-            reduce_add = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(_F32, [_F32, ir.VectorType(_F32, n)]),
-                f"llvm.vector.reduce.fadd.v{n}f32")
-            return builder.call(reduce_add, [ir.Constant(_F32, 0.0), xs], fastmath=("fast",))
+            return _horizontal_sum(builder, xs)
 
         return sig, codegen
 
