@@ -44,10 +44,12 @@
 
 from __future__ import annotations
 
+import array
 import codecs
 import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import regex
 
 __all__ = ["Tokenizer", "StreamDecoder"]
@@ -238,11 +240,12 @@ class _Vocab:
 # ---------------------------------------------------------------------------------------------
 # The merge loop both models share.
 
-def _merge_symbols(symbols: list[str], priority: dict[str, float], separator: str) -> list[str]:
+def _merge_symbols(symbols: list[str], find: Callable[[str], float | int | None],
+                   separator: str) -> list[str]:
     """Merge adjacent symbols until no pair qualifies; return the final symbols.
 
-    A pair (left, right) qualifies when priority has left + separator + right; the smallest
-    value merges first, the leftmost pair on ties (llama.cpp's order).
+    A pair (left, right) qualifies when find(left + separator + right) is not None; the
+    smallest value merges first, the leftmost pair on ties (llama.cpp's order).
     """
     n = len(symbols)
     if n < 2:
@@ -251,7 +254,6 @@ def _merge_symbols(symbols: list[str], priority: dict[str, float], separator: st
     nxt[-1] = -1
     prev = list(range(-1, n - 1))
     lengths = [len(s) for s in symbols]
-    find = priority.get
     heap = []
     for i in range(n - 1):
         key = find(symbols[i] + separator + symbols[i + 1])
@@ -292,11 +294,12 @@ class _SpmModel:
 
     _CACHE_LIMIT = 1 << 14
 
-    def __init__(self, vocab: _Vocab, scores: list[float], add_space_prefix: bool):
+    def __init__(self, vocab: _Vocab, scores: np.ndarray, add_space_prefix: bool):
         self.vocab = vocab
         self.add_space_prefix = add_space_prefix
-        # piece -> merge priority: the highest score merges first
-        self.priority = dict(zip(vocab.pieces, [-score for score in scores]))
+        # Merge priority by id (the highest score merges first), looked up through
+        # piece_to_id: a second piece-keyed dict would cost ~15 MB on a 262k vocabulary.
+        self.neg_scores = array.array("d", (-scores).tobytes())
         piece_to_id = vocab.piece_to_id
         self.byte_ids: list[int] = []
         for b in range(256):
@@ -322,6 +325,10 @@ class _SpmModel:
                 self.fragment_cache.clear()
             self.fragment_cache[text] = ids
         out.extend(ids)
+
+    def priority(self, piece: str) -> float | None:
+        tid = self.vocab.piece_to_id.get(piece)
+        return None if tid is None else self.neg_scores[tid]
 
     def _encode(self, text: str) -> list[int]:
         piece_to_id = self.vocab.piece_to_id
@@ -380,7 +387,7 @@ class _BpeModel:
             if tid is not None:
                 return [tid]
         ids = []
-        for symbol in _merge_symbols(list(chars), self.merge_ranks, " "):
+        for symbol in _merge_symbols(list(chars), self.merge_ranks.get, " "):
             tid = piece_to_id.get(symbol)
             if tid is not None:
                 ids.append(tid)
@@ -479,10 +486,11 @@ class Tokenizer:
         vocab.unknown_id = special_id("unknown")
 
         if model_name == "llama":
-            scores = _as_list(metadata.get("tokenizer.ggml.scores")) or [0.0] * n
-            if len(scores) < n:
-                raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
-            scores = scores[:n] if isinstance(scores[0], float) else [float(s) for s in scores[:n]]
+            scores = metadata.get("tokenizer.ggml.scores")
+            scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
+            if scores.ndim != 1 or len(scores) < n:
+                raise ValueError(f"tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
+            scores = scores[:n]
             model = _SpmModel(vocab, scores, flag("tokenizer.ggml.add_space_prefix", True))
             add_bos_default = True
         else:
