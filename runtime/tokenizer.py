@@ -63,6 +63,7 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 SPM_SPACE = "\u2581"  # the "lower one eighth block" SentencePiece writes for a space
+_SPM_SPACE_UTF8 = SPM_SPACE.encode()
 
 # Texts llama.cpp recognises when the metadata does not name the token (llama-vocab.cpp).
 _EOT_TEXTS = frozenset((
@@ -153,7 +154,7 @@ def _byte_to_unicode() -> dict[int, str]:
 
 _BYTE_TO_UNICODE = _byte_to_unicode()
 _UNICODE_TO_BYTE = {c: b for b, c in _BYTE_TO_UNICODE.items()}
-_LATIN1_TO_BYTE_CHARS = str.maketrans({chr(b): c for b, c in _BYTE_TO_UNICODE.items()})
+_BYTE_SYMBOLS = [_BYTE_TO_UNICODE[b].encode() for b in range(256)]  # byte -> its piece, UTF-8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,26 +168,29 @@ def _as_list(value) -> list:
     return tolist() if callable(tolist) else list(value)
 
 
-def _pieces_of(tokens) -> list[str]:
-    """Token texts. Invalid UTF-8 (a few converted vocabularies hold fragments of characters)
-    is kept byte for byte as surrogate escapes, as llama.cpp keeps raw bytes."""
-    pieces = _as_list(tokens)
-    if pieces and isinstance(pieces[0], (bytes, bytearray, memoryview)):
-        return [bytes(p).decode("utf-8", "surrogateescape") for p in pieces]
-    bytes_at = getattr(tokens, "bytes_at", None)  # runtime.gguf decodes with errors="replace"
-    if callable(bytes_at) and "\ufffd" in "".join(pieces):
-        for i, piece in enumerate(pieces):
-            if "\ufffd" in piece:
-                pieces[i] = bytes_at(i).decode("utf-8", "surrogateescape")
-    return pieces
+def _utf8(text: str) -> bytes:
+    """A piece's or a text's bytes; surrogate escapes (invalid UTF-8 kept from the GGUF, or
+    lone surrogates in user text) become the raw bytes they stand for."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _piece_bytes_of(tokens) -> list[bytes]:
+    """Every token's exact bytes, as llama.cpp keeps them (a few converted vocabularies hold
+    fragments of characters). Pieces are kept as bytes, not str: Gemma's 262k pieces are
+    mostly non-ASCII (U+2581), which costs a str twice the memory of its UTF-8."""
+    bytes_list = getattr(tokens, "bytes_list", None)  # runtime.gguf's lazy StringArray
+    if callable(bytes_list):
+        return bytes_list()
+    return [bytes(p) if isinstance(p, (bytes, bytearray, memoryview)) else _utf8(p)
+            for p in _as_list(tokens)]
 
 
 class _Vocab:
-    """Pieces, types, and the lookups every encode and decode needs."""
+    """Pieces (as bytes), types, and the lookups every encode and decode needs."""
 
     _PREFIX_LEN = 4  # characters of a special token's text that index it
 
-    def __init__(self, pieces: list[str], types: list[int]):
+    def __init__(self, pieces: list[bytes], types: list[int]):
         n = len(pieces)
         self.pieces = pieces
         self.types = types
@@ -199,9 +203,19 @@ class _Vocab:
                 seen.add(piece)
         self.unknown_id: int | None = None
 
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def text(self, tid: int) -> str:
+        """The piece of tid as text (invalid UTF-8 as surrogate escapes)."""
+        return self.pieces[tid].decode("utf-8", "surrogateescape")
+
+    def id_of(self, text: str) -> int | None:
+        return self.piece_to_id.get(_utf8(text))
+
     def find_first(self, texts: frozenset[str]) -> int | None:
         """Lowest id whose piece is one of texts."""
-        ids = [self.piece_to_id[t] for t in texts if t in self.piece_to_id]
+        ids = [tid for tid in map(self.id_of, texts) if tid is not None]
         return min(ids) if ids else None
 
     def build_special_index(self) -> None:
@@ -209,7 +223,7 @@ class _Vocab:
         special_kinds = {TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED}
         groups: dict[str, dict[str, tuple[int, int, str]]] = {}
         for tid in [i for i, kind in enumerate(self.types) if kind in special_kinds]:
-            piece = self.pieces[tid]
+            piece = self.text(tid)
             groups.setdefault(piece[:self._PREFIX_LEN], {})[piece] = (-len(piece), tid, piece)
         # prefix -> (piece -> (-length, id, piece), the lengths of those pieces)
         self.special_index = {prefix: (by_piece, sorted({len(p) for p in by_piece}))
@@ -240,8 +254,8 @@ class _Vocab:
 # ---------------------------------------------------------------------------------------------
 # The merge loop both models share.
 
-def _merge_symbols(symbols: list[str], find: Callable[[str], float | int | None],
-                   separator: str) -> list[str]:
+def _merge_symbols(symbols: list[bytes], find: Callable[[bytes], float | int | None],
+                   separator: bytes) -> list[bytes]:
     """Merge adjacent symbols until no pair qualifies; return the final symbols.
 
     A pair (left, right) qualifies when find(left + separator + right) is not None; the
@@ -300,12 +314,11 @@ class _SpmModel:
         # Merge priority by id (the highest score merges first), looked up through
         # piece_to_id: a second piece-keyed dict would cost ~15 MB on a 262k vocabulary.
         self.neg_scores = array.array("d", (-scores).tobytes())
-        piece_to_id = vocab.piece_to_id
         self.byte_ids: list[int] = []
         for b in range(256):
-            tid = piece_to_id.get(f"<0x{b:02X}>")
+            tid = vocab.id_of(f"<0x{b:02X}>")
             if tid is None and b < 0x80:
-                tid = piece_to_id.get(chr(b))
+                tid = vocab.id_of(chr(b))
             if tid is None:
                 tid = vocab.unknown_id
             if tid is None:
@@ -326,23 +339,25 @@ class _SpmModel:
             self.fragment_cache[text] = ids
         out.extend(ids)
 
-    def priority(self, piece: str) -> float | None:
+    def priority(self, piece: bytes) -> float | None:
         tid = self.vocab.piece_to_id.get(piece)
         return None if tid is None else self.neg_scores[tid]
 
     def _encode(self, text: str) -> list[int]:
         piece_to_id = self.vocab.piece_to_id
         ids = []
-        for symbol in _merge_symbols(list(text.replace(" ", SPM_SPACE)), self.priority, ""):
+        symbols = [_utf8(c) for c in text.replace(" ", SPM_SPACE)]
+        for symbol in _merge_symbols(symbols, self.priority, b""):
             tid = piece_to_id.get(symbol)
             if tid is not None:
                 ids.append(tid)
             else:  # a character outside the vocabulary: one token per UTF-8 byte
-                ids.extend(self.byte_ids[b] for b in symbol.encode("utf-8", "surrogatepass"))
+                utf8 = symbol.decode("utf-8", "surrogateescape").encode("utf-8", "surrogatepass")
+                ids.extend(self.byte_ids[b] for b in utf8)
         return ids
 
-    def normal_piece(self, text: str) -> bytes:
-        return text.replace(SPM_SPACE, " ").encode("utf-8", "surrogateescape")
+    def normal_piece(self, piece: bytes) -> bytes:
+        return piece.replace(_SPM_SPACE_UTF8, b" ")
 
 
 class _BpeModel:
@@ -380,20 +395,20 @@ class _BpeModel:
 
     def encode_word(self, word: str) -> list[int]:
         piece_to_id = self.vocab.piece_to_id
-        chars = word.encode("utf-8", "surrogatepass").decode("latin-1")
-        chars = chars.translate(_LATIN1_TO_BYTE_CHARS)
+        symbols = [_BYTE_SYMBOLS[b] for b in word.encode("utf-8", "surrogatepass")]
         if self.pre.ignore_merges:
-            tid = piece_to_id.get(chars)
+            tid = piece_to_id.get(b"".join(symbols))
             if tid is not None:
                 return [tid]
         ids = []
-        for symbol in _merge_symbols(list(chars), self.merge_ranks.get, " "):
+        for symbol in _merge_symbols(symbols, self.merge_ranks.get, b" "):
             tid = piece_to_id.get(symbol)
             if tid is not None:
                 ids.append(tid)
             else:  # merged but not a piece (inconsistent merges): llama.cpp looks up each
                 # UTF-8 byte as a one-byte piece, which only ASCII characters can match
-                ids.extend(piece_to_id[c] for c in symbol if c < "\x80" and c in piece_to_id)
+                ids.extend(piece_to_id[c] for c in (symbol[i:i + 1] for i in range(len(symbol)))
+                           if c[0] < 0x80 and c in piece_to_id)
         return ids
 
     def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
@@ -407,7 +422,8 @@ class _BpeModel:
                 cache[word] = ids
             out.extend(ids)
 
-    def normal_piece(self, text: str) -> bytes:
+    def normal_piece(self, piece: bytes) -> bytes:
+        text = piece.decode("utf-8", "surrogateescape")
         try:
             return bytes(_UNICODE_TO_BYTE[c] for c in text)
         except KeyError:  # a character outside the byte table: keep it as UTF-8
@@ -456,12 +472,12 @@ class Tokenizer:
             raise ValueError(
                 f"unsupported tokenizer model {model_name!r} (tokenizer.ggml.model); "
                 "modelrun supports 'llama' (SentencePiece/SPM) and 'gpt2' (byte-level BPE)")
-        pieces = _pieces_of(metadata.get("tokenizer.ggml.tokens"))
+        pieces = _piece_bytes_of(metadata.get("tokenizer.ggml.tokens"))
         if not pieces:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
         n = len(pieces)
-        if "" in pieces:  # llama.cpp renames empty pieces so they cannot match
-            pieces = [piece or f"[EMPTY_{i}]" for i, piece in enumerate(pieces)]
+        if b"" in pieces:  # llama.cpp renames empty pieces so they cannot match
+            pieces = [piece or f"[EMPTY_{i}]".encode() for i, piece in enumerate(pieces)]
         types = _as_list(metadata.get("tokenizer.ggml.token_type")) or [TOKEN_NORMAL] * n
         if len(types) < n:
             raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
@@ -500,7 +516,7 @@ class Tokenizer:
                 raise ValueError(
                     f"unsupported BPE pre-tokenizer {pre_name!r} (tokenizer.ggml.pre); known: "
                     + ", ".join(sorted(_PRE_TOKENIZERS)))
-            merges = _as_list(metadata.get("tokenizer.ggml.merges"))
+            merges = _piece_bytes_of(metadata.get("tokenizer.ggml.merges"))
             if not merges:
                 raise ValueError("BPE tokenizer without tokenizer.ggml.merges")
             model = _BpeModel(vocab, merges, pre)
@@ -526,7 +542,7 @@ class Tokenizer:
         Tokens recognised by text become control tokens (llama.cpp does the same), so they are
         parsed only with parse_special and hidden from plain decoding.
         """
-        n = len(vocab.pieces)
+        n = len(vocab)
         types = vocab.types
 
         def make_control(tid: int | None) -> None:
@@ -549,18 +565,18 @@ class Tokenizer:
             if tid is not None:
                 eog.add(tid)
         for text in _EOG_TEXTS:
-            tid = vocab.piece_to_id.get(text)
+            tid = vocab.id_of(text)
             if tid is not None:
                 eog.add(tid)
                 make_control(tid)
         for text in _ALWAYS_RENDERED_TEXTS:
-            tid = vocab.piece_to_id.get(text)
+            tid = vocab.id_of(text)
             if tid is not None:
                 types[tid] = TOKEN_USER_DEFINED
         eog.update(tid for tid in (eos_id, eot_id, eom_id) if tid is not None)
 
         def eog_id_of(*texts: str) -> int | None:
-            ids = [vocab.piece_to_id.get(t) for t in texts]
+            ids = [vocab.id_of(t) for t in texts]
             return next((tid for tid in ids if tid in eog), None)
 
         # Harmony (gpt-oss) and solar-open: <|end|> ends a message, not the generation.
@@ -580,7 +596,7 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self._vocab.pieces)
+        return len(self._vocab)
 
     @property
     def bos_id(self) -> int | None:
@@ -597,7 +613,7 @@ class Tokenizer:
 
     def token_id(self, piece: str) -> int | None:
         """The id of a vocabulary piece, written as in the GGUF (e.g. '<end_of_turn>')."""
-        return self._vocab.piece_to_id.get(piece)
+        return self._vocab.id_of(piece)
 
     def is_control(self, token_id: int) -> bool:
         """Control and unknown tokens: hidden by decode unless asked for."""
@@ -648,20 +664,20 @@ class Tokenizer:
         """The bytes token_id stands for. Control/unknown tokens give their text only when
         special is true (llama.cpp's token_to_piece); pieces may be partial UTF-8."""
         vocab = self._vocab
-        if not 0 <= token_id < len(vocab.pieces):
-            raise IndexError(f"token id {token_id} out of range (vocab size {len(vocab.pieces)})")
+        if not 0 <= token_id < len(vocab):
+            raise IndexError(f"token id {token_id} out of range (vocab size {len(vocab)})")
         kind = vocab.types[token_id]
         if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN) and not special:
             return b""
         piece = self._pieces_cache.get(token_id)
         if piece is None:
-            text = vocab.pieces[token_id]
+            raw = vocab.pieces[token_id]
             if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
-                piece = text.encode("utf-8", "surrogateescape")
+                piece = raw
             elif kind == TOKEN_NORMAL:
-                piece = self._model.normal_piece(text)
+                piece = self._model.normal_piece(raw)
             elif kind == TOKEN_BYTE:
-                piece = bytes((int(text[3:5], 16),))
+                piece = bytes((int(raw[3:5], 16),))
             else:  # unused and unknown types render as nothing, as in llama.cpp
                 piece = b""
             self._pieces_cache[token_id] = piece
