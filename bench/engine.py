@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.common import read_bandwidth  # noqa: E402
-from runtime.engine import Engine  # noqa: E402
+from runtime.cli import load_session  # noqa: E402
 from runtime.gguf import GGUFFile  # noqa: E402
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
@@ -123,12 +123,11 @@ def main():
 
     path = args.model or default_model()
     gguf = GGUFFile(path)
-    from runtime.tokenizer import Tokenizer
-
-    tok = Tokenizer.from_metadata(gguf.metadata)
-    ids = tok.encode(TEXT * (1 + 4 * args.prompt_tokens // len(TEXT)))
+    # the runtime's own loading path, so that the memory figure is the runtime's
+    session = load_session(gguf, args.prompt_tokens + args.gen_tokens + 8, threads=0)
+    engine = session.engine
+    ids = session.tokenizer.encode(TEXT * (1 + 4 * args.prompt_tokens // len(TEXT)))
     prompt = ids[:args.prompt_tokens]
-    engine = Engine.from_gguf(gguf, n_ctx=args.prompt_tokens + args.gen_tokens + 8)
     per_token = weight_bytes_per_token(gguf)
     other = llamacpp_python(args.llamacpp_python)
 

@@ -108,7 +108,7 @@ class Session:
 
 def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
     """The model ready to run, or a UserError naming what this build cannot run."""
-    from runtime.engine import Engine
+    from runtime.engine import Engine, return_freed_memory
     from runtime.ggml_types import UnsupportedTypeError
     from runtime.model import UnsupportedModelError
     from runtime.tokenizer import Tokenizer
@@ -128,6 +128,7 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
         raise UserError(f"this build cannot run the model: {e}") from None
     except ValueError as e:
         raise UserError(f"{e}", exit_code=2) from None
+    return_freed_memory()
     click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
                f"KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", err=True)
     return Session(engine, tokenizer, gguf)

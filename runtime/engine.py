@@ -7,6 +7,7 @@ follow-up turn of a chat only computes the tokens after the shared prefix.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -16,6 +17,16 @@ from runtime.model import KVCache, Transformer, load_model
 
 DEFAULT_N_CTX = 4096
 PREFILL_CHUNK = 256  # tokens per matmul batch: big enough to reuse each decoded weight row
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed since the last call back to the OS. glibc keeps freed heap (and,
+    having seen a big block freed, serves later big blocks from the heap too), so without
+    this a process holds its largest prefill's activations for good. No-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class ContextOverflowError(ValueError):
@@ -72,6 +83,8 @@ class Engine:
             self.n_computed += len(chunk)
         self.stats["prefill_tokens"] += len(tokens)
         self.stats["prefill_s"] += time.perf_counter() - t0
+        if len(tokens) > 1:
+            return_freed_memory()  # the batch's activations (~18 MB for 512 tokens on Gemma)
         return logits
 
     def decode(self, token: int) -> np.ndarray:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import array
 import codecs
 import heapq
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -185,6 +186,38 @@ def _piece_bytes_of(tokens) -> list[bytes]:
             for p in _as_list(tokens)]
 
 
+class _PieceIndex:
+    """Piece bytes -> id, by binary search over the sorted pieces.
+
+    A dict answers ~5x faster, but on Gemma's 262k pieces it costs ~19 MB more (its table,
+    and an int object per id); encoding is per request, never on the per-token path.
+    """
+
+    __slots__ = ("_keys", "_ids")
+
+    def __init__(self, pieces: list[bytes]):
+        order = sorted(range(len(pieces)), key=pieces.__getitem__)
+        self._keys = [pieces[i] for i in order]
+        self._ids = array.array("l", order)
+        for a, b in zip(order, order[1:]):
+            if pieces[a] == pieces[b]:
+                raise ValueError(f"duplicate token in vocabulary: {pieces[b]!r} (ids {a} and {b})")
+
+    def get(self, piece: bytes) -> int | None:
+        keys = self._keys
+        i = bisect_left(keys, piece)
+        return self._ids[i] if i < len(keys) and keys[i] == piece else None
+
+    def __contains__(self, piece: bytes) -> bool:
+        return self.get(piece) is not None
+
+    def __getitem__(self, piece: bytes) -> int:
+        tid = self.get(piece)
+        if tid is None:
+            raise KeyError(piece)
+        return tid
+
+
 class _Vocab:
     """Pieces (as bytes), types, and the lookups every encode and decode needs."""
 
@@ -194,13 +227,7 @@ class _Vocab:
         n = len(pieces)
         self.pieces = pieces
         self.types = types
-        self.piece_to_id = dict(zip(pieces, range(n)))
-        if len(self.piece_to_id) != n:
-            seen = set()
-            for tid, piece in enumerate(pieces):
-                if piece in seen:
-                    raise ValueError(f"duplicate token in vocabulary: {piece!r} (id {tid})")
-                seen.add(piece)
+        self.piece_to_id = _PieceIndex(pieces)
         self.unknown_id: int | None = None
 
     def __len__(self) -> int:
@@ -312,7 +339,7 @@ class _SpmModel:
         self.vocab = vocab
         self.add_space_prefix = add_space_prefix
         # Merge priority by id (the highest score merges first), looked up through
-        # piece_to_id: a second piece-keyed dict would cost ~15 MB on a 262k vocabulary.
+        # piece_to_id: a second piece-keyed table would cost memory on a 262k vocabulary.
         self.neg_scores = array.array("d", (-scores).tobytes())
         self.byte_ids: list[int] = []
         for b in range(256):
