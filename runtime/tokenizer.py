@@ -48,6 +48,7 @@ import array
 import codecs
 import heapq
 from bisect import bisect_left
+from operator import eq, itemgetter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -196,12 +197,22 @@ class _PieceIndex:
     __slots__ = ("_keys", "_ids")
 
     def __init__(self, pieces: list[bytes]):
-        order = sorted(range(len(pieces)), key=pieces.__getitem__)
-        self._keys = [pieces[i] for i in order]
-        self._ids = array.array("l", order)
-        for a, b in zip(order, order[1:]):
-            if pieces[a] == pieces[b]:
-                raise ValueError(f"duplicate token in vocabulary: {pieces[b]!r} (ids {a} and {b})")
+        order = self._sorted_order(pieces)
+        self._keys = keys = list(itemgetter(*order)(pieces)) if len(order) > 1 else [pieces[0]]
+        self._ids = array.array("l", order.tobytes())
+        if any(map(eq, keys, keys[1:])):
+            i = next(i for i in range(len(keys) - 1) if keys[i] == keys[i + 1])
+            raise ValueError(f"duplicate token in vocabulary: {keys[i]!r} "
+                             f"(ids {order[i]} and {order[i + 1]})")
+
+    @staticmethod
+    def _sorted_order(pieces: list[bytes]) -> np.ndarray:
+        """Ids in the byte order of their pieces. NumPy sorts fixed-width bytes twice as
+        fast as sorted(), but pads with NULs: pieces ending in NUL take the slow way."""
+        fixed = np.array(pieces, dtype=bytes)
+        if np.array_equal(np.char.str_len(fixed), np.fromiter(map(len, pieces), np.int64, len(pieces))):
+            return np.argsort(fixed, kind="stable").astype(np.int64)
+        return np.array(sorted(range(len(pieces)), key=pieces.__getitem__), np.int64)
 
     def get(self, piece: bytes) -> int | None:
         keys = self._keys
