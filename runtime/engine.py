@@ -13,10 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from runtime.hparams import DEFAULT_N_CTX, PREFILL_CHUNK, default_n_ctx  # noqa: F401 (in hparams for runtime.memory)
 from runtime.model import KVCache, Transformer, load_model
-
-DEFAULT_N_CTX = 4096
-PREFILL_CHUNK = 256  # tokens per matmul batch: big enough to reuse each decoded weight row
 
 
 def return_freed_memory() -> None:
@@ -39,7 +37,7 @@ class Engine:
     def __init__(self, model: Transformer, n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         train_ctx = model.hp.n_ctx_train
-        self.n_ctx = min(train_ctx, DEFAULT_N_CTX) if n_ctx is None else int(n_ctx)
+        self.n_ctx = default_n_ctx(train_ctx) if n_ctx is None else int(n_ctx)
         if not 0 < self.n_ctx <= train_ctx:
             raise ValueError(f"n_ctx {self.n_ctx} must be between 1 and the model's context {train_ctx}")
         self.cache = KVCache(model.hp, self.n_ctx)
@@ -86,6 +84,34 @@ class Engine:
         if len(tokens) > 1:
             return_freed_memory()  # the batch's activations (~18 MB for 512 tokens on Gemma)
         return logits
+
+    def prefill_logits(self, tokens: Iterable[int], start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Append tokens like prefill, yielding the logits of every token from index `start`
+        on, one batch at a time, as (i, float32[k, n_vocab]): row j is the distribution of
+        the token that follows tokens[i + j].
+
+        For scoring a text (perplexity): a batch at a time, so a big vocabulary never holds
+        every position's logits at once; and batches break at `start`, so the tokens before
+        it cost no output projection.
+        """
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("prefill_logits needs at least one token")
+        self.check_fits(len(self.tokens) + len(tokens), "text")
+        start = min(max(int(start), 0), len(tokens))
+        step = self.prefill_chunk
+        bounds = [*range(0, start, step), *range(start, len(tokens), step), len(tokens)]
+        for a, b in zip(bounds, bounds[1:]):
+            chunk = tokens[a:b]
+            t0 = time.perf_counter()
+            logits = self.model.forward(np.array(chunk), len(self.tokens), self.cache,
+                                        all_logits=a >= start)
+            self.tokens.extend(chunk)
+            self.n_computed += len(chunk)
+            self.stats["prefill_tokens"] += len(chunk)
+            self.stats["prefill_s"] += time.perf_counter() - t0
+            if a >= start:
+                yield a, logits
 
     def decode(self, token: int) -> np.ndarray:
         """Append one token through matvec; its logits."""

@@ -27,84 +27,8 @@ import numpy as np
 
 from runtime import kernels
 from runtime.ggml_types import GGMLType, UnsupportedTypeError
+from runtime.hparams import KV_CACHE_DTYPE, HParams, UnsupportedModelError, kv_cache_shapes  # noqa: F401
 from runtime.kernels import ops
-
-
-class UnsupportedModelError(ValueError):
-    """A GGUF file this build cannot run: unknown architecture, missing tensor, bad shape."""
-
-
-@dataclass(frozen=True)
-class HParams:
-    """The numbers that shape the network, from the GGUF metadata `{arch}.*` keys."""
-
-    arch: str
-    n_vocab: int
-    n_ctx_train: int  # context_length the model was trained for
-    n_embd: int
-    n_layer: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int  # of queries and keys (attention.key_length)
-    head_dim_v: int  # of values (attention.value_length)
-    n_rot: int  # leading dimensions of each head that RoPE rotates
-    rms_eps: float
-    rope_base: float
-    rope_scale: float  # multiplies every rotation speed: 1 / rope.scaling.factor when linear
-    sliding_window: int  # 0: none
-    final_logit_softcap: float  # 0: none
-
-    @classmethod
-    def from_metadata(cls, md: dict, n_vocab: int) -> "HParams":
-        arch = str(md["general.architecture"])
-
-        def get(key, default=None):
-            full = f"{arch}.{key}"
-            if full in md:
-                return md[full]
-            if default is None:
-                raise UnsupportedModelError(f"{arch} model has no metadata key {full!r}")
-            return default
-
-        n_embd = int(get("embedding_length"))
-        n_head = int(_scalar(get("attention.head_count")))
-        n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
-        head_dim = int(get("attention.key_length", n_embd // n_head))
-        scaling = str(get("rope.scaling.type", "none"))
-        factor = float(get("rope.scaling.factor", 1.0))
-        # llama3-style scaling needs no type: it comes as the rope_freqs tensor
-        if scaling not in ("none", "linear"):
-            raise UnsupportedModelError(f"RoPE scaling type {scaling!r} is not supported")
-        rope_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
-        return cls(
-            arch=arch,
-            n_vocab=n_vocab,
-            n_ctx_train=int(get("context_length")),
-            n_embd=n_embd,
-            n_layer=int(get("block_count")),
-            n_ff=int(_scalar(get("feed_forward_length"))),
-            n_head=n_head,
-            n_head_kv=n_head_kv,
-            head_dim=head_dim,
-            head_dim_v=int(get("attention.value_length", head_dim)),
-            n_rot=int(get("rope.dimension_count", head_dim)),
-            rms_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_base=float(get("rope.freq_base", 10000.0)),
-            rope_scale=rope_scale,
-            sliding_window=int(get("attention.sliding_window", 0)),
-            final_logit_softcap=float(get("final_logit_softcapping", 0.0)),
-        )
-
-
-def _scalar(value):
-    """Per-layer arrays (head counts, ff lengths) must be uniform here; take the one value."""
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        return arr.item()
-    if arr.size and np.all(arr == arr.flat[0]):
-        return arr.flat[0].item()
-    raise UnsupportedModelError(f"per-layer hyperparameters {arr.tolist()} are not supported")
 
 
 class Matrix:
@@ -168,8 +92,9 @@ class KVCache:
 
     def __init__(self, hp: HParams, n_ctx: int):
         self.n_ctx = n_ctx
-        self.k = np.zeros((hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim), np.float32)
-        self.v = np.zeros((hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim_v), np.float32)
+        k_shape, v_shape = kv_cache_shapes(hp, n_ctx)
+        self.k = np.zeros(k_shape, KV_CACHE_DTYPE)
+        self.v = np.zeros(v_shape, KV_CACHE_DTYPE)
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,141 @@
+"""Will it fit: the memory a model needs at a context size, against what this machine has.
+
+The estimate is the sum of
+- the weights: the tensor data of the GGUF file, memory-mapped; a forward pass reads every
+  matrix, so all of it ends up resident (as page cache that the process maps);
+- the KV cache: the engine's own formula (runtime.hparams.kv_cache_bytes), all of it, as a
+  conversation that fills the context touches every position;
+- working memory: the Python runtime with NumPy, Numba and the loaded kernels (a constant),
+  the tokenizer (in proportion to the vocabulary), and one prefill batch's activations and
+  the logits (from the model's shapes).
+
+The constants were measured with this runtime (peak RSS, /proc/self/status VmHWM) with
+kernels from a warm cache: a tiny synthetic model for the runtime constant, Gemma 3 270M
+(262,144-token vocabulary) for the tokenizer. Real `-p` runs of Gemma whose prompt fills
+the context peaked 1.9%, 1.5% and 1.0% below the estimate at contexts 512, 1024 and 4096
+(474, 494 and 609 MB), and differed by the KV cache alone (tests/test_memory.py). The
+tokenizer's share of a BPE model (merges as well as pieces) is extrapolated from Gemma's
+SentencePiece one. Running the kernels' first compile (cold cache) peaks higher, and
+--perplexity holds a batch of logits more (256 x the vocabulary, float32).
+Imports no kernels (and no Numba), so --info stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.hparams import PREFILL_CHUNK, HParams, default_n_ctx, kv_cache_bytes
+
+MEMINFO = "/proc/meminfo"
+MiB = 1 << 20
+RUNTIME_BYTES = 157 * MiB  # Python, NumPy, Numba, click and the loaded kernels (tiny model)
+TOKENIZER_BYTES_PER_TOKEN = 156  # vocabulary, merge ranks, index and metadata pages (Gemma)
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a model needs at a context size, by what they hold."""
+
+    n_ctx: int
+    weights: int
+    kv_cache: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+
+def model_hparams(gguf) -> HParams:
+    """The model's shapes from its header (raises UnsupportedModelError or KeyError when the
+    metadata lacks them)."""
+    embd = gguf.tensors.get("token_embd.weight")
+    if embd is None or len(embd.shape) != 2:
+        raise KeyError("token_embd.weight")
+    return HParams.from_metadata(gguf.metadata, n_vocab=int(embd.shape[1]))
+
+
+def estimate(gguf, n_ctx: int | None = None) -> MemoryEstimate:
+    """What running the model at n_ctx (default: the engine's default context) takes."""
+    hp = model_hparams(gguf)
+    n_ctx = default_n_ctx(hp.n_ctx_train) if not n_ctx else int(n_ctx)
+    if not 0 < n_ctx <= hp.n_ctx_train:
+        raise ValueError(f"context {n_ctx} is outside the model's 1..{hp.n_ctx_train}")
+    weights = sum(t.n_bytes for t in gguf.tensors.values())
+    return MemoryEstimate(n_ctx=n_ctx, weights=weights, kv_cache=kv_cache_bytes(hp, n_ctx),
+                          working=working_bytes(hp))
+
+
+def working_bytes(hp: HParams) -> int:
+    """Runtime, tokenizer, and the largest transient arrays: one prefill batch's
+    activations (residual, norm, q/k/v, attention output, gate/up) and a few logit rows."""
+    q_dim = hp.n_head * hp.head_dim
+    kv_dim = hp.n_head_kv * (hp.head_dim + hp.head_dim_v)
+    per_token = 3 * hp.n_embd + 2 * q_dim + kv_dim + 2 * hp.n_ff
+    activations = FLOAT_BYTES * (PREFILL_CHUNK * per_token + 3 * hp.n_vocab)
+    return RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * hp.n_vocab + activations
+
+
+def available_bytes(meminfo: str | None = None) -> int | None:
+    """MemAvailable of this machine (what can be allocated without swapping), or None when
+    it cannot be read (not Linux, or a kernel without the field)."""
+    try:
+        with open(meminfo or MEMINFO) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    fields = line.split()
+                    return int(fields[1]) * 1024 if fields[2:3] == ["kB"] else int(fields[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def largest_context(gguf, budget: int, step: int = 256) -> int | None:
+    """The largest context (a multiple of `step`, at most the model's) whose estimate fits
+    `budget` bytes, or None when not even `step` tokens fit."""
+    hp = model_hparams(gguf)
+    step = min(step, hp.n_ctx_train)
+    base = estimate(gguf, step)
+    if base.total > budget:
+        return None
+    per_token = kv_cache_bytes(hp, step) / step
+    n = int((budget - base.weights - base.working) // per_token) // step * step
+    return max(step, min(n, hp.n_ctx_train))
+
+
+def fit_line(gguf, n_ctx: int | None = None, available: int | None = None) -> str:
+    """--info's line: "needs ~0.6 GB at 4096 context; this machine has 23.1 GB available"."""
+    est = estimate(gguf, n_ctx)
+    text = f"needs ~{human(est.total)} at {est.n_ctx} context"
+    if available is None:
+        return text + "; this machine's available memory is unknown"
+    text += f"; this machine has {human(available)} available"
+    if est.total > available:
+        text += " — too little: " + _smaller(gguf, available)
+    return text
+
+
+def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None) -> str | None:
+    """The warning to print before loading a model that will not fit, else None."""
+    if available is None:
+        return None
+    est = estimate(gguf, n_ctx)
+    if est.total <= available:
+        return None
+    return (f"warning: the model needs ~{human(est.total)} at {est.n_ctx} context (weights "
+            f"{human(est.weights)}, KV cache {human(est.kv_cache)}) but this machine has "
+            f"{human(available)} available; it may swap or be killed. " + _smaller(gguf, available))
+
+
+def _smaller(gguf, available: int) -> str:
+    n = largest_context(gguf, available)
+    if n is None:
+        return "Use a smaller quantization of the model (fewer bits per weight) or a smaller model"
+    return (f"Use -c {n} (needs ~{human(estimate(gguf, n).total)}) or a smaller quantization "
+            f"of the model")
+
+
+def human(n: float) -> str:
+    """Bytes in decimal GB or MB, rounded for a person to read."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
