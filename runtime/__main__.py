@@ -1,6 +1,34 @@
-"""`python -m runtime ...`: the same as `./model.run ...`."""
+"""`python -m runtime ...`: the same as `./model.run ...` (and the frozen runtime's entry).
 
-from runtime.cli import main
+The CPU tier is chosen first, before anything imports numba (runtime.cpu says why).
+"""
+
+import os
+import sys
+
+
+def main() -> None:
+    from runtime import cpu
+
+    try:
+        cpu.select_tier()
+    except cpu.CpuTierError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if getattr(sys, "frozen", False):
+        # The frozen build ships only numba's workqueue threading layer (no OpenMP/TBB
+        # library to depend on); it must not be entered from two threads at once, which
+        # the engine's single thread guarantees.
+        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+    job = os.environ.pop("MODELRUN_PRECOMPILE", None)
+    if job:  # a hidden entry for bundler/payload.py, not a user option
+        from runtime import precompile
+
+        sys.exit(precompile.main(job))
+    from runtime.cli import main as cli_main
+
+    cli_main()
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ reading a model's header, `--info`, stays fast.
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
 import os
 import sys
 from pathlib import Path
@@ -29,22 +30,82 @@ SUPPORTED_TYPES = frozenset({
 })
 
 
-def _configure_numba_cache() -> None:
-    """Cache compiled kernels under a key of all kernel sources.
+# The frozen runtime (bundler/payload.py) ships its compiled kernels in the onedir beside
+# the executable: BUILD_ID_FILE names the build, KERNEL_CACHE_FOLDER holds <build id>/<tier>/.
+BUILD_ID_FILE = "build_id"
+KERNEL_CACHE_FOLDER = "kernel-cache"
 
-    Numba keys a cached function on its own file only, yet inlines the kernels it calls
-    from other files: editing kquants.py would leave dispatch.py's cache stale. Keying the
-    cache folder on every kernel source makes any edit recompile. Runs at import, before
-    any kernel module is decorated, without importing numba.
+
+def _frozen() -> bool:
+    return bool(getattr(sys, "frozen", False))
+
+
+def build_id() -> str:
+    """What every cached kernel is keyed on.
+
+    Frozen: the id bundler/payload.py wrote beside the executable (a hash of the executable
+    itself if it is missing). From source: a hash of every kernel source, because Numba keys
+    a function on its own file only, yet inlines the kernels it calls from other files, so
+    an edit to kquants.py must make dispatch.py recompile too.
     """
+    if _frozen():
+        exe = Path(sys.executable)
+        try:
+            return (exe.parent / BUILD_ID_FILE).read_text().strip()
+        except OSError:
+            return "exe-" + hashlib.sha256(exe.read_bytes()).hexdigest()[:16]
     sources = sorted(Path(__file__).parent.glob("*.py"))
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+
+
+def user_cache_root() -> Path:
+    """~/.cache/modelrun/numba (XDG_CACHE_HOME honoured)."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = str(base / "modelrun" / "numba" / key)
+    return base / "modelrun" / "numba"
+
+
+def cache_root() -> Path:
+    """Frozen: the kernel cache shipped inside the extracted payload; else user_cache_root()."""
+    if _frozen():
+        return Path(sys.executable).parent / KERNEL_CACHE_FOLDER
+    return user_cache_root()
+
+
+def cache_folder(tier: str) -> Path:
+    """Where kernels compiled for `tier` are looked up: <cache root>/<build id>/<tier>."""
+    return cache_root() / build_id() / tier
+
+
+class _LocatorBeforeFirstKernel(importlib.abc.MetaPathFinder):
+    """Installs the kernel cache locator just before the first kernel module runs (Numba
+    binds a function's cache when it is decorated); until then numba stays unimported."""
+
+    done = False
+
+    def find_spec(self, name, path, target=None):
+        if not self.done and name.startswith(__name__ + ".") and name != __name__ + ".cache":
+            self.done = True
+            from . import cache  # noqa: F401  (installs the locator)
+        return None
+
+
+def _configure_numba_cache() -> None:
+    """Pin Numba to a CPU tier (runtime.cpu) and cache the kernels per build and tier
+    (runtime.kernels.cache), before any kernel module is decorated.
+
+    Runs at import without importing numba: the locator is installed just before the first
+    kernel module runs (or at once, if numba was already imported).
+    """
+    from runtime import cpu
+
+    try:
+        cpu.select_tier()
+    except cpu.CpuTierError:
+        pass  # numba then targets this CPU; the entry point reports the bad MODELRUN_CPU_TIER
     if "numba" in sys.modules:
-        sys.modules["numba"].config.CACHE_DIR = sys.modules["numba"].config.CACHE_DIR or folder
-    else:
-        os.environ.setdefault("NUMBA_CACHE_DIR", folder)
+        from . import cache  # noqa: F401  (installs the locator)
+    elif not any(isinstance(f, _LocatorBeforeFirstKernel) for f in sys.meta_path):
+        sys.meta_path.insert(0, _LocatorBeforeFirstKernel())
 
 
 _configure_numba_cache()

@@ -1,0 +1,102 @@
+"""Fill the kernel cache ahead of time: the hidden entry `MODELRUN_PRECOMPILE=<job.json>`.
+
+bundler/payload.py runs the frozen runtime itself with this entry, so the caches it ships are
+exactly what the frozen runtime looks up. A job is a JSON object with either
+
+  {"models": [gguf, ...], "record": "sigs.pickle"}  run each model through the engine (prefill
+      and decode) and every public kernel entry point for every supported type, then pickle
+      the kernel signatures that took: on the host's tier;
+  {"replay": "sigs.pickle"}  compile those signatures (no code runs, so any tier can be built
+      on any x86-64 machine; numba saves each one to the cache);
+  {"models": [gguf, ...], "check": "loaded.json"}  the same run as "record", in a new process:
+      fails if any kernel had to be compiled, and writes which kernels the run loaded (the
+      ones called from Python; the kernels they call are compiled into them).
+
+It prints one line on stderr (kernels loaded / compiled, the cache folder) and returns an
+exit status: nonzero when the cache folder is not the one this build looks in, or when a
+check compiled something.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import sys
+
+import numpy as np
+
+# Rows x columns of the matrices the entry points are exercised on: one 256-element block
+# row (every type's block size divides it), a few rows so parallel loops split.
+_ROWS, _COLS = 8, 256
+
+
+def exercise_entry_points() -> None:
+    """kernels.dequantize / matvec / matmul once per supported type, on read-only blocks as
+    the runtime's memory map gives them (Numba compiles writable arrays apart: those are
+    what tests and the quantizer pass, and they would double the compile time)."""
+    from runtime import kernels
+    from runtime.ggml_types import ggml_type
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(_COLS).astype(np.float32)
+    X = rng.standard_normal((3, _COLS)).astype(np.float32)
+    for name in sorted(kernels.SUPPORTED_TYPES):
+        t = ggml_type(name)
+        raw = rng.integers(0, 256, _ROWS * t.row_bytes(_COLS), dtype=np.uint8)
+        raw.setflags(write=False)
+        kernels.dequantize(raw, name, _COLS)
+        kernels.matvec(raw, name, _ROWS, _COLS, x)
+        kernels.matmul(raw, name, _ROWS, _COLS, X)
+
+
+def run_models(paths: list[str]) -> None:
+    """Each model through the engine as the runtime loads it: prefill of a few tokens, then
+    decode (matmul and matvec, every op its architecture uses)."""
+    from runtime.engine import Engine
+    from runtime.gguf import GGUFFile
+
+    for path in paths:
+        with GGUFFile(path) as gguf:
+            engine = Engine.from_gguf(gguf, n_ctx=16)
+            engine.prefill([1, 2, 3])
+            engine.decode(4)
+
+
+def compile_signatures(entries: list[tuple[str, str, tuple]]) -> None:
+    """Compile (or load) each (module, function, argument types) for this process's tier."""
+    for module_name, function, sig in entries:
+        getattr(importlib.import_module(module_name), function).compile(sig)
+
+
+def main(job_path: str) -> int:
+    from runtime.kernels import cache
+
+    with open(job_path) as f:
+        job = json.load(f)
+    if "replay" in job:
+        with open(job["replay"], "rb") as f:
+            compile_signatures(pickle.load(f))
+    else:
+        run_models(job.get("models", []))
+        exercise_entry_points()
+        if "record" in job:
+            with open(job["record"], "wb") as f:
+                pickle.dump(cache.used_signatures(), f)
+        if "check" in job:
+            loaded = sorted({(d.py_func.__module__, d.py_func.__name__)
+                             for d in cache.kernel_dispatchers() if d.stats.cache_hits})
+            with open(job["check"], "w") as f:
+                json.dump(loaded, f)
+    settings, stats = cache.settings(), cache.cache_stats()
+    print(f"precompile: {len(cache.used_signatures())} kernel signatures for {settings.tier}: "
+          f"{stats.loaded} from cache, {stats.compiled} compiled, in {settings.folder}",
+          file=sys.stderr)
+    if settings.folder != cache.kernels_cache_folder():
+        print(f"error: cannot write the kernel cache {cache.kernels_cache_folder()}",
+              file=sys.stderr)
+        return 1
+    if "check" in job and stats.compiled:
+        print("error: the check compiled kernels the cache should have held", file=sys.stderr)
+        return 1
+    return 0

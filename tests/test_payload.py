@@ -1,0 +1,168 @@
+"""The runtime payload (bundler/payload.py): the frozen runtime runs with no Python and no JIT.
+
+The payload is built once per tree by the `runtime_payload` fixture (conftest.py), with only
+this machine's CPU tier precompiled.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from bundler.payload import pack, tree_hash
+from runtime import cpu
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS_LINE = re.compile(r"^kernels: (\S+), (\d+) from cache, (\d+) compiled$", re.M)
+
+
+@pytest.fixture(scope="module")
+def extracted(runtime_payload, tmp_path_factory) -> Path:
+    """The payload unpacked with plain tar into an empty folder, as model.run's header does."""
+    folder = tmp_path_factory.mktemp("extracted")
+    subprocess.run(["tar", "-xzf", str(runtime_payload), "-C", str(folder)], check=True)
+    return folder / "runtime"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A synthetic gemma3 model with a SentencePiece vocabulary (so -p works)."""
+    import gguf
+
+    from conftest import write_synthetic_model
+    from test_server import tokenizer_vocabulary
+
+    tokens, scores, types = tokenizer_vocabulary()
+
+    class WriterWithTokenizer(gguf.GGUFWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_tokenizer_model("llama")
+            self.add_token_list(tokens)
+            self.add_token_scores(scores)
+            self.add_token_types(types)
+            self.add_bos_token_id(1)
+            self.add_eos_token_id(2)
+            self.add_unk_token_id(0)
+
+    path = tmp_path_factory.mktemp("payload-model") / "tiny.gguf"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFWriter", WriterWithTokenizer)
+        write_synthetic_model(path, "gemma3", seed=5, n_vocab=320, n_ctx_train=64)
+    return path
+
+
+def frozen_env(tmp_path: Path, **extra) -> dict:
+    """A user's environment: an empty cache, nothing of this venv or of numba's settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("NUMBA_", "MODELRUN_", "PYTHON", "VIRTUAL_ENV"))}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "user-cache"), **extra)
+    return env
+
+
+def test_layout_and_metadata(runtime_payload, extracted):
+    meta = json.loads((runtime_payload.parent / "runtime.json").read_text())
+    build_id = (extracted / "build_id").read_text().strip()
+    assert meta["build_id"] == build_id and re.fullmatch(r"[0-9a-f]{16}", build_id)
+    assert runtime_payload.resolve().name == f"runtime-{build_id}.tar.gz"
+    assert meta["size"] == runtime_payload.stat().st_size
+    import hashlib
+    assert meta["sha256"] == hashlib.sha256(runtime_payload.read_bytes()).hexdigest()
+    with tarfile.open(runtime_payload) as tar:
+        names = tar.getnames()
+    assert names[0] == "runtime" and all(n.startswith("runtime/") for n in names[1:])
+    assert os.access(extracted / "runtime", os.X_OK)
+    # the build id is the hash of the frozen files, caches and the id itself left out
+    frozen = extracted.parent / "frozen-only"
+    subprocess.run(["cp", "-a", str(extracted), str(frozen)], check=True)
+    for added in ("kernel-cache", "build_id"):
+        subprocess.run(["rm", "-rf", str(frozen / added)], check=True)
+    assert tree_hash(frozen)[:16] == build_id
+    for tier in meta["tiers"]:
+        folder = extracted / "kernel-cache" / build_id / tier
+        cached = {path.name.split("-")[0] for path in folder.glob("*.nbc")}
+        # the kernels the runtime calls; their callees (kquants, legacy, ...) are inside them
+        assert {"dispatch.matvec_kernel", "dispatch.matmul_kernel", "ops.rms_norm"} <= cached
+        assert not [name for name in cached if name.startswith(("kquants.", "legacy.", "floats."))]
+    # workqueue only: no OpenMP or TBB layer, nor their libraries, to find on a user's machine
+    assert not [n for n in names if re.search(r"omppool|tbbpool|libgomp|libtbb", n)]
+    assert (extracted / "_internal" / "runtime" / "web" / "index.html").is_file()
+
+
+def test_packing_is_deterministic(runtime_payload, extracted, tmp_path):
+    """The same files pack to the same bytes (times, owners and order fixed)."""
+    again = tmp_path / "again.tar.gz"
+    pack(extracted, again)
+    assert again.read_bytes() == runtime_payload.read_bytes()
+
+
+def test_frozen_prompt_equals_python_and_compiles_nothing(runtime_payload, extracted, tiny_model,
+                                                         tmp_path):
+    args = ["-m", str(tiny_model), "-p", "hi", "-n", "4", "--temp", "0"]
+    frozen = subprocess.run([str(extracted / "runtime"), *args], env=frozen_env(tmp_path),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert frozen.returncode == 0, frozen.stderr
+    source = subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert source.returncode == 0, source.stderr
+    assert frozen.stdout == source.stdout and frozen.stdout.strip()
+    found = KERNELS_LINE.search(frozen.stderr)
+    assert found, frozen.stderr
+    tier, loaded, compiled = found.group(1), int(found.group(2)), int(found.group(3))
+    assert tier == cpu.best_tier(cpu.host_features())
+    assert tier in json.loads((runtime_payload.parent / "runtime.json").read_text())["tiers"]
+    assert loaded > 0 and compiled == 0, frozen.stderr
+    assert not (tmp_path / "user-cache").exists()  # nothing written outside the payload
+    # --info: the tier, and that the kernels are there
+    info = subprocess.run([str(extracted / "runtime"), "-m", str(tiny_model), "--info"],
+                          env=frozen_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert f"CPU tier: {tier} (" in info.stdout
+    assert "compiled kernels cached in" in info.stdout and "nothing to compile" in info.stdout
+
+
+def test_frozen_rejects_an_unknown_tier_in_one_line(extracted, tiny_model, tmp_path):
+    out = subprocess.run([str(extracted / "runtime"), "-m", str(tiny_model), "--info"],
+                         env=frozen_env(tmp_path, MODELRUN_CPU_TIER="skylake"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "skylake" in out.stderr and "x86-64-v2" in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_frozen_server_serves_the_page(extracted, tiny_model, tmp_path):
+    """The chat page is found inside the frozen build, and /health turns 200 once loaded."""
+    port = _free_port()
+    server = subprocess.Popen([str(extracted / "runtime"), "-m", str(tiny_model), "--nobrowser",
+                               "--port", str(port)], env=frozen_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        status, deadline = None, time.monotonic() + 120
+        while status != 200 and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    status = r.status
+            except OSError:
+                time.sleep(0.1)
+        assert status == 200, server.stderr.read() if server.poll() is not None else "no 200"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            page = r.read()
+        assert page == (ROOT / "runtime" / "web" / "index.html").read_bytes()
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    found = KERNELS_LINE.search(err)
+    assert found and found.group(3) == "0", err
