@@ -1,8 +1,8 @@
 """Quantizers: float32 rows -> GGUF blocks, the inverse of each format's decoder.
 
-Block layouts are those described in legacy.py, kquants.py and floats.py. Each row is
-quantized on its own (rows in parallel, `prange`); all arithmetic is float32 as in the
-references, so the results are reproducible bit for bit:
+Block layouts are those described in legacy.py, kquants.py, iquants.py and floats.py.
+Each row is quantized on its own (rows in parallel, `prange`); all arithmetic is float32 as
+in the references, so the results are reproducible bit for bit:
 
 - F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: bit-exact with `gguf.quants.quantize`
   (the NumPy reference): the same max (first largest |x| for the symmetric types), the same
@@ -25,6 +25,16 @@ references, so the results are reproducible bit for bit:
   Then the sub-block scales (and mins) are quantized to 4, 6 or 8 bits against the
   super-block's f16 factor(s), and every weight is re-rounded against the scale it will
   actually be decoded with (f16 factor * integer sub-block scale).
+  Sums are formed in ggml's order ((w * l) * l, not w * (l * l)): float32 rounding differs
+  otherwise, and Q3_K's level moves then part from llama.cpp's at near-ties (~1 block in 50k).
+- IQ4_NL, IQ4_XS: llama.cpp's quantize_row_iq4_nl_impl without an importance matrix. Each
+  group of 32 takes the max-abs scale on the 16-level codebook and 15 perturbed ones,
+  (i - 127) / max for i in -7..7, keeping the best weighted (x^2) least-squares fit; levels
+  are the nearest codebook entries (bisection, ties up). IQ4_XS then quantizes the 8 group
+  scales to 6 bits against d = -max_scale / 32 and re-picks the levels against them.
+
+All of these are bit-exact with ggml's own quantizers (checked against llama.cpp's
+libggml, ggml_quantize_chunk, on Gaussian rows and on model weights).
 
 Entry point: `quantize(x, qtype)`.
 """
@@ -35,6 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import F16_TO_F32
+from .iquants import IQ4_LEVELS
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -46,6 +57,7 @@ QUANTIZE_TYPES = {
     "F32": 0, "F16": 1, "BF16": 30,
     "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
     "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+    "IQ4_NL": 20, "IQ4_XS": 23,
 }
 
 
@@ -371,18 +383,18 @@ def _make_q3(xs, L, nmax):
         L[i] = l
         w = xs[i] * xs[i]
         sumlx += w * xs[i] * np.float32(l)
-        suml2 += w * np.float32(l * l)
+        suml2 += w * np.float32(l) * np.float32(l)
     for _ in range(5):
         n_changed = 0
         for i in range(n):
             w = xs[i] * xs[i]
             slx = sumlx - w * xs[i] * np.float32(L[i])
             if slx > _F0:
-                sl2 = suml2 - w * np.float32(L[i] * L[i])
+                sl2 = suml2 - w * np.float32(L[i]) * np.float32(L[i])
                 new_l = min(max(_nearest_int(xs[i] * sl2 / slx), -nmax), nmax - 1)
                 if new_l != L[i]:
                     slx += w * xs[i] * np.float32(new_l)
-                    sl2 += w * np.float32(new_l * new_l)
+                    sl2 += w * np.float32(new_l) * np.float32(new_l)
                     if sl2 > _F0 and slx * slx * suml2 > sumlx * sumlx * sl2:
                         L[i] = new_l
                         sumlx = slx
@@ -639,6 +651,127 @@ def _row_q6_k(x, out, tmp, tmp_bits):
                                              | ((L[e + 64] >> 4) << 4) | ((L[e + 96] >> 4) << 6))
 
 
+# ------------------------------------------------------------------------------ IQ4 types
+
+_IQ4_VALUES = IQ4_LEVELS  # ggml's kvalues_iq4nl, ascending
+_IQ4_NTRY = 7
+
+
+@njit(inline="always")
+def _iq4_index(v):
+    """The index of the level nearest v (ties to the upper one), by bisection as ggml does."""
+    if v <= _IQ4_VALUES[0]:
+        return 0
+    if v >= _IQ4_VALUES[15]:
+        return 15
+    lo = 0
+    hi = 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if v < _IQ4_VALUES[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return lo if v - _IQ4_VALUES[lo] < _IQ4_VALUES[hi] - v else hi
+
+
+@njit(inline="always")
+def _iq4_group_scale(xb, L):
+    """Scale of a group of 32 on the IQ4 codebook (levels into L), weights x^2: the max-abs
+    scale and 2*7+1 perturbed ones, (i - 127) / max, keeping the best weighted fit."""
+    amax = _F0
+    mx = _F0
+    for j in range(32):
+        a = abs(xb[j])
+        if a > amax:
+            amax = a
+            mx = xb[j]
+    if amax < GROUP_MAX_EPS:
+        return _F0
+    d = -mx / _IQ4_VALUES[0]
+    inv = _F1 / d
+    sumqx = _F0
+    sumq2 = _F0
+    for j in range(32):
+        l = _iq4_index(inv * xb[j])
+        L[j] = l
+        q = _IQ4_VALUES[l]
+        w = xb[j] * xb[j]
+        sumqx += w * q * xb[j]
+        sumq2 += w * q * q
+    d = sumqx / sumq2
+    best = d * sumqx
+    for itry in range(-_IQ4_NTRY, _IQ4_NTRY + 1):
+        inv = (np.float32(itry) + _IQ4_VALUES[0]) / mx
+        sumqx = _F0
+        sumq2 = _F0
+        for j in range(32):
+            q = _IQ4_VALUES[_iq4_index(inv * xb[j])]
+            w = xb[j] * xb[j]
+            sumqx += w * q * xb[j]
+            sumq2 += w * q * q
+        if sumq2 > _F0 and sumqx * sumqx > best * sumq2:
+            d = sumqx / sumq2
+            best = d * sumqx
+    return d
+
+
+@njit(inline="always")
+def _pack_iq4(L, out, qo):
+    """16 bytes per 32 levels: element j in the low nibble, element j + 16 in the high one."""
+    for j in range(16):
+        out[qo + j] = L[j] | (L[j + 16] << 4)
+
+
+@njit(cache=True)
+def _row_iq4_nl(x, out, tmp, tmp_bits):
+    L = np.zeros(32, np.int64)
+    for b in range(x.size // 32):
+        xb = x[32 * b:32 * b + 32]
+        o = 18 * b
+        d = _iq4_group_scale(xb, L)
+        _put_f16(out, o, d, tmp, tmp_bits)
+        inv = _F1 / d if d != _F0 else _F0
+        for j in range(32):  # against the unrounded scale, as ggml does
+            L[j] = _iq4_index(inv * xb[j])
+        _pack_iq4(L, out, o + 2)
+
+
+@njit(cache=True)
+def _row_iq4_xs(x, out, tmp, tmp_bits):
+    L = np.zeros(32, np.int64)
+    scales = np.empty(8, np.float32)
+    for b in range(x.size // 256):
+        xb = x[256 * b:256 * b + 256]
+        o = 136 * b
+        max_scale = _F0
+        amax_scale = _F0
+        for g in range(8):
+            s = _iq4_group_scale(xb[32 * g:32 * g + 32], L)
+            scales[g] = s
+            if abs(s) > amax_scale:
+                amax_scale = abs(s)
+                max_scale = s
+        d = -max_scale / np.float32(32.0)
+        _put_f16(out, o, d, tmp, tmp_bits)
+        inv = _F1 / d if d != _F0 else _F0
+        scales_h = 0
+        for g in range(4):
+            out[o + 4 + g] = 0
+        for g in range(8):
+            l = min(max(_nearest_int(inv * scales[g]), -32), 31)
+            dl = d * np.float32(l)
+            idl = _F1 / dl if dl != _F0 else _F0
+            for j in range(32):
+                L[j] = _iq4_index(idl * xb[32 * g + j])
+            _pack_iq4(L, out, o + 8 + 16 * g)
+            l += 32
+            out[o + 4 + g // 2] |= (l & 15) << (4 * (g % 2))
+            scales_h |= (l >> 4) << (2 * g)
+        out[o + 2] = scales_h & 255
+        out[o + 3] = scales_h >> 8
+
+
 # ------------------------------------------------------------------------------ dispatch
 
 @njit(cache=True)
@@ -669,6 +802,10 @@ def _quantize_row(type_id, x, out, tmp, tmp_bits):
         _row_q5_k(x, out, tmp, tmp_bits)
     elif type_id == 14:
         _row_q6_k(x, out, tmp, tmp_bits)
+    elif type_id == 20:
+        _row_iq4_nl(x, out, tmp, tmp_bits)
+    elif type_id == 23:
+        _row_iq4_xs(x, out, tmp, tmp_bits)
 
 
 @njit(parallel=True, cache=True)
