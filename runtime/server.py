@@ -145,12 +145,6 @@ class EngineWorker:
             engine = self.session.engine
             self.info = ModelInfo(n_ctx=engine.n_ctx, n_vocab=engine.model.hp.n_vocab)
             self.chat_template = ChatTemplate.for_model(self.session.gguf.metadata)
-            # compile/warm the prefill and decode paths now, not on the first request
-            if engine.n_ctx >= 3:
-                first = self.session.tokenizer.bos_id or 0
-                engine.eval([first, first])
-                engine.decode(first)
-                engine.reset()
         except BaseException as e:  # a UserError from load_session, or a bug: report it, stop
             message = getattr(e, "format_message", lambda: f"{type(e).__name__}: {e}")()
             if not hasattr(e, "format_message"):

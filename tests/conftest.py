@@ -194,3 +194,67 @@ def write_gguf():
         return Path(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def gemma_f16_path(gemma_path) -> Path:
+    """The Gemma model dequantized to F16 (1-D tensors stay F32) by `modelrun quantize --type F16
+    --allow-requantize`: an unquantized input for the quantize and compare tests.
+
+    Cached in tests/artifacts/, keyed on the source file's size and mtime and on the code that
+    writes it (bundler/quantize.py, the GGUF reader, the kernels); stale copies are removed.
+    """
+    import hashlib
+
+    from bundler.quantize import quantize_gguf
+
+    root = Path(__file__).resolve().parent.parent
+    stat = gemma_path.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for source in [root / "bundler" / "quantize.py", root / "runtime" / "gguf.py",
+                   *sorted((root / "runtime" / "kernels").glob("*.py"))]:
+        key.update(source.read_bytes())
+    folder = root / "tests" / "artifacts"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"gemma3-270m-f16-{key.hexdigest()[:12]}.gguf"
+    if not path.exists():
+        for stale in folder.glob("gemma3-270m-f16-*.gguf"):
+            stale.unlink(missing_ok=True)
+        quantize_gguf(gemma_path, path, "F16", allow_requantize=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def runtime_payload() -> Path:
+    """The runtime payload of model.run (bundler.payload.build_payload): Path of its tar.gz,
+    runtime.json beside it. Built once per tree, about 3 minutes: cached in tests/artifacts/,
+    keyed on runtime/, build.spec and bundler/payload.py. Only this machine's CPU tier is
+    precompiled here (`make runtime` builds all four); stale copies are removed."""
+    import fcntl
+    import hashlib
+    import platform
+    import shutil
+
+    from bundler.payload import build_payload
+    from runtime import cpu
+
+    root = Path(__file__).resolve().parent.parent
+    key = hashlib.sha256()
+    sources = [p for p in sorted((root / "runtime").rglob("*"))
+               if p.is_file() and "__pycache__" not in p.parts]
+    for path in [*sources, root / "build.spec", root / "bundler" / "payload.py"]:
+        key.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    folder = root / "tests" / "artifacts"
+    folder.mkdir(exist_ok=True)
+    out = folder / f"payload-{key.hexdigest()[:12]}"
+    with open(folder / "payload.lock", "w") as lock:  # one build when sessions run at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "runtime.json").exists():
+            for stale in folder.glob("payload-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            partial = out.with_name(out.name + ".partial")
+            tier = cpu.best_tier(cpu.host_features(), platform.machine())
+            build_payload(partial, tiers=[tier], work_dir=partial / "work")
+            shutil.rmtree(partial / "work")
+            partial.rename(out)
+    return out / "runtime.tar.gz"

@@ -25,3 +25,15 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "modelrun"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "run" in out.stdout
+
+
+def test_every_command_is_listed_in_the_help():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()}
+    assert {"build", "inspect", "extract", "verify", "upgrade", "run"} <= listed
+
+
+def test_build_needs_an_output_path(tmp_path):
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "m.gguf")])
+    assert result.exit_code == 2 and "-o" in result.output

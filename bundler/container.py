@@ -1,0 +1,600 @@
+"""Write model.run files: the sh header, the runtime payload, the ZIP with the model.
+
+Layout (runtime/container.py reads it; DESIGN.md "The container"):
+
+    [sh header, HEADER_SIZE bytes]   checks the platform and the file's size, unpacks the
+                                     payload once into the user's cache, exec's the runtime
+    [runtime payload]                tar.gz whose top folder is runtime/ (runtime/runtime)
+    [zero padding]                   so that model.gguf's data starts at a multiple of 64 KiB
+    [ZIP entries, all STORED]        model.gguf, .args, manifest.json
+    [ZIP central directory, end record; ZIP64 records when an offset or size needs them]
+
+Every ZIP offset counts from the start of the file, so `unzip -l` and Python's zipfile read
+a model.run as an ordinary archive. Everything is streamed: the payload and the weights are
+copied in large chunks (constant memory) while sha256 and CRC-32 are computed on other
+threads, and the few values known only at the end (the model's CRC, the header's fields) are
+patched in place. Output goes to `OUT.partial`, renamed over OUT only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tarfile
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from runtime.cli import UserError, model_name, open_model
+from runtime.container import (ARGS_ENTRY, BUILD_ID_PATTERN, CENTRAL_HEADER,
+                               CENTRAL_SIG, EOCD, EOCD_SIG, HEADER_SIZE, LOCAL_HEADER, LOCAL_SIG,
+                               MANIFEST_ENTRY, MAX16, MAX32, MODEL_ALIGNMENT, MODEL_ENTRY,
+                               ZIP64_EOCD, ZIP64_EOCD_SIG, ZIP64_EXTRA_ID, ZIP64_LOCATOR,
+                               ZIP64_LOCATOR_SIG, Container, ContainerError, open_container)
+
+COPY_CHUNK = 1 << 23  # bytes per read/write; two buffers of this size are all the memory used
+FORMAT = "model.run/1"
+ZIP_VERSION, ZIP64_VERSION = 20, 45  # "version needed to extract": plain, with ZIP64 records
+MADE_BY = (3 << 8) | ZIP64_VERSION  # Unix, spec 4.5 (so unzip shows the Unix file modes)
+FILE_MODE = 0o100644 << 16  # external attributes: a regular file, rw-r--r--
+
+Progress = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------ the sh header
+
+# Plain POSIX sh and tools (uname, wc, tail, head, tar, gzip, mkdir, mv, rm, id). The checks
+# run as one { ... } group at the top, so a copy cut short inside them is a syntax error
+# rather than a half-run script. The {fields} are filled in by render_header.
+HEADER_TEMPLATE = """\
+#!/bin/sh
+{{
+# model.run: a language model that runs offline on this computer. Made by modelrun.
+# Layout: this sh header ({header_size} bytes), the runtime (tar.gz), then a ZIP archive
+# with model.gguf, .args and manifest.json (`unzip -l` lists it). This header unpacks the
+# runtime once into ${{XDG_CACHE_HOME:-~/.cache}}/modelrun/<build id>/ and runs it.
+mr_total_size={total_size:<20}
+mr_payload_offset={payload_offset:<20}
+mr_payload_size={payload_size:<20}
+mr_build_id={build_id:<64}
+mr_system="$(uname -s) $(uname -m)"
+if [ "$mr_system" != "Linux x86_64" ]; then
+  printf '%s\\n' "modelrun: this file runs on Linux x86_64 only; this machine is $mr_system" >&2
+  exit 1
+fi
+if [ ! -f "$0" ] || [ ! -r "$0" ]; then
+  printf '%s\\n' "modelrun: cannot read this file ($0); run it by its path, e.g. ./model.run" >&2
+  exit 1
+fi
+mr_size=$(wc -c <"$0")
+mr_size=${{mr_size##* }}
+if [ "$mr_size" -lt "$mr_total_size" ]; then
+  printf '%s\\n' "modelrun: this file is incomplete, $mr_size of $mr_total_size bytes — download it again" >&2
+  exit 1
+fi
+if [ "$mr_size" -gt "$mr_total_size" ]; then
+  printf '%s\\n' "modelrun: this file has $mr_size bytes but was made with $mr_total_size: something was added to it — download it again" >&2
+  exit 1
+fi
+}}
+
+# mr_unpack FOLDER: make FOLDER/<build id>/runtime/runtime exist. The payload is unpacked
+# into a temporary folder that is then renamed: another launch racing this one either
+# finds the finished folder or loses the rename and removes its own copy.
+mr_unpack() {{
+  mr_dir=$1/$mr_build_id
+  [ -x "$mr_dir/runtime/runtime" ] && return 0
+  mkdir -p "$1" 2>/dev/null || return 1
+  mr_tmp=$1/.$mr_build_id.$$.tmp
+  rm -rf "$mr_tmp"
+  mkdir "$mr_tmp" 2>/dev/null || return 1
+  printf '%s\\n' "modelrun: unpacking the runtime into $mr_dir (first launch only)" >&2
+  if ! mr_err=$(tail -c +$((mr_payload_offset + 1)) "$0" | head -c "$mr_payload_size" | tar -xzf - -C "$mr_tmp" 2>&1); then
+    rm -rf "$mr_tmp"
+    case $mr_err in
+      *"No space left"*|*"Read-only file system"*|*"ermission denied"*)
+        printf '%s\\n' "modelrun: cannot unpack the runtime into $1: $(printf '%s' "$mr_err" | head -n 1)" >&2
+        return 1 ;;
+    esac
+    printf '%s\\n' "modelrun: this file is damaged (its runtime does not unpack: $(printf '%s' "$mr_err" | head -n 1)) — download it again" >&2
+    exit 1
+  fi
+  if [ ! -x "$mr_tmp/runtime/runtime" ]; then
+    rm -rf "$mr_tmp"
+    printf '%s\\n' "modelrun: this file is damaged (its runtime has no runtime/runtime) — download it again" >&2
+    exit 1
+  fi
+  if [ -d "$mr_dir" ] && [ ! -x "$mr_dir/runtime/runtime" ]; then
+    rm -rf "$mr_dir"  # a broken copy (files deleted by hand): replace it
+  fi
+  if [ ! -d "$mr_dir" ]; then
+    mv "$mr_tmp" "$mr_dir" 2>/dev/null
+  fi
+  rm -rf "$mr_tmp" "$mr_dir/${{mr_tmp##*/}}"
+  [ -x "$mr_dir/runtime/runtime" ]
+}}
+
+mr_cache=${{XDG_CACHE_HOME:-$HOME/.cache}}/modelrun
+if mr_unpack "$mr_cache"; then
+  exec "$mr_cache/$mr_build_id/runtime/runtime" --container "$0" "$@"
+fi
+mr_private=${{TMPDIR:-/tmp}}/modelrun-$(id -u)
+mkdir -m 700 "$mr_private" 2>/dev/null
+if [ -d "$mr_private" ] && [ -O "$mr_private" ] && [ ! -L "$mr_private" ] && mr_unpack "$mr_private"; then
+  exec "$mr_private/$mr_build_id/runtime/runtime" --container "$0" "$@"
+fi
+printf '%s\\n' "modelrun: cannot unpack the runtime: neither $mr_cache nor $mr_private is writable; set TMPDIR to a writable folder" >&2
+exit 1
+"""
+
+
+@dataclass(frozen=True)
+class HeaderValues:
+    total_size: int
+    payload_offset: int
+    payload_size: int
+    build_id: str
+
+
+def render_header(values: HeaderValues) -> bytes:
+    """The sh header with its fields filled in, padded to exactly HEADER_SIZE bytes."""
+    if not BUILD_ID_PATTERN.fullmatch(values.build_id):
+        raise ValueError(f"a build id is 1-64 of [0-9A-Za-z._-], got {values.build_id!r}")
+    text = HEADER_TEMPLATE.format(header_size=HEADER_SIZE, total_size=values.total_size,
+                                  payload_offset=values.payload_offset,
+                                  payload_size=values.payload_size, build_id=values.build_id)
+    data = text.encode("utf-8")
+    room = HEADER_SIZE - len(data)
+    if room < 2:
+        raise AssertionError(f"the sh header is {len(data)} bytes, over {HEADER_SIZE}")
+    return data + b"#" + b" " * (room - 2) + b"\n"  # never run: every path above exits
+
+
+# ------------------------------------------------------------------------ the runtime payload
+
+@dataclass(frozen=True)
+class RuntimePayload:
+    """The runtime to embed: a tar.gz whose top folder is runtime/, and what runtime.json
+    (written beside it by `make runtime`) says about it."""
+
+    path: Path
+    size: int
+    build_id: str | None  # these three from runtime.json; the build id and tiers are used
+    tiers: tuple[str, ...]  # only if its sha256 is the payload's (else: sha256[:16], no tiers)
+    sha256: str | None
+
+
+DEFAULT_PAYLOAD = Path(__file__).resolve().parent.parent / "dist" / "runtime.tar.gz"
+
+
+def default_payload_path() -> Path | None:
+    """$MODELRUN_RUNTIME, else dist/runtime.tar.gz of this repository (if it is there)."""
+    env = os.environ.get("MODELRUN_RUNTIME")
+    if env:
+        return Path(env)
+    return DEFAULT_PAYLOAD if DEFAULT_PAYLOAD.exists() else None
+
+
+def load_payload(path: Path | None) -> RuntimePayload:
+    """The payload at `path` (or the default one), checked enough to be sure it is one."""
+    if path is None:
+        path = default_payload_path()
+        if path is None:
+            raise UserError("no runtime payload: run `make runtime` or pass --runtime")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such runtime payload; run `make runtime` or pass --runtime")
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise UserError(f"{path} is not a runtime payload (a .tar.gz): {e}") from None
+    if first is None or not (first.name == "runtime" or first.name.startswith("runtime/")):
+        raise UserError(f"{path} is not a runtime payload: its top folder must be runtime/ "
+                        f"(found {first.name if first else 'nothing'})")
+    size = path.stat().st_size
+    info = _runtime_json(path)
+    build_id = sha256 = None
+    tiers: tuple[str, ...] = ()
+    if info is not None and info.get("size") in (None, size):
+        build_id = info.get("build_id")
+        sha256 = info.get("sha256")
+        tiers = tuple(str(t) for t in info.get("tiers") or ())
+        if not isinstance(build_id, str) or not BUILD_ID_PATTERN.fullmatch(build_id):
+            raise UserError(f"{path.parent / 'runtime.json'}: build_id must be 1-64 of "
+                            f"[0-9A-Za-z._-], got {build_id!r}")
+    return RuntimePayload(path, size, build_id, tiers, sha256)
+
+
+def _runtime_json(payload: Path) -> dict[str, Any] | None:
+    """runtime.json beside the payload, if there is one (`make runtime` writes it)."""
+    meta = payload.parent / "runtime.json"
+    if not meta.is_file():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{meta} is unreadable: {e}") from None
+    return info if isinstance(info, dict) else None
+
+
+# ------------------------------------------------------------------------------ streaming
+
+class _Hashes:
+    """sha256 and/or CRC-32 of a stream, each updated on its own thread (both release the
+    GIL on large buffers), so hashing runs beside the copy instead of after it."""
+
+    def __init__(self, pool: ThreadPoolExecutor, sha256: bool, crc32: bool):
+        self._pool = pool
+        self.sha = hashlib.sha256() if sha256 else None
+        self.crc = 0 if crc32 else None
+
+    def _crc(self, data: memoryview) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+
+    def start(self, data: memoryview) -> list:
+        jobs = []
+        if self.sha is not None:
+            jobs.append(self._pool.submit(self.sha.update, data))
+        if self.crc is not None:
+            jobs.append(self._pool.submit(self._crc, data))
+        return jobs
+
+
+def copy_stream(src: BinaryIO, offset: int, size: int, out: BinaryIO, hashes: _Hashes | None,
+                progress: Progress | None) -> None:
+    """Copy `size` bytes of src from `offset` to out's current position, hashing on the
+    side; two buffers alternate so the next read overlaps this chunk's hashing."""
+    buffers = [bytearray(min(COPY_CHUNK, max(size, 1))) for _ in range(2)]
+    src.seek(offset)
+    done, turn, pending = 0, 0, []
+    while done < size:
+        view = memoryview(buffers[turn])[:min(len(buffers[turn]), size - done)]
+        got = 0
+        while got < len(view):
+            n = src.readinto(view[got:])
+            if not n:
+                raise UserError(f"{getattr(src, 'name', 'the input')} ended {size - done - got} "
+                                f"bytes early (was it changed while being read?)")
+            got += n
+        for job in pending:  # the previous chunk's hashes, before their buffer is reused
+            job.result()
+        pending = hashes.start(view) if hashes else []
+        out.write(view)  # buffered: writes all of it (large chunks go straight through)
+        done += len(view)
+        turn ^= 1
+        if progress:
+            progress(len(view))
+    for job in pending:
+        job.result()
+
+
+# ------------------------------------------------------------------------------ the ZIP part
+
+@dataclass
+class _ZipEntry:
+    name: bytes
+    header_offset: int
+    size: int
+    crc: int = 0
+
+
+@dataclass
+class ZipWriter:
+    """The ZIP records after the payload; offsets are absolute (from the file's start).
+    `zip64_limit`: sizes and offsets at or above it are stored in ZIP64 records (the ZIP
+    maximum 0xFFFFFFFF by default; tests lower it to exercise ZIP64 on small files)."""
+
+    out: BinaryIO
+    mtime: float
+    zip64_limit: int = MAX32
+    entries: list[_ZipEntry] = field(default_factory=list)
+
+    def _dos_time(self) -> tuple[int, int]:
+        t = time.localtime(self.mtime)
+        year = min(max(t.tm_year, 1980), 2107)
+        dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
+        return dos_time, ((year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+
+    def local_header_size(self, name: str, size: int) -> int:
+        return LOCAL_HEADER.size + len(name.encode()) + (20 if size >= self.zip64_limit else 0)
+
+    def begin(self, name: str, size: int, crc: int = 0, align: int = 1) -> int:
+        """Pad (zeros) so the entry's data lands on a multiple of `align`, write its local
+        header, and return the data's offset; the data is written next by the caller."""
+        pos = self.out.tell()
+        header_size = self.local_header_size(name, size)
+        data_offset = -(-(pos + header_size) // align) * align
+        if data_offset - header_size > pos:
+            self.out.write(bytes(data_offset - header_size - pos))
+        entry = _ZipEntry(name.encode(), data_offset - header_size, size, crc)
+        self.entries.append(entry)
+        big = size >= self.zip64_limit
+        extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size, size) if big else b""
+        dos_time, dos_date = self._dos_time()
+        self.out.write(LOCAL_HEADER.pack(
+            LOCAL_SIG, ZIP64_VERSION if big else ZIP_VERSION, 0, 0, dos_time, dos_date, crc,
+            MAX32 if big else size, MAX32 if big else size, len(entry.name), len(extra)))
+        self.out.write(entry.name + extra)
+        return data_offset
+
+    def set_crc(self, crc: int) -> None:
+        """Patch the CRC-32 of the last entry begun (known once its data is written)."""
+        entry = self.entries[-1]
+        entry.crc = crc
+        here = self.out.tell()
+        self.out.seek(entry.header_offset + 14)  # the crc32 field of the local header
+        self.out.write(struct.pack("<I", crc))
+        self.out.seek(here)
+
+    def add(self, name: str, data: bytes) -> None:
+        self.begin(name, len(data), zlib.crc32(data))
+        self.out.write(data)
+
+    def finish(self) -> int:
+        """Write the central directory and the end record(s); return the file's size."""
+        limit = self.zip64_limit
+        cd_offset = self.out.tell()
+        dos_time, dos_date = self._dos_time()
+        for e in self.entries:
+            big = [v for v in (e.size, e.size, e.header_offset) if v >= limit]
+            extra = struct.pack(f"<HH{len(big)}Q", ZIP64_EXTRA_ID, 8 * len(big), *big) if big else b""
+            self.out.write(CENTRAL_HEADER.pack(
+                CENTRAL_SIG, MADE_BY, ZIP64_VERSION if big else ZIP_VERSION, 0, 0, dos_time,
+                dos_date, e.crc, *(MAX32 if v >= limit else v for v in (e.size, e.size)),
+                len(e.name), len(extra), 0, 0, 0, FILE_MODE,
+                MAX32 if e.header_offset >= limit else e.header_offset))
+            self.out.write(e.name + extra)
+        cd_end = self.out.tell()
+        cd_size, n = cd_end - cd_offset, len(self.entries)
+        if cd_offset >= limit or cd_size >= limit or n >= MAX16:
+            self.out.write(ZIP64_EOCD.pack(ZIP64_EOCD_SIG, ZIP64_EOCD.size - 12, MADE_BY,
+                                           ZIP64_VERSION, 0, 0, n, n, cd_size, cd_offset))
+            self.out.write(ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIG, 0, cd_end, 1))
+        self.out.write(EOCD.pack(EOCD_SIG, 0, 0, min(n, MAX16), min(n, MAX16),
+                                 MAX32 if cd_size >= limit else cd_size,
+                                 MAX32 if cd_offset >= limit else cd_offset, 0))
+        return self.out.tell()
+
+
+# ------------------------------------------------------------------------------ model.run
+
+@dataclass(frozen=True)
+class ModelSource:
+    """The GGUF bytes to store: `size` bytes of `path` from `offset` (a .gguf, or the
+    model.gguf entry of an older model.run). `sha256`: the digest they must have (checked
+    while copying; a mismatch aborts). `crc32`: known already, so not computed again."""
+
+    path: Path
+    offset: int
+    size: int
+    sha256: str | None = None
+    crc32: int | None = None
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    path: Path
+    size: int
+    manifest: dict[str, Any]
+    model_data_offset: int
+
+
+def modelrun_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelrun")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def args_text(args: list[str]) -> str:
+    """.args: one argument a line (a `...` line places the user's arguments)."""
+    for arg in args:
+        if "\n" in arg or "\r" in arg:
+            raise UserError(f"an --arg cannot contain a line break: {arg!r}")
+    return "".join(arg + "\n" for arg in args)
+
+
+def planned_size(payload_size: int, model_size: int, small: int) -> int:
+    """The model.run's size to within a few hundred bytes (for the disk-space check)."""
+    data = -(-(HEADER_SIZE + payload_size + 100) // MODEL_ALIGNMENT) * MODEL_ALIGNMENT
+    return data + model_size + small + 3 * (LOCAL_HEADER.size + CENTRAL_HEADER.size + 64) + 200
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths are one file (also through a symlink or a hard link)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def check_room(out: Path, need: int) -> None:
+    """Refuse before writing when the output's file system has too little free space."""
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder for the output")
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise UserError(f"not enough disk space in {folder}: {out.name} needs "
+                        f"{need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free")
+
+
+@contextmanager
+def atomic_output(out: Path, executable: bool) -> Iterator[BinaryIO]:
+    """A file written at OUT.partial and renamed to OUT only if the block completes; on any
+    error (or Ctrl-C) the partial file is removed, so OUT is never half-written."""
+    partial = out.with_name(out.name + ".partial")
+    try:
+        f = open(partial, "w+b")
+    except OSError as e:
+        raise UserError(f"cannot write {partial}: {e.strerror or e}") from None
+    try:
+        with f:
+            yield f  # no fsync: like cp; the rename below is what makes OUT appear whole
+        if executable:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(partial, 0o777 & ~umask)
+        os.replace(partial, out)
+    except BaseException as e:
+        partial.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UserError(f"{out} was not written: {e.strerror or e}") from None
+        raise
+
+
+def write_model_run(out: Path, payload: RuntimePayload, model: ModelSource, args: str,
+                    manifest: dict[str, Any], progress: Progress | None = None,
+                    zip64_limit: int = MAX32) -> BuildResult:
+    """Write a model.run at `out` (through OUT.partial). `manifest` holds the fields the
+    caller decides (name, created, ...); the model and runtime fields are added here from
+    what was actually copied."""
+    created = time.time()
+    with atomic_output(out, executable=True) as f, \
+            ThreadPoolExecutor(2, thread_name_prefix="hash") as pool, \
+            open(payload.path, "rb", buffering=0) as payload_in, \
+            open(model.path, "rb", buffering=0) as model_in:
+        f.write(bytes(HEADER_SIZE))  # the header goes in last, with its fields known
+        runtime_hash = _Hashes(pool, sha256=True, crc32=False)
+        copy_stream(payload_in, 0, payload.size, f, runtime_hash, progress)
+        runtime_sha = runtime_hash.sha.hexdigest()
+        described = payload.build_id is not None and payload.sha256 in (None, runtime_sha)
+        build_id = payload.build_id if described else runtime_sha[:16]
+        tiers = list(payload.tiers) if described else []
+
+        zw = ZipWriter(f, created, zip64_limit)
+        data_offset = zw.begin(MODEL_ENTRY, model.size, crc=model.crc32 or 0, align=MODEL_ALIGNMENT)
+        model_hash = _Hashes(pool, sha256=True, crc32=model.crc32 is None)
+        copy_stream(model_in, model.offset, model.size, f, model_hash, progress)
+        model_sha = model_hash.sha.hexdigest()
+        if model.sha256 and model.sha256 != model_sha:
+            raise UserError(f"{model.path}: the model does not match the sha256 it was made with: "
+                            f"the file is damaged — download it again (nothing was written)")
+        if model.crc32 is None:
+            zw.set_crc(model_hash.crc)
+
+        zw.add(ARGS_ENTRY, args.encode("utf-8"))
+        manifest = {
+            "format": FORMAT,
+            **manifest,
+            "model": {"entry": MODEL_ENTRY, "size": model.size, "sha256": model_sha},
+            "runtime": {"build_id": build_id, "tiers": tiers,
+                        "size": payload.size, "sha256": runtime_sha},
+            "modelrun_version": modelrun_version(),
+        }
+        zw.add(MANIFEST_ENTRY, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        total = zw.finish()
+        f.seek(0)
+        f.write(render_header(HeaderValues(total, HEADER_SIZE, payload.size, build_id)))
+    return BuildResult(out, total, manifest, data_offset)
+
+
+def _check_output(out: Path, *inputs: Path) -> None:
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; pass the path of the file to write (-o OUT.run)")
+    for source in inputs:
+        if same_file(source, out):
+            raise UserError(f"{out} is the input {source} itself; choose another output path")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def check_build_inputs(model_path: Path, out: Path, payload_path: Path | None) -> RuntimePayload:
+    """The checks on a build's inputs that need no writing (the output is neither the model
+    nor the payload; the payload exists), also for callers with work to do before the build
+    (`build --quantize`). Returns the payload."""
+    _check_output(out, model_path)
+    payload = load_payload(payload_path)
+    _check_output(out, payload.path)
+    return payload
+
+
+def build(model_path: Path, out: Path, payload_path: Path | None = None, *, name: str | None = None,
+          args: list[str] | tuple[str, ...] = (), progress_factory=None,
+          zip64_limit: int = MAX32) -> BuildResult:
+    """`modelrun build`: check everything that can be checked (the GGUF parses, the output
+    is not the input, the disk has room), then write the model.run.
+    progress_factory(total bytes) -> a context manager yielding progress(n)."""
+    with open_model(str(model_path)) as gguf:
+        name = name or model_name(gguf, str(model_path))
+    text = args_text(list(args))
+    payload = check_build_inputs(model_path, out, payload_path)
+    size = model_path.stat().st_size
+    check_room(out, planned_size(payload.size, size, len(text) + 2048))
+    source = ModelSource(model_path, 0, size)
+    with _progress(progress_factory, payload.size + size) as progress:
+        return write_model_run(out, payload, source, text, {"name": name, "created": _now()},
+                               progress, zip64_limit)
+
+
+def upgrade(old_path: Path, out: Path, payload_path: Path | None = None, *, progress_factory=None,
+            zip64_limit: int = MAX32) -> BuildResult:
+    """`modelrun upgrade`: the same weights and .args with another runtime. The weights are
+    hashed once, while being copied, against the old manifest's sha256."""
+    with open_run(old_path) as old:
+        manifest = old.manifest()
+        expected = old.expected_model_sha256()
+        entry = old.entries[MODEL_ENTRY]
+        text = old.read(ARGS_ENTRY).decode("utf-8") if ARGS_ENTRY in old.entries else ""
+    _check_output(out, old_path)
+    payload = load_payload(payload_path)
+    _check_output(out, payload.path)
+    check_room(out, planned_size(payload.size, entry.size, len(text) + 2048))
+    source = ModelSource(old_path, entry.data_offset, entry.size, sha256=expected, crc32=entry.crc32)
+    kept = {k: manifest[k] for k in ("name", "created") if k in manifest}
+    with _progress(progress_factory, payload.size + entry.size) as progress:
+        return write_model_run(out, payload, source, text, {**kept, "upgraded": _now()},
+                               progress, zip64_limit)
+
+
+def extract(run_path: Path, out: Path, *, force: bool = False, progress_factory=None) -> str:
+    """`modelrun extract`: model.gguf byte for byte, checked against the manifest's sha256
+    while it is copied. Returns the sha256."""
+    with open_run(run_path) as run:
+        expected = run.expected_model_sha256()
+        entry = run.entries[MODEL_ENTRY]
+    _check_output(out, run_path)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it")
+    check_room(out, entry.size)
+    with _progress(progress_factory, entry.size) as progress, \
+            atomic_output(out, executable=False) as f, \
+            ThreadPoolExecutor(1, thread_name_prefix="hash") as pool, \
+            open(run_path, "rb", buffering=0) as src:
+        hashes = _Hashes(pool, sha256=True, crc32=False)
+        copy_stream(src, entry.data_offset, entry.size, f, hashes, progress)
+        if hashes.sha.hexdigest() != expected:
+            raise UserError(f"{run_path}: the model does not match the sha256 it was made with: "
+                            f"the file is damaged — download it again ({out} was not written)")
+    return expected
+
+
+def open_run(path: Path) -> Container:
+    """The model.run at `path`, or a UserError saying what is wrong with it."""
+    try:
+        return open_container(path)
+    except ContainerError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+@contextmanager
+def _progress(factory, total: int) -> Iterator[Progress | None]:
+    if factory is None:
+        yield None
+    else:
+        with factory(total) as progress:
+            yield progress
