@@ -77,6 +77,32 @@ def _k_quant_blocks(rng, qtype, n_blocks):
     return rng.integers(0, 256, size=(n_blocks, gguf.GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8)
 
 
+def write_synthetic_model_with_tokenizer(path, arch: str, vocabulary, seed: int = 0, more=None,
+                                         **overrides) -> dict:
+    """write_synthetic_model, plus a SentencePiece tokenizer: vocabulary = (tokens, scores,
+    types), with <unk>, <s>, </s> at ids 0, 1, 2. more(writer) adds further metadata."""
+    import gguf
+
+    tokens, scores, types = vocabulary
+
+    class WriterWithTokenizer(gguf.GGUFWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_tokenizer_model("llama")
+            self.add_token_list(tokens)
+            self.add_token_scores(scores)
+            self.add_token_types(types)
+            self.add_bos_token_id(1)
+            self.add_eos_token_id(2)
+            self.add_unk_token_id(0)
+            if more is not None:
+                more(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFWriter", WriterWithTokenizer)
+        return write_synthetic_model(path, arch, seed=seed, **{"n_vocab": len(tokens), **overrides})
+
+
 def write_synthetic_model(path, arch: str, seed: int = 0, **overrides) -> dict:
     """Write a tiny random model of `arch` to path; return {tensor name: (raw array, qtype)}.
 

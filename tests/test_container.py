@@ -32,7 +32,7 @@ from click.testing import CliRunner
 
 from bundler import container as bc
 from bundler.cli import main as modelrun
-from conftest import write_synthetic_model
+from conftest import write_synthetic_model, write_synthetic_model_with_tokenizer
 from runtime.container import HEADER_SIZE, ContainerError, open_container, splice_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,20 +46,8 @@ TOKENS = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + \
 
 def write_tiny_model(path: Path, seed: int) -> Path:
     """A tiny llama (conftest's synthetic spec) with a tokenizer, so `-p hi` runs."""
-    class Writer(gguf.GGUFWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_tokenizer_model("llama")
-            self.add_token_list(TOKENS)
-            self.add_token_scores([0.0] * len(TOKENS))
-            self.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(TOKENS) - 259))
-            self.add_bos_token_id(1)
-            self.add_eos_token_id(2)
-            self.add_unk_token_id(0)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFWriter", Writer)
-        write_synthetic_model(path, "llama", seed=seed, n_vocab=len(TOKENS))
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(TOKENS) - 259)
+    write_synthetic_model_with_tokenizer(path, "llama", (TOKENS, [0.0] * len(TOKENS), types), seed=seed)
     return path
 
 

@@ -35,28 +35,11 @@ def extracted(runtime_payload, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A synthetic gemma3 model with a SentencePiece vocabulary (so -p works)."""
-    import gguf
-
-    from conftest import write_synthetic_model
+    from conftest import write_synthetic_model_with_tokenizer
     from test_server import tokenizer_vocabulary
 
-    tokens, scores, types = tokenizer_vocabulary()
-
-    class WriterWithTokenizer(gguf.GGUFWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_tokenizer_model("llama")
-            self.add_token_list(tokens)
-            self.add_token_scores(scores)
-            self.add_token_types(types)
-            self.add_bos_token_id(1)
-            self.add_eos_token_id(2)
-            self.add_unk_token_id(0)
-
     path = tmp_path_factory.mktemp("payload-model") / "tiny.gguf"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFWriter", WriterWithTokenizer)
-        write_synthetic_model(path, "gemma3", seed=5, n_vocab=320, n_ctx_train=64)
+    write_synthetic_model_with_tokenizer(path, "gemma3", tokenizer_vocabulary(), seed=5, n_ctx_train=64)
     return path
 
 

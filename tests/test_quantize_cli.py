@@ -19,7 +19,7 @@ from gguf.quants import quantize as ref_quantize
 
 from bundler import quantize as q
 from bundler.cli import main
-from conftest import write_synthetic_model
+from conftest import write_synthetic_model_with_tokenizer
 from runtime.gguf import GGUFFile
 
 # Relative RMSE of our K quantizers on Gaussian rows (tests/test_quantize.py), with 25% room.
@@ -169,28 +169,15 @@ EXTRA_ARRAYS = {"test.nested": [[1, 2], [3]], "test.bools": [True, False, True],
 def write_model(path, arch, alignment=None, **spec):
     """A synthetic model (conftest.write_synthetic_model) that also carries a tokenizer, every
     kind of metadata value and, optionally, a custom alignment."""
-    tokens, scores, types = _vocabulary()
+    def more(writer: gguf.GGUFWriter) -> None:
+        if alignment:
+            writer.add_custom_alignment(alignment)
+        for key, (value, vtype) in EXTRA_METADATA.items():
+            writer.add_key_value(key, value, vtype)
+        for key, value in EXTRA_ARRAYS.items():
+            writer.add_array(key, value)
 
-    class Writer(gguf.GGUFWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if alignment:
-                self.add_custom_alignment(alignment)
-            self.add_tokenizer_model("llama")
-            self.add_token_list(tokens)
-            self.add_token_scores(scores)
-            self.add_token_types(types)
-            self.add_bos_token_id(1)
-            self.add_eos_token_id(2)
-            self.add_unk_token_id(0)
-            for key, (value, vtype) in EXTRA_METADATA.items():
-                self.add_key_value(key, value, vtype)
-            for key, value in EXTRA_ARRAYS.items():
-                self.add_array(key, value)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFWriter", Writer)
-        write_synthetic_model(path, arch, seed=11, **spec)
+    write_synthetic_model_with_tokenizer(path, arch, _vocabulary(), seed=11, more=more, **spec)
     return path
 
 

@@ -55,28 +55,11 @@ def tokenizer_vocabulary() -> tuple[list[str], list[float], list[int]]:
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
     """A synthetic qwen3 model that carries tokenizer metadata (a server needs one)."""
-    import gguf
-
-    from conftest import write_synthetic_model
-
-    tokens, scores, types = tokenizer_vocabulary()
-
-    class WriterWithTokenizer(gguf.GGUFWriter):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_name(MODEL_NAME)
-            self.add_tokenizer_model("llama")
-            self.add_token_list(tokens)
-            self.add_token_scores(scores)
-            self.add_token_types(types)
-            self.add_bos_token_id(1)
-            self.add_eos_token_id(2)
-            self.add_unk_token_id(0)
+    from conftest import write_synthetic_model_with_tokenizer
 
     path = tmp_path_factory.mktemp("server") / "tiny.gguf"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf, "GGUFWriter", WriterWithTokenizer)
-        write_synthetic_model(path, "qwen3", seed=3, n_vocab=320, n_ctx_train=N_CTX)
+    write_synthetic_model_with_tokenizer(path, "qwen3", tokenizer_vocabulary(), seed=3,
+                                         more=lambda w: w.add_name(MODEL_NAME), n_ctx_train=N_CTX)
     return path
 
 
