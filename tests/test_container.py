@@ -567,20 +567,37 @@ def test_build_without_a_runtime_payload_says_how_to_make_one(files, tmp_path, m
 def test_a_failed_build_leaves_the_old_output_untouched(files, tmp_path, monkeypatch):
     out = tmp_path / "out.run"
     out.write_bytes(b"the previous build")
-    real_copy = bc.copy_stream
+    real_copy = bc.copy_region
     calls = []
 
     def copy_then_fail(*args, **kwargs):
-        real_copy(*args, **kwargs)
+        digests = real_copy(*args, **kwargs)
         calls.append(1)
         if len(calls) == 2:  # after the weights: the disk fills up
             raise OSError(28, "No space left on device")
+        return digests
 
-    monkeypatch.setattr(bc, "copy_stream", copy_then_fail)
+    monkeypatch.setattr(bc, "copy_region", copy_then_fail)
     result = invoke("build", files.model, "-o", out, "--runtime", files.payload)
     assert result.exit_code == 1 and "No space left on device" in result.output
     assert out.read_bytes() == b"the previous build"
     assert not (tmp_path / "out.run.partial").exists()
+
+
+def test_a_file_system_without_kernel_copy_gets_the_same_bytes(files, tmp_path, monkeypatch):
+    """copy_file_range refused (another OS, a file system that cannot): plain reads and writes."""
+    import errno
+
+    def refuse(*args):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(bc, "_copy_file_range", refuse)
+    out = tmp_path / "user-copy.run"
+    build(files.model, out, files.payload, "--arg=-n", "--arg=2")
+    with zipfile.ZipFile(out) as z, zipfile.ZipFile(files.run) as ref:
+        assert z.testzip() is None
+        assert z.read("model.gguf") == ref.read("model.gguf")
+        assert json.loads(z.read("manifest.json"))["model"] == json.loads(ref.read("manifest.json"))["model"]
 
 
 def test_args_cannot_hold_line_breaks(files, tmp_path):
