@@ -35,7 +35,8 @@ from typing import Callable, Iterable
 import click
 
 from runtime import cpu
-from runtime.kernels import BUILD_ID_FILE, KERNEL_CACHE_FOLDER
+from runtime import BUILD_ID_FILE
+from runtime.kernels import KERNEL_CACHE_FOLDER
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "build.spec"

@@ -3,6 +3,7 @@
 The CPU tier is chosen first, before anything imports numba (runtime.cpu says why).
 """
 
+import gc
 import os
 import sys
 
@@ -25,6 +26,9 @@ def main() -> None:
         from runtime import precompile
 
         sys.exit(precompile.main(job))
+    # Start-up makes a few hundred thousand objects (imports, the vocabulary) and none of
+    # them is garbage; runtime.cli.start_up_done turns the collector back on.
+    gc.disable()
     from runtime.cli import main as cli_main
 
     cli_main()

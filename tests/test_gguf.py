@@ -180,6 +180,14 @@ def check_all_values(f: GGUFFile) -> None:
     assert [[a.tolist() for a in inner] for inner in deep] == [[[1.5]], [[2.5, 3.5], [4.5]]]
 
 
+def test_strings_near_the_start_are_found_without_indexing_the_array(all_values_path):
+    with GGUFFile(all_values_path) as f:
+        strings = f.metadata["a.str"]
+        assert [strings.bytes_at(i) for i in range(len(STRINGS))] == [s.encode() for s in STRINGS]
+        assert strings[1] == STRINGS[1] and strings._starts is None  # walked to, not indexed
+        assert strings.tolist() == STRINGS and strings._starts is not None
+
+
 def test_every_value_type_round_trips_v3(all_values_path):
     with GGUFFile(all_values_path) as f:
         assert f.version == 3

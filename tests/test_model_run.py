@@ -55,7 +55,8 @@ def tiny_run(runtime_payload, tmp_path_factory) -> Path:
     return out
 
 
-def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run, tmp_path):
+def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run, runtime_payload,
+                                                                       tmp_path):
     port = free_port()
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as stderr:
@@ -87,8 +88,11 @@ def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run
     assert "Traceback" not in log, log
     found = KERNELS_LINE.search(log)
     assert found and int(found.group(2)) > 0 and found.group(3) == "0", log
-    # unpacked into the user's cache, under the payload's build id
-    assert len(list((tmp_path / "cache" / "modelrun").iterdir())) == 1
+    # unpacked into the user's cache, under the payload's build id; the tokenizer kept beside
+    build_id = runtime_payload.resolve().name.removeprefix("runtime-").removesuffix(".tar.gz")
+    cache = tmp_path / "cache" / "modelrun"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([build_id, "tokenizers"])
+    assert len(list((cache / "tokenizers").glob("*.pickle"))) == 1
 
 
 def test_inspect_names_the_runtime_and_verify_passes(tiny_run, runtime_payload):

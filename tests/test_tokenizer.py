@@ -529,6 +529,22 @@ def test_spm_highest_score_merges_first():
     assert _pieces(_spm([*letters, ("ab", -5.0), ("bc", -2.0), ("abc", -9.0)]), "abc") == ["abc"]
 
 
+def test_pieces_with_the_same_crc32_are_told_apart_and_duplicates_refused():
+    """The piece index searches CRC-32s; "plumless" and "buckeroo" share one."""
+    import zlib
+
+    assert zlib.crc32(b"plumless") == zlib.crc32(b"buckeroo")
+    letters = [(c, -1.0) for c in "plumesbckro"]
+    tokenizer = _spm([*letters, ("plumless", -2.0), ("buckeroo", -3.0)])
+    index = tokenizer._vocab.piece_to_id
+    found = {text: index.get(text.encode()) for text in ("plumless", "buckeroo", "plumlesz")}
+    assert found["plumlesz"] is None
+    assert [tokenizer.token_to_piece(found[t]) for t in ("plumless", "buckeroo")] == \
+        [b"plumless", b"buckeroo"]
+    with pytest.raises(ValueError, match="duplicate token in vocabulary: b'buckeroo'"):
+        _spm([*letters, ("buckeroo", -2.0), ("plumless", -2.0), ("buckeroo", -3.0)])
+
+
 def test_spm_ties_go_to_the_leftmost_pair():
     tokenizer = _spm([("a", -1.0), ("ab", -3.0), ("ba", -3.0), ("b", -1.0)])
     assert _pieces(tokenizer, "aba") == ["ab", "a"]
@@ -607,3 +623,23 @@ def test_unsupported_models_name_themselves():
                      "tokenizer.ggml.merges": ["a a"]})
     with pytest.raises(ValueError, match="'no-such-pre'"):
         Tokenizer.from_metadata(metadata)
+
+
+@pytest.mark.parametrize("which", ["gemma", "qwen3_pair"])
+def test_a_pickled_tokenizer_encodes_the_same_and_starts_with_empty_caches(which, request):
+    """runtime.tokenizer_cache keeps tokenizers as pickles: SPM and BPE must survive one,
+    and what the caches gathered while serving must not be saved with them."""
+    import pickle
+
+    tokenizer = request.getfixturevalue(which)
+    tokenizer = tokenizer[0] if isinstance(tokenizer, tuple) else tokenizer
+    texts = CORPUS[:40]
+    expected = [tokenizer.encode(t, parse_special=True) for t in texts]  # fills the caches
+    assert tokenizer._model.__dict__[tokenizer._model._CACHES[0]]
+    copy = pickle.loads(pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL))
+    assert all(not copy._model.__dict__[name] for name in copy._model._CACHES)
+    assert copy._pieces_cache == {}
+    assert [copy.encode(t, parse_special=True) for t in texts] == expected
+    assert [copy.decode(ids) for ids in expected] == [tokenizer.decode(ids) for ids in expected]
+    assert (copy.vocab_size, copy.bos_id, copy.eog_ids) == \
+        (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eog_ids)

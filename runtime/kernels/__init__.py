@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.abc
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from runtime import frozen_build_id, user_cache_home
 from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
 
 # The tensor types this build can compute with (names as in runtime.ggml_types).
@@ -31,8 +31,8 @@ SUPPORTED_TYPES = frozenset({
 
 
 # The frozen runtime (bundler/payload.py) ships its compiled kernels in the onedir beside
-# the executable: BUILD_ID_FILE names the build, KERNEL_CACHE_FOLDER holds <build id>/<tier>/.
-BUILD_ID_FILE = "build_id"
+# the executable: runtime.BUILD_ID_FILE names the build, KERNEL_CACHE_FOLDER holds
+# <build id>/<tier>/.
 KERNEL_CACHE_FOLDER = "kernel-cache"
 
 
@@ -49,19 +49,17 @@ def build_id() -> str:
     an edit to kquants.py must make dispatch.py recompile too.
     """
     if _frozen():
-        exe = Path(sys.executable)
-        try:
-            return (exe.parent / BUILD_ID_FILE).read_text().strip()
-        except OSError:
-            return "exe-" + hashlib.sha256(exe.read_bytes()).hexdigest()[:16]
+        frozen = frozen_build_id()
+        if frozen:
+            return frozen
+        return "exe-" + hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()[:16]
     sources = sorted(Path(__file__).parent.glob("*.py"))
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
 def user_cache_root() -> Path:
     """~/.cache/modelrun/numba (XDG_CACHE_HOME honoured)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "modelrun" / "numba"
+    return user_cache_home() / "numba"
 
 
 def cache_root() -> Path:
