@@ -4,7 +4,9 @@ Layout (runtime/container.py reads it; DESIGN.md "The container"):
 
     [sh header, HEADER_SIZE bytes]   checks the platform and the file's size, unpacks the
                                      payload once into the user's cache, exec's the runtime
-    [runtime payload]                tar.gz whose top folder is runtime/ (runtime/runtime)
+    [runtime payload]                tar.gz whose top folder is runtime/ (runtime/runtime); from
+                                     `make runtime`, two gzip members the header unpacks
+                                     on two cores at once (mr_payload_split)
     [zero padding]                   so that model.gguf's data starts at a multiple of 64 KiB
     [ZIP entries, all STORED]        model.gguf, .args, manifest.json
     [ZIP central directory, end record; ZIP64 records when an offset or size needs them]
@@ -67,6 +69,7 @@ HEADER_TEMPLATE = """\
 mr_total_size={total_size:<20}
 mr_payload_offset={payload_offset:<20}
 mr_payload_size={payload_size:<20}
+mr_payload_split={payload_split:<20}
 mr_build_id={build_id:<64}
 mr_system="$(uname -s) $(uname -m)"
 if [ "$mr_system" != "Linux x86_64" ]; then
@@ -89,6 +92,26 @@ if [ "$mr_size" -gt "$mr_total_size" ]; then
 fi
 }}
 
+# mr_untar OFFSET SIZE: unpack that part of the payload (a tar.gz) into $mr_tmp.
+mr_untar() {{
+  tail -c +$((mr_payload_offset + $1 + 1)) "$0" | head -c "$2" | tar -xzf - -C "$mr_tmp"
+}}
+
+# mr_untar_all: the payload's two gzip members (split at mr_payload_split: see
+# bundler/payload.py) on two cores at once; if that fails, or there is no split, the whole
+# payload as one tar.gz (which it also is).
+mr_untar_all() {{
+  if [ "$mr_payload_split" -gt 0 ]; then
+    mr_untar "$mr_payload_split" $((mr_payload_size - mr_payload_split)) &
+    mr_second=$!
+    mr_untar 0 "$mr_payload_split" && wait "$mr_second" && return 0
+    wait "$mr_second"
+    rm -rf "$mr_tmp"
+    mkdir "$mr_tmp" || return 1
+  fi
+  mr_untar 0 "$mr_payload_size"
+}}
+
 # mr_unpack FOLDER: make FOLDER/<build id>/runtime/runtime exist. The payload is unpacked
 # into a temporary folder that is then renamed: another launch racing this one either
 # finds the finished folder or loses the rename and removes its own copy.
@@ -100,7 +123,7 @@ mr_unpack() {{
   rm -rf "$mr_tmp"
   mkdir "$mr_tmp" 2>/dev/null || return 1
   printf '%s\\n' "modelrun: unpacking the runtime into $mr_dir (first launch only)" >&2
-  if ! mr_err=$(tail -c +$((mr_payload_offset + 1)) "$0" | head -c "$mr_payload_size" | tar -xzf - -C "$mr_tmp" 2>&1); then
+  if ! mr_err=$(mr_untar_all 2>&1); then
     rm -rf "$mr_tmp"
     case $mr_err in
       *"No space left"*|*"Read-only file system"*|*"ermission denied"*)
@@ -145,6 +168,7 @@ class HeaderValues:
     payload_offset: int
     payload_size: int
     build_id: str
+    payload_split: int = 0  # where the payload's second gzip member starts; 0: unknown
 
 
 def render_header(values: HeaderValues) -> bytes:
@@ -153,7 +177,8 @@ def render_header(values: HeaderValues) -> bytes:
         raise ValueError(f"a build id is 1-64 of [0-9A-Za-z._-], got {values.build_id!r}")
     text = HEADER_TEMPLATE.format(header_size=HEADER_SIZE, total_size=values.total_size,
                                   payload_offset=values.payload_offset,
-                                  payload_size=values.payload_size, build_id=values.build_id)
+                                  payload_size=values.payload_size,
+                                  payload_split=values.payload_split, build_id=values.build_id)
     data = text.encode("utf-8")
     room = HEADER_SIZE - len(data)
     if room < 2:
@@ -173,6 +198,7 @@ class RuntimePayload:
     build_id: str | None  # these three from runtime.json, when it gives the payload's size
     tiers: tuple[str, ...]  # (else: build id = sha256[:16] of the bytes, no tiers); its sha256
     sha256: str | None  # is trusted, not recomputed: `modelrun verify` checks it on the file
+    split: int = 0  # runtime.json's too: where the second gzip member starts (0: unknown)
 
 
 DEFAULT_PAYLOAD = Path(__file__).resolve().parent.parent / "dist" / "runtime.tar.gz"
@@ -207,6 +233,7 @@ def load_payload(path: Path | None) -> RuntimePayload:
     info = _runtime_json(path)
     build_id = sha256 = None
     tiers: tuple[str, ...] = ()
+    split = 0
     if info is not None and info.get("size") in (None, size):
         build_id = info.get("build_id")
         sha256 = info.get("sha256")
@@ -214,7 +241,11 @@ def load_payload(path: Path | None) -> RuntimePayload:
         if not isinstance(build_id, str) or not BUILD_ID_PATTERN.fullmatch(build_id):
             raise UserError(f"{path.parent / 'runtime.json'}: build_id must be 1-64 of "
                             f"[0-9A-Za-z._-], got {build_id!r}")
-    return RuntimePayload(path, size, build_id, tiers, sha256)
+        split = info.get("split") or 0
+        if not isinstance(split, int) or not 0 <= split < size:
+            raise UserError(f"{path.parent / 'runtime.json'}: split must be a byte offset "
+                            f"inside the payload, got {split!r}")
+    return RuntimePayload(path, size, build_id, tiers, sha256, split)
 
 
 def _runtime_json(payload: Path) -> dict[str, Any] | None:
@@ -566,7 +597,8 @@ def write_model_run(out: Path, payload: RuntimePayload, model: ModelSource, args
         zw.add(MANIFEST_ENTRY, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         total = zw.finish()
         f.seek(0)
-        f.write(render_header(HeaderValues(total, HEADER_SIZE, payload.size, build_id)))
+        f.write(render_header(HeaderValues(total, HEADER_SIZE, payload.size, build_id,
+                                           payload.split)))
     return BuildResult(out, total, manifest, data_offset)
 
 

@@ -72,6 +72,28 @@ def write_fake_payload(path: Path, marker: str = "", filler: int = 0) -> Path:
     return path
 
 
+def write_split_payload(folder: Path, filler: int, split_shift: int = 0) -> tuple[Path, int]:
+    """A fake runtime packed as `make runtime` packs it (bundler.payload.pack: two gzip
+    members, the largest file, here the filler, in the second), with runtime.json beside
+    it giving the split, off by `split_shift` bytes if asked. Returns (payload, split)."""
+    from bundler.payload import pack
+
+    onedir = folder / "onedir"
+    onedir.mkdir(parents=True)
+    with tarfile.open(write_fake_payload(folder / "plain.tar.gz")) as tar:
+        script = tar.extractfile("runtime/runtime").read()
+    (onedir / "runtime").write_bytes(script)
+    (onedir / "runtime").chmod(0o755)
+    (onedir / "lib").mkdir()
+    (onedir / "lib" / "filler.so").write_bytes(os.urandom(filler))
+    payload = folder / "runtime.tar.gz"
+    split = pack(onedir, payload)
+    (folder / "runtime.json").write_text(json.dumps(
+        {"build_id": "split-" + folder.name, "tiers": [], "size": payload.stat().st_size,
+         "split": split + split_shift, "sha256": hashlib.sha256(payload.read_bytes()).hexdigest()}))
+    return payload, split
+
+
 def build(model: Path, out: Path, payload: Path, *args: str) -> Path:
     result = CliRunner().invoke(modelrun, ["build", str(model), "-o", str(out),
                                            "--runtime", str(payload), *args])
@@ -296,6 +318,47 @@ def test_damaged_copies_say_so_in_one_line(files, case):
     assert words in line and "download it again" in line
 
 
+@pytest.mark.parametrize("split_shift", [0, -100])
+def test_a_two_member_payload_unpacks_in_parallel_or_falls_back_to_one_stream(files, tmp_path,
+                                                                             split_shift):
+    """make runtime's payload is two gzip members unpacked at once; read in a row they are
+    one tar.gz. A split that is wrong (-100: inside the first member) must still unpack,
+    through the whole payload in one stream."""
+    payload, split = write_split_payload(tmp_path / "dist", 3 << 20, split_shift)
+    with tarfile.open(payload) as tar:  # one ordinary tar.gz to every reader
+        assert tar.getnames() == ["runtime", "runtime/lib", "runtime/runtime",
+                                  "runtime/lib/filler.so"]
+    run = build(files.model, tmp_path / "split.run", payload)
+    assert f"mr_payload_split={split + split_shift} ".encode() in run.read_bytes()[:HEADER_SIZE]
+    shim = tmp_path / "bin"  # a tar that notes each call: 2 in parallel, 3 with the fallback
+    shim.mkdir()
+    (shim / "tar").write_text(f"#!/bin/sh\necho called >> '{tmp_path / 'tar.log'}'\n"
+                              f"exec '{shutil.which('tar')}' \"$@\"\n")
+    (shim / "tar").chmod(0o755)
+    cache = tmp_path / "cache"
+    env = files.env(XDG_CACHE_HOME=str(cache), PATH=f"{shim}:{os.environ['PATH']}")
+    ran = files.launch(run, "--info", env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert len((tmp_path / "tar.log").read_text().split()) == (2 if split_shift == 0 else 3)
+    unpacked = cache / "modelrun" / ("split-" + payload.parent.name) / "runtime"
+    assert (unpacked / "lib" / "filler.so").read_bytes() == \
+        (tmp_path / "dist" / "onedir" / "lib" / "filler.so").read_bytes()
+    assert sorted(p.name for p in unpacked.parent.parent.iterdir()) == [unpacked.parent.name]
+
+
+def test_a_damaged_second_member_is_caught_when_unpacking(files, tmp_path):
+    payload, split = write_split_payload(tmp_path / "dist", 1 << 20)
+    data = bytearray(build(files.model, tmp_path / "split.run", payload).read_bytes())
+    data[HEADER_SIZE + split + (payload.stat().st_size - split) // 2] ^= 0xFF
+    damaged = files.variant("split-damaged.run", bytes(data))
+    cache = tmp_path / "cache"
+    ran = files.launch(damaged, "--info", env=files.env(XDG_CACHE_HOME=str(cache)))
+    assert ran.returncode == 1
+    line = one_line(ran.stderr)
+    assert "damaged" in line and "download it again" in line
+    assert not list((cache / "modelrun").iterdir())  # no half-unpacked folder left
+
+
 def test_a_damaged_runtime_payload_is_caught_when_unpacking(files, tmp_path):
     where = layout(files.run)
     # the payload's last 8 bytes are gzip's CRC-32 and size of the tar: flip the CRC
@@ -391,7 +454,7 @@ def test_header_is_fixed_size_and_plain_posix_sh(files, tmp_path):
                                      capture_output=True, text=True)
             assert checked.returncode == 0, f"{shell}: {checked.stderr}"
     values = bc.HeaderValues(total_size=10**15, payload_offset=HEADER_SIZE, payload_size=10**12,
-                             build_id="x" * 64)
+                             build_id="x" * 64, payload_split=10**12 - 1)
     assert len(bc.render_header(values)) == HEADER_SIZE
 
 

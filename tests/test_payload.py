@@ -4,6 +4,7 @@ The payload is built once per tree by the `runtime_payload` fixture (conftest.py
 this machine's CPU tier precompiled.
 """
 
+import io
 import json
 import os
 import re
@@ -62,6 +63,12 @@ def test_layout_and_metadata(runtime_payload, extracted):
     with tarfile.open(runtime_payload) as tar:
         names = tar.getnames()
     assert names[0] == "runtime" and all(n.startswith("runtime/") for n in names[1:])
+    # two gzip members, the second (unpacked on its own core at first launch) libllvmlite.so
+    data = runtime_payload.read_bytes()
+    assert 0 < meta["split"] < len(data) and data[meta["split"]:meta["split"] + 3] == b"\x1f\x8b\x08"
+    with tarfile.open(fileobj=io.BytesIO(data[meta["split"]:])) as second:
+        assert [m.name for m in second.getmembers()] == [names[-1]]
+        assert names[-1].endswith("/libllvmlite.so")
     assert os.access(extracted / "runtime", os.X_OK)
     # the build id is the hash of the frozen files, caches and the id itself left out
     frozen = extracted.parent / "frozen-only"
