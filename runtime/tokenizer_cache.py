@@ -1,17 +1,16 @@
 """A model's tokenizer, kept between launches so a warm start does not rebuild it.
 
-Building Gemma's 262k-piece tokenizer from GGUF metadata is ~0.45 s of Python; unpickling the
-built one is ~0.08 s, a quarter of a warm start. The cache file is named by the sha256 of
-
-  - the model's key/value section as stored (everything Tokenizer.from_metadata reads), and
-  - this runtime: the frozen build's id, or from source the tokenizer's and GGUF reader's
-    code, plus the Python and NumPy versions the pickle depends on,
-
-so an edited vocabulary or another runtime never meets a stale tokenizer. It lives in
-${XDG_CACHE_HOME:-~/.cache}/modelrun/tokenizers/ and is written once, after loading, on a
-thread of its own, through a temporary file renamed into place (two launches at once are
-safe). A file that cannot be read is rebuilt over; a folder that cannot be written is
-skipped: the cache only ever saves time.
+Building Gemma's 262k-piece tokenizer from GGUF metadata takes ~0.16 s of Python (a BPE
+vocabulary with its merges ~0.25 s); unpickling the built one ~0.08 s. The cache file is
+named by the sha256 of the model's key/value section as stored (everything
+Tokenizer.from_metadata reads), so one model has one file, and it starts with the stamp of
+the runtime that wrote it (the frozen build's id, or from source the tokenizer's and GGUF
+reader's code, plus the Python and NumPy versions the pickle depends on): another runtime
+reads only that stamp, builds its own and writes over it, so an upgrade leaves no stale
+files behind. It lives in ${XDG_CACHE_HOME:-~/.cache}/modelrun/tokenizers/ and is written
+after loading, on a thread of its own, through a temporary file renamed into place (two
+launches at once are safe). A file that cannot be read is rebuilt over; a folder that cannot
+be written is skipped: the cache only ever saves time.
 """
 
 from __future__ import annotations
@@ -47,13 +46,17 @@ class TokenizerCache:
     """The cache entry of one model's tokenizer: `load()` it, else build and `save()` it."""
 
     def __init__(self, gguf: GGUFFile, folder: Path | None = None):
-        key = hashlib.sha256(runtime_stamp() + b"\0" + gguf.metadata_digest().encode())
-        self.path = (folder or user_cache_home() / "tokenizers") / f"{key.hexdigest()[:32]}.pickle"
+        self.path = (folder or user_cache_home() / "tokenizers") / \
+            f"{gguf.metadata_digest()[:32]}.pickle"
+        self.stamp = runtime_stamp()
 
     def load(self) -> Tokenizer | None:
-        """The cached tokenizer, or None (none yet, or unreadable: it is then rebuilt)."""
+        """The cached tokenizer, or None (none yet, another runtime's, or unreadable: it is
+        then rebuilt)."""
         try:
             with open(self.path, "rb") as f:
+                if pickle.load(f) != self.stamp:
+                    return None
                 tokenizer = pickle.load(f)
         except Exception:  # missing, truncated, written by something else: build it anew
             return None
@@ -77,6 +80,7 @@ class TokenizerCache:
             return False
         try:
             with os.fdopen(fd, "wb") as f:
+                pickle.dump(self.stamp, f, protocol=pickle.HIGHEST_PROTOCOL)
                 pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
             os.replace(temporary, self.path)
             return True

@@ -52,15 +52,19 @@ def test_gemma_round_trip(gemma_path, tmp_path):
     assert loaded.eog_ids == built.eog_ids and loaded.vocab_size == built.vocab_size == 262144
 
 
-def test_the_key_follows_the_metadata_and_the_runtime(tmp_path, monkeypatch):
+def test_one_entry_per_vocabulary_and_never_another_runtimes(tmp_path, monkeypatch):
     one = write_model(tmp_path / "one.gguf")
     same = write_model(tmp_path / "same.gguf")
     other = write_model(tmp_path / "other.gguf", WORDS[:-1] + ["c"])  # one piece differs
     path = lambda gguf: TokenizerCache(gguf, tmp_path).path  # noqa: E731
     assert path(one) == path(same) != path(other)
-    before = path(one)
+    TokenizerCache(one, tmp_path).save(Tokenizer.from_metadata(one.metadata))
+    assert TokenizerCache(same, tmp_path).load() is not None
     monkeypatch.setattr(tokenizer_cache, "runtime_stamp", lambda: b"another build")
-    assert path(one) != before
+    upgraded = TokenizerCache(one, tmp_path)
+    assert upgraded.path == path(one) and upgraded.load() is None  # written by another runtime
+    upgraded.save(Tokenizer.from_metadata(one.metadata))  # ... and replaced: still one file
+    assert upgraded.load() is not None and len(list(tmp_path.glob("*.pickle"))) == 1
 
 
 @pytest.mark.parametrize("content", [b"", b"not a pickle", b"\x80\x05garbage",
