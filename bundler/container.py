@@ -577,7 +577,6 @@ def write_model_run(out: Path, payload: RuntimePayload, model: ModelSource, args
                 copy_region(payload_in, 0, payload.size, f, progress)
         runtime_sha = payload_digests.sha256 or payload.sha256
         build_id = payload.build_id or runtime_sha[:16]
-        tiers = list(payload.tiers) if payload.build_id else []
         if model.sha256 and model.sha256 != model_digests.sha256:
             raise UserError(f"{model.path}: the model does not match the sha256 it was made with: "
                             f"the file is damaged — download it again (nothing was written)")
@@ -590,7 +589,7 @@ def write_model_run(out: Path, payload: RuntimePayload, model: ModelSource, args
             "format": FORMAT,
             **manifest,
             "model": {"entry": MODEL_ENTRY, "size": model.size, "sha256": model_digests.sha256},
-            "runtime": {"build_id": build_id, "tiers": tiers,
+            "runtime": {"build_id": build_id, "tiers": list(payload.tiers),
                         "size": payload.size, "sha256": runtime_sha},
             "modelrun_version": modelrun_version(),
         }

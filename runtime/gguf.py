@@ -132,6 +132,15 @@ def _type_name(type_id: int) -> str:
 _WALK_WITHOUT_INDEX = 1024  # strings this near the start are found without indexing all
 
 
+def _skip_strings(src: Any, pos: int, count: int) -> int:
+    """Where `count` length-prefixed strings from pos end (no bounds checks: struct.error
+    or OverflowError past the end); the hot loop of a vocabulary's parse."""
+    unpack = _U64.unpack_from
+    for _ in repeat(None, count):
+        pos += 8 + unpack(src, pos)[0]
+    return pos
+
+
 class StringArray(Sequence[str]):
     """A GGUF array of strings, decoded on demand.
 
@@ -184,11 +193,8 @@ class StringArray(Sequence[str]):
         if not 0 <= i < n:
             raise IndexError(f"string index {i} out of range for {n} strings")
         if self._starts is None and i < _WALK_WITHOUT_INDEX:  # (a BOS or EOS lookup)
-            unpack = _U64.unpack_from
-            pos = self._first
-            for _ in repeat(None, i):
-                pos += 8 + unpack(self._src, pos)[0]
-            return bytes(self._src[pos + 8:pos + 8 + unpack(self._src, pos)[0]])
+            pos = _skip_strings(self._src, self._first, i)
+            return bytes(self._src[pos + 8:_skip_strings(self._src, pos, 1)])
         starts = self._index()
         return bytes(self._src[starts[i]:starts[i + 1] - 8])
 
@@ -452,13 +458,11 @@ class _Parser:
         raise GGUFError(f"unknown element type {etype} of array {key!r} at offset {pos}", pos)
 
     def skip_strings(self, pos: int, count: int, key: str) -> int:
-        """Where `count` strings starting at pos end; the hot loop of a vocabulary's parse."""
-        unpack = _U64.unpack_from
-        view = self.view
+        """Where `count` strings starting at pos end, or a GGUFError naming the one that runs
+        past the end of the file."""
         start = pos
         try:
-            for _ in repeat(None, count):
-                pos += 8 + unpack(view, pos)[0]
+            pos = _skip_strings(self.view, pos, count)
         except (struct.error, OverflowError):  # ran off the end; a huge length overflows ssize_t
             pos = self.size + 1
         if pos <= self.size:
