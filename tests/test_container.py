@@ -51,13 +51,18 @@ def write_tiny_model(path: Path, seed: int) -> Path:
     return path
 
 
+def fake_runtime_script(marker: str = "") -> bytes:
+    """runtime/runtime of a fake payload: this checkout's `python -m runtime`."""
+    return (f"#!/bin/sh\n# fake modelrun runtime {marker}\n"
+            f"XDG_CACHE_HOME='{KERNEL_CACHE_HOME}' PYTHONPATH='{REPO}' "
+            f"exec '{sys.executable}' -m runtime \"$@\"\n").encode()
+
+
 def write_fake_payload(path: Path, marker: str = "", filler: int = 0) -> Path:
     """A runtime payload whose runtime/runtime runs this checkout's `python -m runtime`.
     `marker` changes its bytes (another build); `filler` adds incompressible bytes so that
     unpacking takes a moment."""
-    script = (f"#!/bin/sh\n# fake modelrun runtime {marker}\n"
-              f"XDG_CACHE_HOME='{KERNEL_CACHE_HOME}' PYTHONPATH='{REPO}' "
-              f"exec '{sys.executable}' -m runtime \"$@\"\n").encode()
+    script = fake_runtime_script(marker)
     with tarfile.open(path, "w:gz") as tar:
         folder = tarfile.TarInfo("runtime")
         folder.type, folder.mode = tarfile.DIRTYPE, 0o755
@@ -80,9 +85,7 @@ def write_split_payload(folder: Path, filler: int, split_shift: int = 0) -> tupl
 
     onedir = folder / "onedir"
     onedir.mkdir(parents=True)
-    with tarfile.open(write_fake_payload(folder / "plain.tar.gz")) as tar:
-        script = tar.extractfile("runtime/runtime").read()
-    (onedir / "runtime").write_bytes(script)
+    (onedir / "runtime").write_bytes(fake_runtime_script())
     (onedir / "runtime").chmod(0o755)
     (onedir / "lib").mkdir()
     (onedir / "lib" / "filler.so").write_bytes(os.urandom(filler))
