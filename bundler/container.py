@@ -244,7 +244,7 @@ def load_payload(path: Path | None) -> RuntimePayload:
         split = info.get("split") or 0
         if not isinstance(split, int) or not 0 <= split < size:
             raise UserError(f"{path.parent / 'runtime.json'}: split must be a byte offset "
-                            f"inside the payload, got {split!r}")
+                            f"inside the payload, got {split!r}; rebuild it with `make runtime`")
     return RuntimePayload(path, size, build_id, tiers, sha256, split)
 
 

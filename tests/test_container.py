@@ -349,6 +349,16 @@ def test_a_two_member_payload_unpacks_in_parallel_or_falls_back_to_one_stream(fi
     assert sorted(p.name for p in unpacked.parent.parent.iterdir()) == [unpacked.parent.name]
 
 
+def test_a_split_outside_the_payload_is_refused_before_writing(files, tmp_path):
+    payload, _ = write_split_payload(tmp_path / "dist", 1 << 16)
+    meta = json.loads((payload.parent / "runtime.json").read_text())
+    (payload.parent / "runtime.json").write_text(json.dumps({**meta, "split": meta["size"] + 5}))
+    result = CliRunner().invoke(modelrun, ["build", str(files.model), "-o",
+                                           str(tmp_path / "o.run"), "--runtime", str(payload)])
+    assert result.exit_code == 1 and "split must be a byte offset" in result.output
+    assert "make runtime" in result.output and not list(tmp_path.glob("o.run*"))
+
+
 def test_a_damaged_second_member_is_caught_when_unpacking(files, tmp_path):
     payload, split = write_split_payload(tmp_path / "dist", 1 << 20)
     data = bytearray(build(files.model, tmp_path / "split.run", payload).read_bytes())
