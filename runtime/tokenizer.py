@@ -54,7 +54,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import regex
 
-__all__ = ["Tokenizer", "StreamDecoder"]
+__all__ = ["Tokenizer", "StreamDecoder", "TokenizerError", "TokenIdError"]
+
+
+class TokenizerError(ValueError):
+    """The tokenizer refuses this model's metadata or this input; the message says why.
+
+    A ValueError, so callers that caught ValueError before it existed keep working."""
+
+
+class TokenIdError(TokenizerError, IndexError):
+    """A token id outside the vocabulary (an IndexError too, as it was before)."""
 
 # tokenizer.ggml.token_type values (GGUF spec / llama.cpp's llama_token_type)
 TOKEN_NORMAL = 1
@@ -211,7 +221,7 @@ class _PieceIndex:
             j = i
             while j >= 0 and crcs[j] == crcs[i + 1]:  # every earlier piece with that CRC
                 if pieces[int(order[j])] == pieces[later]:
-                    raise ValueError(f"duplicate token in vocabulary: {pieces[later]!r} "
+                    raise TokenizerError(f"duplicate token in vocabulary: {pieces[later]!r} "
                                      f"(ids {int(order[j])} and {later})")
                 j -= 1
 
@@ -377,7 +387,8 @@ class _SpmModel(_PickledWithoutCaches):
             if tid is None:
                 tid = vocab.unknown_id
             if tid is None:
-                raise ValueError(f"SPM vocabulary without <0x{b:02X}> and without an unknown token")
+                raise TokenizerError(
+                    f"SPM vocabulary without <0x{b:02X}> and without an unknown token")
             self.byte_ids.append(tid)
         # Fragments (text between special tokens: for Gemma, mostly single lines) repeat
         # whenever a chat is re-encoded turn after turn.
@@ -527,18 +538,19 @@ class Tokenizer(_PickledWithoutCaches):
         """Build the tokenizer from GGUF key/values (tokenizer.ggml.*)."""
         model_name = _text(metadata.get("tokenizer.ggml.model"))
         if model_name not in ("llama", "gpt2"):
-            raise ValueError(
+            raise TokenizerError(
                 f"unsupported tokenizer model {model_name!r} (tokenizer.ggml.model); "
                 "modelrun supports 'llama' (SentencePiece/SPM) and 'gpt2' (byte-level BPE)")
         pieces = _piece_bytes_of(metadata.get("tokenizer.ggml.tokens"))
         if not pieces:
-            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens")
+            raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens")
         n = len(pieces)
         if b"" in pieces:  # llama.cpp renames empty pieces so they cannot match
             pieces = [piece or f"[EMPTY_{i}]".encode() for i, piece in enumerate(pieces)]
         types = _as_list(metadata.get("tokenizer.ggml.token_type")) or [TOKEN_NORMAL] * n
         if len(types) < n:
-            raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+            raise TokenizerError(
+                f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
         types = types[:n] if isinstance(types[0], int) else [int(t) for t in types[:n]]
         vocab = _Vocab(pieces, types)
 
@@ -563,7 +575,8 @@ class Tokenizer(_PickledWithoutCaches):
             scores = metadata.get("tokenizer.ggml.scores")
             scores = np.zeros(n) if scores is None else np.asarray(scores, dtype=np.float64)
             if scores.ndim != 1 or len(scores) < n:
-                raise ValueError(f"tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
+                raise TokenizerError(
+                    f"tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
             scores = scores[:n]
             model = _SpmModel(vocab, scores, flag("tokenizer.ggml.add_space_prefix", True))
             add_bos_default = True
@@ -571,12 +584,12 @@ class Tokenizer(_PickledWithoutCaches):
             pre_name = _text(metadata.get("tokenizer.ggml.pre")) or "default"
             pre = _PRE_TOKENIZERS.get(pre_name)
             if pre is None:
-                raise ValueError(
+                raise TokenizerError(
                     f"unsupported BPE pre-tokenizer {pre_name!r} (tokenizer.ggml.pre); known: "
                     + ", ".join(sorted(_PRE_TOKENIZERS)))
             merges = _piece_bytes_of(metadata.get("tokenizer.ggml.merges"))
             if not merges:
-                raise ValueError("BPE tokenizer without tokenizer.ggml.merges")
+                raise TokenizerError("BPE tokenizer without tokenizer.ggml.merges")
             model = _BpeModel(vocab, merges, pre)
             add_bos_default = pre.add_bos
 
@@ -586,9 +599,11 @@ class Tokenizer(_PickledWithoutCaches):
         add_bos = flag("tokenizer.ggml.add_bos_token", add_bos_default)
         add_eos = flag("tokenizer.ggml.add_eos_token", False)
         if add_bos and bos_id is None:
-            raise ValueError("add_bos_token is true, but tokenizer.ggml.bos_token_id is not set")
+            raise TokenizerError(
+                "add_bos_token is true, but tokenizer.ggml.bos_token_id is not set")
         if add_eos and eos_id is None:
-            raise ValueError("add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
+            raise TokenizerError(
+                "add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
         return cls(vocab, model, model_name=model_name, bos_id=bos_id, eos_id=eos_id,
                    eog_ids=eog_ids, add_bos=add_bos, add_eos=add_eos)
 
@@ -723,7 +738,7 @@ class Tokenizer(_PickledWithoutCaches):
         special is true (llama.cpp's token_to_piece); pieces may be partial UTF-8."""
         vocab = self._vocab
         if not 0 <= token_id < len(vocab):
-            raise IndexError(f"token id {token_id} out of range (vocab size {len(vocab)})")
+            raise TokenIdError(f"token id {token_id} out of range (vocab size {len(vocab)})")
         kind = vocab.types[token_id]
         if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN) and not special:
             return b""

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.tokenizer import StreamDecoder, Tokenizer
+from runtime.tokenizer import StreamDecoder, TokenIdError, Tokenizer, TokenizerError
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: GGUF-style tokenizer metadata built from quicktok's shipped vocabulary files.
@@ -616,13 +616,24 @@ def test_special_tokens_are_cut_longest_first():
 
 
 def test_unsupported_models_name_themselves():
-    with pytest.raises(ValueError, match="'bert'"):
+    with pytest.raises(TokenizerError, match="'bert'"):
         Tokenizer.from_metadata({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["a"]})
     metadata = _spm_metadata([("a", -1.0)])
     metadata.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "no-such-pre",
                      "tokenizer.ggml.merges": ["a a"]})
-    with pytest.raises(ValueError, match="'no-such-pre'"):
+    with pytest.raises(TokenizerError, match="'no-such-pre'"):
         Tokenizer.from_metadata(metadata)
+
+
+def test_refusals_are_tokenizer_errors_and_still_value_errors():
+    """TokenizerError is this layer's typed error; callers that caught ValueError (and
+    IndexError for an id outside the vocabulary) before it existed keep working."""
+    with pytest.raises(ValueError, match="no tokenizer.ggml.tokens"):
+        Tokenizer.from_metadata({"tokenizer.ggml.model": "llama"})
+    tokenizer = Tokenizer.from_metadata(_spm_metadata([("a", -1.0)]))
+    for caught in (TokenIdError, TokenizerError, ValueError, IndexError):
+        with pytest.raises(caught, match="out of range"):
+            tokenizer.token_to_piece(tokenizer.vocab_size)
 
 
 @pytest.mark.parametrize("which", ["gemma", "qwen3_pair"])
