@@ -116,6 +116,36 @@ _GPT4O_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?"
              r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _TEKKEN_RE = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
               r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen 3.5: Qwen 2's, with combining marks (\p{M}) kept in letter runs.
+_QWEN35_RE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+              r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# DeepSeek's regexes without a \p{..} class run in llama.cpp as std::wregex (ECMAScript) over
+# the text with every non-ASCII whitespace character replaced by U+000B; ported to `regex`:
+# - `\s` matches the same characters either way (ASCII whitespace there, plus the replaced
+#   ones; Unicode White_Space here), but a whitespace character written inside a class
+#   (U+3000 in U+3000-U+3002, U+1680, U+2000-U+200A, U+2028... in U+0800-U+4E00) can never
+#   match there, having been replaced: the classes below leave them out;
+# - ECMAScript's `$` is the end of the piece only, which is `\Z` here (`$` also matches
+#   before a final newline).
+_CJK_RUN = r"(?V1)[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff--\s]+"
+# DeepSeek LLM's cased letters (Unicode's Lu/Ll/Lt runs, as its tokenizer.json lists them).
+_DEEPSEEK_LLM_LETTERS = (
+    r"A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af"
+    r"\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1"
+    r"\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5"
+    r"\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a"
+    r"\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d"
+    r"\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3"
+    r"\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115"
+    r"\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f"
+    r"\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3"
+    r"\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
+    r"\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f"
+    r"\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    r"\U000118a0-\U000118df\U0001e900-\U0001e943")
+# ASCII and full-width punctuation, quotes, and U+3001-U+3002 (llama.cpp writes U+3000-U+3002).
+_DEEPSEEK_LLM_PUNCT = r"!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3001-\u3002"
+
 
 class _PreTokenizer:
     """How one family of BPE models splits text into words before merging."""
@@ -135,6 +165,11 @@ _DIGITS_THEN_GPT2 = _PreTokenizer([r"\p{N}", _GPT2_RE])
 _DEFAULT = _PreTokenizer([r"[\p{P}\$\+<=>\^~\|]+", _GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"])
 _GPT4O = _PreTokenizer([_GPT4O_RE])
 _TEKKEN = _PreTokenizer([_TEKKEN_RE], ignore_merges=True, add_bos=True)
+_QWEN35 = _PreTokenizer([_QWEN35_RE])
+_FALCON = _PreTokenizer([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]"])
+_DEEPSEEK_CODER = _PreTokenizer([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUN, r"\p{N}"])
+_DEEPSEEK_LLM = _PreTokenizer([r"[\r\n]", rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+",
+                               rf"\s?[{_DEEPSEEK_LLM_PUNCT}]+", r"\s+\Z", _CJK_RUN, r"\p{N}+"])
 
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _DEFAULT,
@@ -149,6 +184,10 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
                      "minerva-7b"), _DIGITS_THEN_GPT2),
     **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
     "tekken": _TEKKEN,
+    "qwen35": _QWEN35,
+    "falcon": _FALCON,
+    "deepseek-coder": _DEEPSEEK_CODER,
+    "deepseek-llm": _DEEPSEEK_LLM,
 }
 
 
