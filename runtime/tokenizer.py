@@ -147,14 +147,26 @@ _DEEPSEEK_LLM_LETTERS = (
 _DEEPSEEK_LLM_PUNCT = r"!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3001-\u3002"
 
 
+# tokenizer.ggml.model values modelrun reads, and what they are.
+_TOKENIZER_MODELS = {
+    "llama": "SentencePiece/SPM",
+    "gpt2": "byte-level BPE",
+    "gemma4": "Gemma 4's SentencePiece-style BPE",
+}
+
+
 class _PreTokenizer:
     """How one family of BPE models splits text into words before merging."""
 
     def __init__(self, patterns: Sequence[str], *, ignore_merges: bool = False,
-                 add_bos: bool = False):
+                 add_bos: bool = False, spm_style: bool = False):
         self.patterns = tuple(patterns)
         self.ignore_merges = ignore_merges
         self.add_bos = add_bos  # llama.cpp's default when the metadata has no add_bos_token
+        # SentencePiece-style BPE (Gemma 4): spaces become U+2581, words merge over their
+        # characters' raw UTF-8 (no byte-to-unicode table), a run of newlines that is a
+        # piece is taken whole, and a leftover symbol falls back to <0xXX> byte tokens.
+        self.spm_style = spm_style
 
 
 _LLAMA3 = _PreTokenizer([_LLAMA3_RE], ignore_merges=True, add_bos=True)
@@ -168,6 +180,8 @@ _TEKKEN = _PreTokenizer([_TEKKEN_RE], ignore_merges=True, add_bos=True)
 _QWEN35 = _PreTokenizer([_QWEN35_RE])
 _FALCON = _PreTokenizer([r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_RE, r"[0-9][0-9][0-9]"])
 _DEEPSEEK_CODER = _PreTokenizer([r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_RUN, r"\p{N}"])
+# Gemma 4: no word splitting beyond cutting lines from runs of newlines.
+_GEMMA4 = _PreTokenizer([r"[^\n]+|\n+"], add_bos=True, spm_style=True)
 _DEEPSEEK_LLM = _PreTokenizer([r"[\r\n]", rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+",
                                rf"\s?[{_DEEPSEEK_LLM_PUNCT}]+", r"\s+\Z", _CJK_RUN, r"\p{N}+"])
 
@@ -188,6 +202,7 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "falcon": _FALCON,
     "deepseek-coder": _DEEPSEEK_CODER,
     "deepseek-llm": _DEEPSEEK_LLM,
+    **dict.fromkeys(("gemma4", "granite-embed-multi-311m"), _GEMMA4),
 }
 
 
@@ -466,7 +481,8 @@ class _SpmModel(_PickledWithoutCaches):
 
 
 class _BpeModel(_PickledWithoutCaches):
-    """Byte-level BPE with merge ranks and a regex pre-tokenizer."""
+    """Byte-level BPE with merge ranks and a regex pre-tokenizer (or, for Gemma 4, BPE over
+    characters with SentencePiece's spaces)."""
 
     _CACHE_LIMIT = 1 << 16
     _CACHES = ("word_cache",)
@@ -476,12 +492,17 @@ class _BpeModel(_PickledWithoutCaches):
         self.pre = pre
         self.splitters = [regex.compile(p) for p in pre.patterns]
         # "left right" -> rank; the first occurrence wins, as in llama.cpp. Pieces never
-        # contain a space (GPT-2 writes it as U+0120), so the joined string is a unique key.
+        # contain a space (GPT-2 writes it as U+0120, Gemma 4 as U+2581), so the joined
+        # string is a unique key.
         self.merge_ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        self.byte_ids = [vocab.id_of(f"<0x{b:02X}>") for b in range(256)] \
+            if pre.spm_style else None
         self.word_cache: dict[str, list[int]] = {}
 
     def words(self, text: str) -> list[str]:
         """Split a fragment into pre-tokenizer words (llama.cpp's unicode_regex_split)."""
+        if self.pre.spm_style:
+            text = text.replace(" ", SPM_SPACE)
         pieces = [text]
         for splitter in self.splitters:
             split = []
@@ -501,6 +522,8 @@ class _BpeModel(_PickledWithoutCaches):
 
     def encode_word(self, word: str) -> list[int]:
         piece_to_id = self.vocab.piece_to_id
+        if self.byte_ids is not None:
+            return self._encode_spm_style(word)
         symbols = [_BYTE_SYMBOLS[b] for b in word.encode("utf-8", "surrogatepass")]
         if self.pre.ignore_merges:
             tid = piece_to_id.get(b"".join(symbols))
@@ -517,6 +540,23 @@ class _BpeModel(_PickledWithoutCaches):
                            if c[0] < 0x80 and c in piece_to_id)
         return ids
 
+    def _encode_spm_style(self, word: str) -> list[int]:
+        piece_to_id = self.vocab.piece_to_id
+        if word[0] == "\n" and not word.strip("\n"):  # a run of newlines: whole if a piece
+            tid = piece_to_id.get(word.encode())
+            if tid is not None:
+                return [tid]
+        ids = []
+        symbols = [c.encode("utf-8", "surrogatepass") for c in word]
+        for symbol in _merge_symbols(symbols, self.merge_ranks.get, b" "):
+            tid = piece_to_id.get(symbol)
+            if tid is not None:
+                ids.append(tid)
+            else:  # a character outside the vocabulary: one <0xXX> token per UTF-8 byte
+                ids.extend(tid for tid in map(self.byte_ids.__getitem__, symbol)
+                           if tid is not None)
+        return ids
+
     def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
         cache = self.word_cache
         for word in self.words(text):
@@ -529,6 +569,8 @@ class _BpeModel(_PickledWithoutCaches):
             out.extend(ids)
 
     def normal_piece(self, piece: bytes) -> bytes:
+        if self.byte_ids is not None:
+            return piece.replace(_SPM_SPACE_UTF8, b" ")
         text = piece.decode("utf-8", "surrogateescape")
         try:
             return bytes(_UNICODE_TO_BYTE[c] for c in text)
@@ -576,10 +618,11 @@ class Tokenizer(_PickledWithoutCaches):
     def from_metadata(cls, metadata: Mapping) -> Tokenizer:
         """Build the tokenizer from GGUF key/values (tokenizer.ggml.*)."""
         model_name = _text(metadata.get("tokenizer.ggml.model"))
-        if model_name not in ("llama", "gpt2"):
+        if model_name not in _TOKENIZER_MODELS:
             raise TokenizerError(
                 f"unsupported tokenizer model {model_name!r} (tokenizer.ggml.model); "
-                "modelrun supports 'llama' (SentencePiece/SPM) and 'gpt2' (byte-level BPE)")
+                "modelrun supports " + ", ".join(f"'{name}' ({what})" for name, what in
+                                                 _TOKENIZER_MODELS.items()))
         pieces = _piece_bytes_of(metadata.get("tokenizer.ggml.tokens"))
         if not pieces:
             raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens")
@@ -620,7 +663,9 @@ class Tokenizer(_PickledWithoutCaches):
             model = _SpmModel(vocab, scores, flag("tokenizer.ggml.add_space_prefix", True))
             add_bos_default = True
         else:
-            pre_name = _text(metadata.get("tokenizer.ggml.pre")) or "default"
+            # Gemma 4's tokenizer model implies its pre-tokenizer, whatever the key says.
+            pre_name = "gemma4" if model_name == "gemma4" else \
+                _text(metadata.get("tokenizer.ggml.pre")) or "default"
             pre = _PRE_TOKENIZERS.get(pre_name)
             if pre is None:
                 raise TokenizerError(
@@ -636,6 +681,8 @@ class Tokenizer(_PickledWithoutCaches):
         vocab.build_special_index()
 
         add_bos = flag("tokenizer.ggml.add_bos_token", add_bos_default)
+        if model_name != "llama" and pre is _GEMMA4:
+            add_bos = True  # llama.cpp overrides a false add_bos_token for Gemma 4
         add_eos = flag("tokenizer.ggml.add_eos_token", False)
         if add_bos and bos_id is None:
             raise TokenizerError(
