@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")
