@@ -1,10 +1,90 @@
 """Shared fixtures. Test data is generated here, never downloaded at run time."""
 
+import os
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 TESTDATA = Path(__file__).resolve().parent / "data"
+
+# How long a started runtime may take to be ready (answer /health, load a model): a guard
+# against a hang, not a speed check. A busy 2-core machine has needed well over 30 s for a
+# cold start, and an empty kernel cache compiles for 1-3 minutes first.
+READY_LIMIT_S = 300.0
+
+
+# --- processes a test starts ----------------------------------------------------------------
+
+def _spawner(request):
+    """start(args, **Popen arguments) -> Popen, in a session (process group) of its own; the
+    finalizer kills each whole group, so nothing a test started outlives it, even when the
+    test fails or times out (a model.run's shell header, unpacking children, a server)."""
+    started: list[subprocess.Popen] = []
+
+    def start(args, **popen_args) -> subprocess.Popen:
+        proc = subprocess.Popen([str(a) for a in args], start_new_session=True, **popen_args)
+        started.append(proc)
+        return proc
+
+    def kill_all():
+        for proc in started:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # the group is gone already
+                pass
+            proc.communicate()  # reap it and close its pipes
+
+    request.addfinalizer(kill_all)
+    return start
+
+
+@pytest.fixture
+def spawn(request):
+    """Start processes that are killed, with their process group, after the test."""
+    return _spawner(request)
+
+
+@pytest.fixture(scope="module")
+def spawn_for_module(request):
+    """As spawn, for module-scoped fixtures: killed after the module's last test."""
+    return _spawner(request)
+
+
+def run_in_group(args, timeout: float, **popen_args) -> subprocess.CompletedProcess:
+    """subprocess.run(args, capture_output=True, text=True, timeout=...), in a process group of
+    its own that is killed whole when the time runs out or the test is interrupted: a
+    model.run's header starts tar and gzip, which subprocess.run alone would leave behind."""
+    proc = subprocess.Popen([str(a) for a in args], start_new_session=True, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen_args)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever it left running
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def wait_until_serving(proc: subprocess.Popen, port: int, log=lambda: "") -> None:
+    """Wait until the server `proc` answers GET /health with 200 on 127.0.0.1:port. Fails,
+    with log() (e.g. its stderr so far), if it exits first or is not ready in READY_LIMIT_S."""
+    deadline = time.monotonic() + READY_LIMIT_S
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, f"the server exited with {proc.returncode}: {log()}"
+        assert time.monotonic() < deadline, f"not serving after {READY_LIMIT_S:.0f} s: {log()}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import READY_LIMIT_S, wait_until_serving
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -41,27 +42,17 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(gemma_path):
+def server_url(gemma_path, spawn_for_module, tmp_path_factory):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "-m", str(gemma_path), "--port", str(port),
-                             "--nobrowser", "-c", "1024"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "the server did not become ready in 120 s"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    log = tmp_path_factory.mktemp("chat_page") / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = spawn_for_module([sys.executable, "-m", "runtime", "-m", str(gemma_path), "--port",
+                                 str(port), "--nobrowser", "-c", "1024"],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_until_serving(proc, port, log=log.read_text)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=READY_LIMIT_S)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ import re
 import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import openai
@@ -22,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from bundler.cli import main as modelrun
+from conftest import READY_LIMIT_S, wait_until_serving
 from test_container import write_fake_payload, write_tiny_model
 
 KERNELS_LINE = re.compile(r"^kernels: (\S+), (\d+) from cache, (\d+) compiled$", re.M)
@@ -56,34 +55,22 @@ def tiny_run(runtime_payload, tmp_path_factory) -> Path:
 
 
 def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run, runtime_payload,
-                                                                       tmp_path):
+                                                                       tmp_path, spawn):
     port = free_port()
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([str(tiny_run), "--nobrowser", "--port", str(port), "-c", "128"],
-                                env=user_env(tmp_path / "cache"), stdout=subprocess.DEVNULL,
-                                stderr=stderr, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, stderr_path.read_text()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, stderr_path.read_text()
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-        reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
-        assert reply.choices[0].finish_reason in ("length", "stop")
-        assert reply.usage.completion_tokens >= 1
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(30)
+        proc = spawn([tiny_run, "--nobrowser", "--port", str(port), "-c", "128"],
+                     env=user_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=stderr,
+                     cwd=tmp_path)
+    wait_until_serving(proc, port, log=stderr_path.read_text)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens >= 1
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(READY_LIMIT_S)
     log = stderr_path.read_text()
     assert "Traceback" not in log, log
     found = KERNELS_LINE.search(log)
@@ -101,7 +88,7 @@ def test_inspect_names_the_runtime_and_verify_passes(tiny_run, runtime_payload):
     invoke("verify", tiny_run)
 
 
-def test_upgrade_from_another_runtime_keeps_the_weights(tiny_run, runtime_payload, tmp_path):
+def test_upgrade_from_another_runtime_keeps_the_weights(tiny_run, runtime_payload, tmp_path, spawn):
     """An old file made with another runtime, upgraded to the real one, runs like the file
     built with the real one, and extracts to the same GGUF bytes."""
     old = tmp_path / "old.run"
@@ -116,6 +103,8 @@ def test_upgrade_from_another_runtime_keeps_the_weights(tiny_run, runtime_payloa
     assert again.read_bytes() == extracted.read_bytes()
     env = user_env(tmp_path / "cache")
     args = ["-p", "hi", "-n", "4", "--temp", "0"]
-    ran = [subprocess.run([str(f), *args], env=env, capture_output=True, text=True, timeout=300)
-           for f in (new, tiny_run)]
-    assert ran[0].returncode == 0 and ran[0].stdout == ran[1].stdout, ran[0].stderr
+    ran = []
+    for f in (new, tiny_run):  # one after the other, as before: the second finds the runtime unpacked
+        proc = spawn([f, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ran.append((*proc.communicate(timeout=300), proc.returncode))
+    assert ran[0][2] == 0 and ran[0][0] == ran[1][0], ran[0][1]

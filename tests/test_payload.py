@@ -12,13 +12,13 @@ import socket
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bundler.payload import pack, tree_hash
+from conftest import READY_LIMIT_S, wait_until_serving
 from runtime import cpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,26 +136,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_frozen_server_serves_the_page(extracted, tiny_model, tmp_path):
+def test_frozen_server_serves_the_page(extracted, tiny_model, tmp_path, spawn):
     """The chat page is found inside the frozen build, and /health turns 200 once loaded."""
     port = _free_port()
-    server = subprocess.Popen([str(extracted / "runtime"), "-m", str(tiny_model), "--nobrowser",
-                               "--port", str(port)], env=frozen_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        status, deadline = None, time.monotonic() + 120
-        while status != 200 and time.monotonic() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    status = r.status
-            except OSError:
-                time.sleep(0.1)
-        assert status == 200, server.stderr.read() if server.poll() is not None else "no 200"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
-            page = r.read()
-        assert page == (ROOT / "runtime" / "web" / "index.html").read_bytes()
-    finally:
-        server.terminate()
-        _, err = server.communicate(timeout=30)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        server = spawn([extracted / "runtime", "-m", tiny_model, "--nobrowser", "--port", str(port)],
+                       env=frozen_env(tmp_path), stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_until_serving(server, port, log=log.read_text)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        page = r.read()
+    assert page == (ROOT / "runtime" / "web" / "index.html").read_bytes()
+    server.terminate()
+    server.wait(timeout=READY_LIMIT_S)
+    err = log.read_text()
     found = KERNELS_LINE.search(err)
     assert found and found.group(3) == "0", err

@@ -25,6 +25,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
+from conftest import READY_LIMIT_S, wait_until_serving  # noqa: E402
 from runtime.cli import load_session  # noqa: E402
 from runtime.gguf import GGUFFile  # noqa: E402
 from runtime.server import EngineWorker, ModelServer, bind_server, is_loopback_host  # noqa: E402
@@ -81,7 +82,7 @@ def worker(model_path):
     gguf_file = GGUFFile(model_path)
     worker = EngineWorker(lambda: load_session(gguf_file, N_CTX, 0))
     worker.start()
-    assert worker.loaded.wait(120) and worker.state == "ok", worker.error
+    assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
     yield worker
     worker.stop()
 
@@ -418,7 +419,7 @@ def gemma_server(gemma_path):
     gguf_file = GGUFFile(gemma_path)
     worker = EngineWorker(lambda: load_session(gguf_file, 256, 0))
     worker.start()
-    assert worker.loaded.wait(120) and worker.state == "ok", worker.error
+    assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
     try:
         with running_server(worker) as server:
             yield server
@@ -520,44 +521,34 @@ def free_port_run(count: int) -> int:
     pytest.skip("no run of free ports")
 
 
-def cli(*args) -> subprocess.Popen:
+def cli(spawn, *args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("DISPLAY", None)
     env.pop("WAYLAND_DISPLAY", None)
-    return subprocess.Popen([sys.executable, "-m", "runtime", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return spawn([sys.executable, "-m", "runtime", *args], stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_serving_from_the_command_line(model_path):
+def test_serving_from_the_command_line(model_path, spawn):
     port = free_port_run(3)
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", port))
-    taken.listen()
-    proc = cli("-m", str(model_path), "--port", str(port), "-c", "128")
-    try:
-        line = proc.stdout.readline()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        proc = cli(spawn, "-m", str(model_path), "--port", str(port), "-c", "128")
+        wait_until_serving(proc, port + 1)
+        line = proc.stdout.readline()  # printed before serving starts
         assert f"http://127.0.0.1:{port + 1}/" in line, line
-        conn_server = SimpleNamespace(port=port + 1)
-        deadline = time.monotonic() + 120
-        while request(conn_server, "GET", "/health")[0] != 200:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-        status, _, body = request(conn_server, "POST", "/v1/chat/completions",
+        status, _, body = request(SimpleNamespace(port=port + 1), "POST", "/v1/chat/completions",
                                   {"messages": HELLO, "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-        assert proc.returncode == 0, stderr
-        assert f"port {port} is in use; trying {port + 1}" in stderr
-        assert "Traceback" not in stderr
-    finally:
-        taken.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _, stderr = proc.communicate(timeout=READY_LIMIT_S)
+    assert proc.returncode == 0, stderr
+    assert f"port {port} is in use; trying {port + 1}" in stderr
+    assert "Traceback" not in stderr
 
 
-def test_serving_fails_clearly_when_no_port_is_free(model_path):
+def test_serving_fails_clearly_when_no_port_is_free(model_path, spawn):
     port = free_port_run(10)
     taken = []
     for p in range(port, port + 10):
@@ -566,8 +557,8 @@ def test_serving_fails_clearly_when_no_port_is_free(model_path):
         s.listen()
         taken.append(s)
     try:
-        proc = cli("-m", str(model_path), "--port", str(port))
-        _, stderr = proc.communicate(timeout=60)
+        proc = cli(spawn, "-m", str(model_path), "--port", str(port))
+        _, stderr = proc.communicate(timeout=READY_LIMIT_S)
         assert proc.returncode == 1
         assert f"ports {port}-{port + 9}" in stderr and "all in use" in stderr
         assert "Traceback" not in stderr
