@@ -1,14 +1,58 @@
-"""The GGML tensor types a GGUF file may name: id, name and block geometry.
+"""The GGML tensor types a GGUF file may name: the one table of every format's facts.
 
-This is a leaf module: the GGUF reader needs the geometry to size tensors, the kernels
-need it to walk blocks, and neither should import the other for it. Ids and sizes are
-those of ggml's `ggml_type` enum (facts from the GGUF spec), including types we cannot
-compute with, so a file holding them still parses and can be reported on.
+Each row says a type's id, name and block layout, which kernel family computes with it,
+whether the bundler can write it, and where its f16 fields lie. Every other listing is
+derived from this table (runtime.kernels.SUPPORTED_TYPES, the bundler's quantizer set, the
+tests' block generators), and tests/test_kernels.py checks the two switches that cannot be
+(runtime/kernels/dispatch.py, bundler/quantizers.py) against it. A new format is one kernel
+module, one row here, and one branch in each switch.
+
+This is a leaf module: the GGUF reader needs the layout to size tensors, the kernels need
+it to walk blocks, and neither should import the other for it. Ids and sizes are those of
+ggml's `ggml_type` enum (facts from the GGUF spec), including types we cannot compute with,
+so a file holding them still parses and can be reported on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# ggml's type ids, named so the kernels' switches read as formats: Numba compiles a
+# module-level int as a constant (so runtime.kernels.build_id() hashes this file too).
+F32 = 0
+F16 = 1
+Q4_0 = 2
+Q4_1 = 3
+Q5_0 = 6
+Q5_1 = 7
+Q8_0 = 8
+Q8_1 = 9
+Q2_K = 10
+Q3_K = 11
+Q4_K = 12
+Q5_K = 13
+Q6_K = 14
+Q8_K = 15
+IQ2_XXS = 16
+IQ2_XS = 17
+IQ3_XXS = 18
+IQ1_S = 19
+IQ4_NL = 20
+IQ3_S = 21
+IQ2_S = 22
+IQ4_XS = 23
+I8 = 24
+I16 = 25
+I32 = 26
+I64 = 27
+F64 = 28
+IQ1_M = 29
+BF16 = 30
+TQ1_0 = 34
+TQ2_0 = 35
+MXFP4 = 39
+NVFP4 = 40
+Q1_0 = 41
 
 
 @dataclass(frozen=True)
@@ -17,6 +61,9 @@ class GGMLType:
     name: str
     block_elems: int  # elements per block
     block_bytes: int  # bytes per block
+    family: str | None = None  # the runtime.kernels module that computes with it; None: no kernels
+    quantizer: bool = False  # bundler/quantizers.py writes it
+    f16_fields: tuple[int, ...] = ()  # byte offsets of a block's f16 scales and minimums
 
     def row_bytes(self, n_elements: int) -> int:
         """Bytes taken by `n_elements` elements; they must fill whole blocks."""
@@ -36,43 +83,46 @@ class UnsupportedTypeError(ValueError):
     """A tensor type that is unknown, or known but not computable by this build."""
 
 
-_TABLE = [
-    (0, "F32", 1, 4),
-    (1, "F16", 1, 2),
-    (2, "Q4_0", 32, 18),
-    (3, "Q4_1", 32, 20),
-    (6, "Q5_0", 32, 22),
-    (7, "Q5_1", 32, 24),
-    (8, "Q8_0", 32, 34),
-    (9, "Q8_1", 32, 40),
-    (10, "Q2_K", 256, 84),
-    (11, "Q3_K", 256, 110),
-    (12, "Q4_K", 256, 144),
-    (13, "Q5_K", 256, 176),
-    (14, "Q6_K", 256, 210),
-    (15, "Q8_K", 256, 292),
-    (16, "IQ2_XXS", 256, 66),
-    (17, "IQ2_XS", 256, 74),
-    (18, "IQ3_XXS", 256, 98),
-    (19, "IQ1_S", 256, 50),
-    (20, "IQ4_NL", 32, 18),
-    (21, "IQ3_S", 256, 110),
-    (22, "IQ2_S", 256, 82),
-    (23, "IQ4_XS", 256, 136),
-    (24, "I8", 1, 1),
-    (25, "I16", 1, 2),
-    (26, "I32", 1, 4),
-    (27, "I64", 1, 8),
-    (28, "F64", 1, 8),
-    (29, "IQ1_M", 256, 56),
-    (30, "BF16", 1, 2),
-    (34, "TQ1_0", 256, 54),
-    (35, "TQ2_0", 256, 66),
-    (39, "MXFP4", 32, 17),
-]
+TYPES: tuple[GGMLType, ...] = (
+    #        id       name       elems bytes family     quantizer f16 fields
+    GGMLType(F32,     "F32",     1,    4,    "floats",  True),
+    GGMLType(F16,     "F16",     1,    2,    "floats",  True),
+    GGMLType(Q4_0,    "Q4_0",    32,   18,   "legacy",  True,     (0,)),
+    GGMLType(Q4_1,    "Q4_1",    32,   20,   "legacy",  True,     (0, 2)),
+    GGMLType(Q5_0,    "Q5_0",    32,   22,   "legacy",  True,     (0,)),
+    GGMLType(Q5_1,    "Q5_1",    32,   24,   "legacy",  True,     (0, 2)),
+    GGMLType(Q8_0,    "Q8_0",    32,   34,   "legacy",  True,     (0,)),
+    GGMLType(Q8_1,    "Q8_1",    32,   40),
+    GGMLType(Q2_K,    "Q2_K",    256,  84,   "kquants", True,     (80, 82)),
+    GGMLType(Q3_K,    "Q3_K",    256,  110,  "kquants", True,     (108,)),
+    GGMLType(Q4_K,    "Q4_K",    256,  144,  "kquants", True,     (0, 2)),
+    GGMLType(Q5_K,    "Q5_K",    256,  176,  "kquants", True,     (0, 2)),
+    GGMLType(Q6_K,    "Q6_K",    256,  210,  "kquants", True,     (208,)),
+    GGMLType(Q8_K,    "Q8_K",    256,  292),
+    GGMLType(IQ2_XXS, "IQ2_XXS", 256,  66),
+    GGMLType(IQ2_XS,  "IQ2_XS",  256,  74),
+    GGMLType(IQ3_XXS, "IQ3_XXS", 256,  98),
+    GGMLType(IQ1_S,   "IQ1_S",   256,  50),
+    GGMLType(IQ4_NL,  "IQ4_NL",  32,   18,   "iquants", True,     (0,)),
+    GGMLType(IQ3_S,   "IQ3_S",   256,  110),
+    GGMLType(IQ2_S,   "IQ2_S",   256,  82),
+    GGMLType(IQ4_XS,  "IQ4_XS",  256,  136,  "iquants", True,     (0,)),
+    GGMLType(I8,      "I8",      1,    1),
+    GGMLType(I16,     "I16",     1,    2),
+    GGMLType(I32,     "I32",     1,    4),
+    GGMLType(I64,     "I64",     1,    8),
+    GGMLType(F64,     "F64",     1,    8),
+    GGMLType(IQ1_M,   "IQ1_M",   256,  56),
+    GGMLType(BF16,    "BF16",    1,    2,    "floats",  True),
+    GGMLType(TQ1_0,   "TQ1_0",   256,  54),
+    GGMLType(TQ2_0,   "TQ2_0",   256,  66),
+    GGMLType(MXFP4,   "MXFP4",   32,   17),
+    GGMLType(NVFP4,   "NVFP4",   64,   36),
+    GGMLType(Q1_0,    "Q1_0",    128,  18),
+)
 
-TYPES_BY_ID: dict[int, GGMLType] = {i: GGMLType(i, n, e, b) for i, n, e, b in _TABLE}
-TYPES_BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES_BY_ID.values()}
+TYPES_BY_ID: dict[int, GGMLType] = {t.id: t for t in TYPES}
+TYPES_BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES}
 
 
 def ggml_type(qtype: int | str | GGMLType) -> GGMLType:

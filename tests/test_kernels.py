@@ -7,22 +7,20 @@ float32 summation, n * 2^-24 * sum|w * x| (Higham's gamma_n): a single wrong wei
 the result by about sum|w * x| / n, hundreds of times more.
 """
 
+import importlib
+
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as reference_dequantize
 
-from runtime import kernels
-from runtime.ggml_types import UnsupportedTypeError, ggml_type
+from runtime import ggml_types, kernels
+from runtime.ggml_types import TYPES, UnsupportedTypeError, ggml_type
 
-# Byte offsets of the f16 fields (scales, minimums) inside one block of each type.
-F16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-    "IQ4_NL": [0], "IQ4_XS": [0],
-}
 FLOAT_TYPES = ["F32", "F16", "BF16"]
-ALL_TYPES = FLOAT_TYPES + list(F16_FIELDS)
+ALL_TYPES = [t.name for t in TYPES if t.family]  # every type with kernels
+BLOCK_TYPES = [name for name in ALL_TYPES if name not in FLOAT_TYPES]
+NO_KERNEL_IDS = [t.id for t in TYPES if not t.family] + [77, -1]  # 77: in no table
 
 
 def random_blocks(name: str, n_elements: int, rng: np.random.Generator) -> np.ndarray:
@@ -37,10 +35,69 @@ def random_blocks(name: str, n_elements: int, rng: np.random.Generator) -> np.nd
     t = ggml_type(name)
     n_blocks = n_elements // t.block_elems
     blocks = rng.integers(0, 256, size=(n_blocks, t.block_bytes), dtype=np.uint8)
-    for off in F16_FIELDS[name]:
+    for off in t.f16_fields:
         scale = rng.uniform(1e-3, 1e-1, n_blocks) * rng.choice([-1, 1], n_blocks)
         blocks[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(-1)
+
+
+def test_table_agrees_with_gguf_package():
+    """Ids, names and block layouts as the gguf package has them (an independent listing)."""
+    for t in TYPES:
+        q = GGMLQuantizationType[t.name]
+        assert (q.value, GGML_QUANT_SIZES[q]) == (t.id, (t.block_elems, t.block_bytes)), t.name
+    assert len({t.id for t in TYPES}) == len(TYPES)
+
+
+def test_named_constants_are_the_table_ids():
+    constants = {k: v for k, v in vars(ggml_types).items() if k.isupper() and isinstance(v, int)}
+    assert constants == {t.name: t.id for t in TYPES}
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_family_module_holds_the_kernels(name):
+    t = ggml_type(name)
+    module = importlib.import_module(f"runtime.kernels.{t.family}")
+    assert callable(getattr(module, f"decode_{name.lower()}"))
+    assert any(k.startswith(f"dot_{name.lower()}") for k in vars(module))
+
+
+@pytest.mark.parametrize("name", BLOCK_TYPES)
+def test_f16_fields_are_the_blocks_f16_scales(name):
+    """Against gguf's decoder: a NaN in any listed field makes its whole block NaN (each one
+    scales every weight), and with the listed fields sane, random bytes elsewhere never
+    decode to NaN or inf (an unlisted f16 field would, in about 1 block in 32)."""
+    t = ggml_type(name)
+    rng = np.random.default_rng(t.id)
+    n_blocks = 400
+    blocks = random_blocks(name, n_blocks * t.block_elems, rng).reshape(n_blocks, t.block_bytes)
+    assert np.all(np.isfinite(reference(blocks.reshape(-1), name, n_blocks * t.block_elems)))
+    assert t.f16_fields
+    for off in t.f16_fields:
+        nan_block = blocks[:1].copy()
+        nan_block[0, off:off + 2] = np.array([np.nan], np.float16).view(np.uint8)
+        assert np.all(np.isnan(reference(nan_block.reshape(-1), name, t.block_elems))), off
+
+
+@pytest.mark.parametrize("type_id", NO_KERNEL_IDS)
+def test_id_without_kernels_fails_loudly_in_every_kernel(type_id):
+    """The dispatch switches raise for an id they have no branch for (past the checks of the
+    public entry points), rather than leave the output unwritten."""
+    from runtime.kernels import dispatch
+
+    raw = np.zeros(2 * 256, np.uint8)
+    x = np.zeros(256, np.float32)
+    out = np.zeros(256, np.float32)
+    with pytest.raises(ValueError, match="no kernel for this tensor type id"):
+        dispatch.decode_blocks(type_id, raw, 0, 1, out, 0)
+    with pytest.raises(ValueError, match="no kernel for this tensor type id"):
+        dispatch.dot_blocks(type_id, raw, 0, 1, x, 0)
+    with pytest.raises(ValueError, match="no kernel for this tensor type id"):
+        dispatch.dequantize_kernel(type_id, raw, 1, 2, 1, out)
+    with pytest.raises(ValueError, match="no kernel for this tensor type id"):
+        dispatch.matvec_kernel(type_id, raw, 1, 2, 1, x, out[:1])
+    with pytest.raises(ValueError, match="no kernel for this tensor type id"):
+        dispatch.matmul_kernel(type_id, raw, 1, 2, 1, x[None, :1], out[None, :1])
 
 
 def reference(raw: np.ndarray, name: str, n_elements: int) -> np.ndarray:

@@ -19,15 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime import frozen_build_id, user_cache_home
-from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
+from runtime import ggml_types
+from runtime.ggml_types import TYPES, GGMLType, UnsupportedTypeError, ggml_type
 
-# The tensor types this build can compute with (names as in runtime.ggml_types).
-SUPPORTED_TYPES = frozenset({
-    "F32", "F16", "BF16",
-    "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-    "IQ4_NL", "IQ4_XS",
-})
+# The tensor types this build can compute with: those with a kernel family in the table.
+SUPPORTED_TYPES = frozenset(t.name for t in TYPES if t.family)
 
 
 # The frozen runtime (bundler/payload.py) ships its compiled kernels in the onedir beside
@@ -44,16 +40,17 @@ def build_id() -> str:
     """What every cached kernel is keyed on.
 
     Frozen: the id bundler/payload.py wrote beside the executable (a hash of the executable
-    itself if it is missing). From source: a hash of every kernel source, because Numba keys
-    a function on its own file only, yet inlines the kernels it calls from other files, so
-    an edit to kquants.py must make dispatch.py recompile too.
+    itself if it is missing). From source: a hash of every kernel source and of
+    runtime/ggml_types.py, because Numba keys a function on its own file only, yet inlines
+    the kernels it calls from other files and compiles the type ids it switches on as
+    constants, so an edit to kquants.py or to the table must make dispatch.py recompile too.
     """
     if _frozen():
         frozen = frozen_build_id()
         if frozen:
             return frozen
         return "exe-" + hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()[:16]
-    sources = sorted(Path(__file__).parent.glob("*.py"))
+    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(ggml_types.__file__)]
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
