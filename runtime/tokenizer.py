@@ -47,6 +47,7 @@ from __future__ import annotations
 import array
 import codecs
 import heapq
+import unicodedata
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -152,6 +153,7 @@ _TOKENIZER_MODELS = {
     "llama": "SentencePiece/SPM",
     "gpt2": "byte-level BPE",
     "gemma4": "Gemma 4's SentencePiece-style BPE",
+    "bert": "WordPiece, for BERT-style embedding models",
 }
 
 
@@ -480,12 +482,37 @@ class _SpmModel(_PickledWithoutCaches):
         return piece.replace(_SPM_SPACE_UTF8, b" ")
 
 
-class _BpeModel(_PickledWithoutCaches):
-    """Byte-level BPE with merge ranks and a regex pre-tokenizer (or, for Gemma 4, BPE over
-    characters with SentencePiece's spaces)."""
+class _WordModel(_PickledWithoutCaches):
+    """A model that cuts a fragment into words (`words`) and encodes each word on its own
+    (`encode_word`); word -> ids results are cached."""
 
     _CACHE_LIMIT = 1 << 16
     _CACHES = ("word_cache",)
+    word_cache: dict[str, list[int]]
+
+    def words(self, text: str) -> list[str]:
+        raise NotImplementedError
+
+    def encode_word(self, word: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
+        cache = self.word_cache
+        for word in self.words(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = self.encode_word(word)
+                if len(cache) >= self._CACHE_LIMIT:
+                    cache.clear()
+                cache[word] = ids
+            out.extend(ids)
+
+
+class _BpeModel(_WordModel):
+    """Byte-level BPE with merge ranks and a regex pre-tokenizer (or, for Gemma 4, BPE over
+    characters with SentencePiece's spaces)."""
+
+    add_space_prefix = False
 
     def __init__(self, vocab: _Vocab, merges: list[str], pre: _PreTokenizer):
         self.vocab = vocab
@@ -557,16 +584,6 @@ class _BpeModel(_PickledWithoutCaches):
                            if tid is not None)
         return ids
 
-    def encode_fragment(self, text: str, after_special: bool, out: list[int]) -> None:
-        cache = self.word_cache
-        for word in self.words(text):
-            ids = cache.get(word)
-            if ids is None:
-                ids = self.encode_word(word)
-                if len(cache) >= self._CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = ids
-            out.extend(ids)
 
     def normal_piece(self, piece: bytes) -> bytes:
         if self.byte_ids is not None:
@@ -577,6 +594,97 @@ class _BpeModel(_PickledWithoutCaches):
         except KeyError:  # a character outside the byte table: keep it as UTF-8
             return b"".join(bytes((_UNICODE_TO_BYTE[c],)) if c in _UNICODE_TO_BYTE
                             else c.encode("utf-8", "surrogateescape") for c in text)
+
+
+# Whitespace as llama.cpp's tables have it (Unicode's White_Space property).
+_WHITESPACE = frozenset("\t\n\v\f\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+                        + "".join(map(chr, range(0x2000, 0x200B))))
+_CONTROL_CATEGORIES = frozenset(("Cc", "Cf", "Co", "Cs"))
+# What CJK ideographs BERT's basic tokenizer isolates (llama.cpp's is_chinese_char, which
+# keeps Hugging Face's 0x2B920 where 0x2B820 was meant).
+_CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+               (0x2B740, 0x2B81F), (0x2B920, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+# ASCII text needs none of the per-character rules: controls vanish, then words are runs of
+# letters and digits, and every other visible character is a word of its own.
+_ASCII_CONTROLS = dict.fromkeys([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
+_ASCII_WORDS = regex.compile(r"[A-Za-z0-9]+|[^\t\n\v\f\r A-Za-z0-9]")
+
+
+class _WpmModel(_WordModel):
+    """WordPiece (BERT), as llama.cpp's WPM tokenizer.
+
+    BERT's basic tokenizer first: optional accent stripping (each character replaced by the
+    first character of its NFD, then marks dropped) and lowercasing (the simple one-character
+    mapping), control characters dropped, words cut at whitespace, and every punctuation
+    character, ASCII symbol and CJK ideograph made a word of its own. Then each word, with
+    U+2581 in front (the GGUF writes word-initial pieces so and "##" continuations bare), is
+    covered greedily by the longest vocabulary piece at each byte position; a word that
+    cannot be covered becomes the unknown token.
+    """
+
+    add_space_prefix = True  # llama.cpp's default for WPM: decode drops one leading space
+
+    def __init__(self, vocab: _Vocab, *, lowercase: bool, strip_accents: bool):
+        if vocab.unknown_id is None:
+            raise TokenizerError("WordPiece vocabulary without an unknown token "
+                                 "(tokenizer.ggml.unknown_token_id)")
+        self.vocab = vocab
+        self.lowercase = lowercase
+        self.strip_accents = strip_accents
+        self.max_piece_len = max(map(len, vocab.pieces))
+        self.word_cache: dict[str, list[int]] = {}
+
+    def words(self, text: str) -> list[str]:
+        """BERT's basic tokenization of a fragment."""
+        if text.isascii():
+            text = text.translate(_ASCII_CONTROLS)
+            return _ASCII_WORDS.findall(text.lower() if self.lowercase else text)
+        words, word = [], []
+        for char in text:
+            if self.strip_accents:
+                char = unicodedata.normalize("NFD", char)[0]
+            if char in _WHITESPACE:
+                if word:
+                    words.append("".join(word))
+                    word = []
+                continue
+            category = unicodedata.category(char)
+            if char in "\0\ufffd" or category in _CONTROL_CATEGORIES or \
+                    (self.strip_accents and category[0] == "M"):
+                continue
+            code = ord(char)
+            if self.lowercase:
+                char = char.lower()[:1] or char  # the simple mapping: U+0130 -> "i"
+            if category[0] == "P" or (code < 0x7F and category[0] == "S") or \
+                    any(low <= code <= high for low, high in _CJK_RANGES):
+                if word:
+                    words.append("".join(word))
+                    word = []
+                words.append(char)
+            else:
+                word.append(char)
+        if word:
+            words.append("".join(word))
+        return words
+
+    def encode_word(self, word: str) -> list[int]:
+        get = self.vocab.piece_to_id.get
+        text = _utf8(SPM_SPACE + word)
+        n, longest = len(text), self.max_piece_len
+        ids, start = [], 0
+        while start < n:
+            for end in range(min(n, start + longest), start, -1):
+                tid = get(text[start:end])
+                if tid is not None:
+                    ids.append(tid)
+                    start = end
+                    break
+            else:  # no piece starts here: the whole word is unknown
+                return [self.vocab.unknown_id]
+        return ids
+
+    def normal_piece(self, piece: bytes) -> bytes:
+        return piece.replace(_SPM_SPACE_UTF8, b" ")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,15 +707,17 @@ class Tokenizer(_PickledWithoutCaches):
 
     _CACHES = ("_pieces_cache",)
 
-    def __init__(self, vocab: _Vocab, model: _SpmModel | _BpeModel, *, model_name: str,
-                 bos_id: int | None, eos_id: int | None, eog_ids: frozenset[int],
-                 add_bos: bool, add_eos: bool):
+    def __init__(self, vocab: _Vocab, model: _SpmModel | _BpeModel | _WpmModel, *,
+                 model_name: str, bos_id: int | None, eos_id: int | None,
+                 eog_ids: frozenset[int], add_bos: bool, add_eos: bool,
+                 sep_id: int | None = None):
         self._vocab = vocab
         self._model = model
         self._pieces_cache: dict[int, bytes] = {}
         self.model_name = model_name
         self._bos_id = bos_id
         self._eos_id = eos_id
+        self._sep_id = sep_id  # WordPiece: [SEP] closes every add_special encoding
         self._eog_ids = eog_ids
         self.add_bos = add_bos
         self.add_eos = add_eos
@@ -640,9 +750,11 @@ class Tokenizer(_PickledWithoutCaches):
             value = metadata.get(key)
             return default if value is None else bool(value)
 
-        # llama.cpp's defaults when the metadata names no ids: Llama's for SPM. (Its BPE
-        # placeholder, id 11, is deliberately not copied: no id is better than a comma.)
-        defaults = {"bos": 1, "eos": 2, "unknown": 0} if model_name == "llama" else {}
+        # llama.cpp's defaults when the metadata names no ids: Llama's for SPM, BERT's for
+        # WordPiece. (Its BPE placeholder, id 11, is deliberately not copied: no id is better
+        # than a comma.)
+        defaults = {"llama": {"bos": 1, "eos": 2, "unknown": 0},
+                    "bert": {"bos": 101, "unknown": 100, "seperator": 102}}.get(model_name, {})
 
         def special_id(name: str) -> int | None:
             found = _meta_id(metadata, f"tokenizer.ggml.{name}_token_id", n)
@@ -661,6 +773,11 @@ class Tokenizer(_PickledWithoutCaches):
                     f"tokenizer.ggml.scores has {scores.size} entries for {n} tokens")
             scores = scores[:n]
             model = _SpmModel(vocab, scores, flag("tokenizer.ggml.add_space_prefix", True))
+            add_bos_default = True
+        elif model_name == "bert":
+            lowercase = flag("tokenizer.ggml.normalizer.lowercase", True)
+            model = _WpmModel(vocab, lowercase=lowercase, strip_accents=flag(
+                "tokenizer.ggml.normalizer.strip_accents", lowercase))
             add_bos_default = True
         else:
             # Gemma 4's tokenizer model implies its pre-tokenizer, whatever the key says.
@@ -681,7 +798,13 @@ class Tokenizer(_PickledWithoutCaches):
         vocab.build_special_index()
 
         add_bos = flag("tokenizer.ggml.add_bos_token", add_bos_default)
-        if model_name != "llama" and pre is _GEMMA4:
+        sep_id = None
+        if model_name == "bert":  # llama.cpp's WPM always adds [CLS] ... [SEP]
+            add_bos, sep_id = True, special_id("seperator")  # (the GGUF key's spelling)
+            if sep_id is None:
+                raise TokenizerError("WordPiece vocabulary without tokenizer.ggml."
+                                     "seperator_token_id")
+        elif model_name != "llama" and model.pre is _GEMMA4:
             add_bos = True  # llama.cpp overrides a false add_bos_token for Gemma 4
         add_eos = flag("tokenizer.ggml.add_eos_token", False)
         if add_bos and bos_id is None:
@@ -691,7 +814,7 @@ class Tokenizer(_PickledWithoutCaches):
             raise TokenizerError(
                 "add_eos_token is true, but tokenizer.ggml.eos_token_id is not set")
         return cls(vocab, model, model_name=model_name, bos_id=bos_id, eos_id=eos_id,
-                   eog_ids=eog_ids, add_bos=add_bos, add_eos=add_eos)
+                   eog_ids=eog_ids, add_bos=add_bos, add_eos=add_eos, sep_id=sep_id)
 
     @staticmethod
     def _end_of_generation_ids(metadata: Mapping, vocab: _Vocab,
@@ -796,6 +919,8 @@ class Tokenizer(_PickledWithoutCaches):
                 after_special = False
         if add_special and self.add_eos:
             out.append(self._eos_id)
+        if add_special and self._sep_id is not None:
+            out.append(self._sep_id)
         return out
 
     def _partition(self, text: str, parse_special: bool) -> list[str | int]:
@@ -855,7 +980,7 @@ class Tokenizer(_PickledWithoutCaches):
         """
         special = not skip_special
         pieces = [self.token_to_piece(int(t), special) for t in tokens]
-        if pieces and isinstance(self._model, _SpmModel) and self._model.add_space_prefix:
+        if pieces and self._model.add_space_prefix:
             if pieces[0].startswith(b" "):
                 pieces[0] = pieces[0][1:]
         return b"".join(pieces).decode("utf-8", "replace")
