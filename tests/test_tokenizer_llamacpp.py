@@ -1,0 +1,94 @@
+"""Every tokenizer in llama.cpp's own test suite, run as its tests/test-tokenizer-0 runs them.
+
+llama.cpp's vocabulary-only GGUFs come with inputs and the ids llama.cpp gives them
+(add_special=false, parse_special=false); each must come out here id for id. The files are
+fetched once per machine from the llama-cpp-python sdist on PyPI (tests/llamacpp_vocab.py);
+without PyPI the tests skip, saying why.
+"""
+
+import pickle
+
+import pytest
+from llamacpp_vocab import (VocabUnavailable, load_cases, names_with_cases, vocab_dir, vocab_names,
+                            vocab_path)
+
+from runtime.gguf import GGUFFile
+from runtime.tokenizer import Tokenizer, TokenizerError
+
+# The vocabularies with expected ids in llama-cpp-python 0.3.36's llama.cpp; a new sdist that
+# adds one fails test_the_suite_is_the_one_named_here until it is added here.
+TESTED = ("bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4",
+          "gpt-2", "llama-bpe", "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact",
+          "starcoder")
+# Vocabularies shipped without cases, and the tokenizer models modelrun refuses among them.
+UNTESTED_REFUSED = {"nomic-bert-moe": "'t5'"}
+
+
+@pytest.fixture(scope="session")
+def llamacpp_models():
+    try:
+        return vocab_dir()
+    except VocabUnavailable as e:
+        pytest.skip(f"{e}; these tests need PyPI, or MODELRUN_LLAMACPP_MODELS naming a folder "
+                    "with llama.cpp's models/ggml-vocab-* files")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_of(llamacpp_models):
+    """name -> the Tokenizer built from that vocabulary's metadata (once per session)."""
+    built = {}
+
+    def get(name: str) -> Tokenizer:
+        if name not in built:
+            metadata = GGUFFile(vocab_path(llamacpp_models, name)).metadata
+            built[name] = Tokenizer.from_metadata(metadata)
+        return built[name]
+
+    return get
+
+
+def _mismatches(tokenizer, cases: dict[str, list[int]]) -> list[str]:
+    wrong = []
+    for text, expected in cases.items():
+        got = tokenizer.encode(text, add_special=False, parse_special=False)
+        if got != expected:
+            wrong.append(f"{text[:60]!r}: expected {expected[:16]}, got {got[:16]}")
+    return wrong
+
+
+def test_the_suite_is_the_one_named_here(llamacpp_models):
+    assert tuple(names_with_cases(llamacpp_models)) == TESTED
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_every_case_gives_llamacpps_ids(name, llamacpp_models, tokenizer_of):
+    cases = load_cases(llamacpp_models, name)
+    assert len(cases) >= 40  # the suite's shared inputs, not an empty file
+    wrong = _mismatches(tokenizer_of(name), cases)
+    assert not wrong, f"{len(wrong)} of {len(cases)} cases differ:\n" + "\n".join(wrong[:10])
+
+
+@pytest.mark.parametrize("name", TESTED)
+def test_a_pickled_tokenizer_gives_the_same_ids(name, llamacpp_models, tokenizer_of):
+    """runtime.tokenizer_cache keeps built tokenizers as pickles; every kind must survive."""
+    copy = pickle.loads(pickle.dumps(tokenizer_of(name), protocol=pickle.HIGHEST_PROTOCOL))
+    assert not _mismatches(copy, load_cases(llamacpp_models, name))
+
+
+def test_vocabularies_without_cases_build_or_are_refused_clearly(llamacpp_models):
+    for name in sorted(set(vocab_names(llamacpp_models)) - set(TESTED)):
+        metadata = GGUFFile(vocab_path(llamacpp_models, name)).metadata
+        if name in UNTESTED_REFUSED:
+            with pytest.raises(TokenizerError, match=UNTESTED_REFUSED[name]):
+                Tokenizer.from_metadata(metadata)
+        else:
+            assert Tokenizer.from_metadata(metadata).encode("Hello world", add_special=False)
+
+
+def test_an_unknown_pre_tokenizer_is_refused_not_guessed(llamacpp_models):
+    """A name llama.cpp knows and modelrun does not (DeepSeek V3's) must not fall back to
+    another regex: that would tokenize silently wrong."""
+    metadata = dict(GGUFFile(vocab_path(llamacpp_models, "qwen2")).metadata)
+    metadata["tokenizer.ggml.pre"] = "deepseek-v3"
+    with pytest.raises(TokenizerError, match="unsupported BPE pre-tokenizer 'deepseek-v3'"):
+        Tokenizer.from_metadata(metadata)
