@@ -40,8 +40,14 @@ runtime: dist/runtime.json
 bench-kernels: $(STAMP)
 	$(BIN)/python bench/kernels.py
 
-bench-engine: $(STAMP)
-	$(BIN)/python bench/engine.py
+# Prefill/decode of `python -m runtime`, the frozen model.run and llama.cpp side by side, on Gemma 3
+# 270M and the Llama 3.2 1B and 3.1 8B shapes (bench/synth.py writes those once, ~6 GB in
+# ~/.cache/modelrun/bench). llama.cpp: llama-bench on PATH or LLAMA_BENCH=path, or
+# llama-cpp-python with LLAMA_CPP_LIB_PATH. A quick run:
+#   make bench-engine BENCH_ARGS="--models llama-3.2-1b --threads 2"
+BENCH_ARGS ?=
+bench-engine: dist/runtime.json
+	$(BIN)/python bench/engine.py $(BENCH_ARGS)
 
 # Start-up of the frozen runtime and of a model.run (first and warm launch), and bundling speed.
 bench-startup: dist/runtime.json

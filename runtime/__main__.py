@@ -29,6 +29,11 @@ def main() -> None:
     # Start-up makes a few hundred thousand objects (imports, the vocabulary) and none of
     # them is garbage; runtime.cli.start_up_done turns the collector back on.
     gc.disable()
+    job = os.environ.pop("MODELRUN_BENCH", None)
+    if job:  # a hidden entry for bench/engine.py: speed as a user's run of this build has it
+        from runtime import benchmark
+
+        sys.exit(benchmark.main(job, sys.argv[1:]))
     from runtime.cli import main as cli_main
 
     cli_main()

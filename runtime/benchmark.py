@@ -1,0 +1,130 @@
+"""Measure prefill and decode speed inside the runtime: the hidden entry `MODELRUN_BENCH=<job.json>`.
+
+bench/engine.py runs `python -m runtime -m M.gguf` and `./model.run` with this entry, so that
+both are measured as they run for a user (the frozen one with its own threading layer, kernel
+cache and start-up state), and llama.cpp beside them. A job is a JSON object:
+
+  {"threads": [1, 2], "prompt_tokens": 512, "gen_tokens": 128, "repeats": 3, "out": "r.json"}
+
+The model is the one the command line names (`-m FILE`, or the model.run's own through the
+`--container FILE` its header passes). Each repeat prefills the same prompt into an empty KV
+cache, then decodes gen_tokens greedy tokens; the result (JSON, into "out") holds the seconds
+of each, the prompt's token ids (so that another engine can be given the same ones), and the
+process's private memory after the runs (its resident memory not backed by the model file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
+        "changed how books were made, sold and read across Europe. Within a few decades, presses "
+        "spread from Mainz to Venice, Paris and London, and the price of a book fell sharply. ")
+
+
+def prompt_tokens(tokenizer, n: int) -> list[int]:
+    """n token ids of an ordinary English text (repeated as needed)."""
+    copies = 1
+    while len(ids := tokenizer.encode(TEXT * copies)) < n:
+        copies *= 2
+    return ids[:n]
+
+
+def weight_bytes_per_token(gguf) -> int:
+    """Bytes of weights one decode step reads: every matrix once (the embedding lookup reads
+    one row, but a tied output projection reads the whole embedding anyway)."""
+    return sum(t.n_bytes for t in gguf.tensors.values() if len(t.shape) >= 2)
+
+
+def prefill_and_decode(engine, prompt: list[int], n_gen: int) -> tuple[float, float]:
+    """Seconds to prefill the prompt into an empty cache (to the first token's logits), and
+    to decode n_gen greedy tokens after it."""
+    import numpy as np
+
+    engine.reset()
+    t = time.perf_counter()
+    token = int(np.argmax(engine.prefill(prompt)))
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(n_gen):
+        token = int(np.argmax(engine.decode(token)))
+    return prefill, time.perf_counter() - t
+
+
+def private_and_mapped_rss(path: str) -> tuple[int, int]:
+    """(resident bytes not backed by the file at `path`, resident bytes of its mappings)."""
+    total = mapped = 0
+    current = None
+    target = os.path.realpath(path)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+                current = fields[5] if len(fields) > 5 else ""
+            elif fields[0] == "Rss:":
+                size = int(fields[1]) * 1024
+                total += size
+                if current == target:
+                    mapped += size
+    return total - mapped, mapped
+
+
+def mapped_libraries(*names: str) -> list[str]:
+    """Paths of the shared libraries this process has mapped whose file names start with one
+    of `names` (e.g. which libgomp the OpenMP threading layer runs on)."""
+    found = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 5 and os.path.basename(fields[5]).startswith(names):
+                found.add(fields[5])
+    return sorted(found)
+
+
+def model_from_argv(argv: list[str]) -> str:
+    """The model file the command line names: -m/--model FILE, else --container FILE."""
+    for flags in (("-m", "--model"), ("--container",)):
+        for i, arg in enumerate(argv[:-1]):
+            if arg in flags:
+                return argv[i + 1]
+    raise SystemExit("error: MODELRUN_BENCH needs a model: -m FILE (or run it as ./model.run)")
+
+
+def main(job_path: str, argv: list[str]) -> int:
+    import numba
+
+    from runtime import cli, cpu
+
+    with open(job_path) as f:
+        job = json.load(f)
+    path = model_from_argv(argv)
+    if "--container" in argv and "-m" not in argv and "--model" not in argv:
+        gguf, _ = cli.open_container_model(path)
+    else:
+        gguf = cli.open_model(path)
+    n_prompt, n_gen = int(job["prompt_tokens"]), int(job["gen_tokens"])
+    session = cli.load_session(gguf, n_prompt + n_gen + 8, threads=0)
+    engine = session.engine
+    prompt = prompt_tokens(session.tokenizer, n_prompt)
+    prefill_and_decode(engine, prompt[:16], 2)  # load every kernel before timing
+    runs = []
+    for threads in job["threads"]:
+        numba.set_num_threads(threads)
+        for _ in range(int(job.get("repeats", 1))):
+            prefill, decode = prefill_and_decode(engine, prompt, n_gen)
+            runs.append({"threads": threads, "prefill_s": prefill, "decode_s": decode})
+    private, mapped = private_and_mapped_rss(path)
+    result = {
+        "model": path, "frozen": bool(getattr(sys, "frozen", False)),
+        "threading_layer": numba.threading_layer(), "tier": str(cpu.selected() or cpu.numba_tier()),
+        "openmp": mapped_libraries("libgomp", "libiomp", "libomp", "libtbb"),
+        "prompt": prompt, "gen_tokens": n_gen, "runs": runs,
+        "private_bytes": private, "mapped_bytes": mapped, "kv_cache_bytes": engine.kv_cache_bytes,
+        "weight_bytes_per_token": weight_bytes_per_token(gguf),
+    }
+    with open(job["out"], "w") as f:
+        json.dump(result, f)
+    return 0
