@@ -9,6 +9,11 @@ import sys
 
 
 def main() -> None:
+    renderer = os.environ.pop("MODELRUN_CHAT_RENDERER", None)
+    if renderer:  # the chat-template renderer process (runtime.chat_worker starts it)
+        from runtime import chat_worker
+
+        sys.exit(chat_worker.main(renderer))
     from runtime import cpu
 
     try:

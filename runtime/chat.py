@@ -1,130 +1,40 @@
-"""Chat templates: a conversation -> the prompt text a model was trained on.
+"""Chat templates: a conversation -> the prompt, text and tokens, a model was trained on.
 
-A template is Jinja2 source that ships in the model file (`tokenizer.chat_template`), so
-it is untrusted input: it is rendered in jinja2's ImmutableSandboxedEnvironment, with two
-changes that make a probe fail loudly instead of quietly:
+A template is Jinja2 source that ships in the model file (`tokenizer.chat_template`), so it
+is untrusted code: it runs in a sandbox (runtime.chat_sandbox: jinja2's immutable sandbox,
+rendering as Hugging Face transformers does) inside a separate process bounded in time and
+memory (runtime.chat_worker says why a process). A template that goes over a limit gets a
+ChatTemplateLimitError (the server answers 400); one that does so when the model loads (or
+does not compile) is replaced by the built-in template for the architecture, with a warning.
 
-- touching an unsafe attribute (`''.__class__`, `cycler.__init__.__globals__`,
-  `messages.append`...) raises at once. Stock jinja2 returns an Undefined that renders as
-  an empty string, so a template could probe the sandbox and carry on.
-- `*` and `**` refuse results that would eat the memory or the CPU (`'x' * 10**10`,
-  `2 ** 2 ** 40`), and the rendered text has a size cap. (A template can still loop for
-  long: jinja2 has no time limit; range() is capped at 100,000 items per call.)
-
-Otherwise it renders exactly as Hugging Face transformers does (apply_chat_template):
-trim_blocks and lstrip_blocks, the loopcontrols extension, `{% generation %}` blocks
-accepted and ignored, a `tojson` filter like HF's (no HTML escaping, ensure_ascii=False,
-indent), and the helpers real templates call: raise_exception(msg), strftime_now(fmt),
-bos_token, eos_token, add_generation_prompt, tools/documents (None unless given).
+Message text never becomes control tokens: the tokens of a prompt read the template's own
+markers (`<start_of_turn>`...) as special tokens and the text that came from the messages
+as plain text (llama.cpp's parse_special=false), so a user who types `<end_of_turn>` cannot
+close their turn and open the model's. Where message text landed comes from the sandbox
+(it renders with placeholders); for a template that rewrites message text beyond stripping
+it, that is unknown, and a message holding a control token's text is refused instead.
 
 Models without a template get a built-in one chosen by architecture (see builtin_name).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
-import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from runtime.chat_worker import (RENDER_MEMORY_BYTES, ChatTemplateError, ChatTemplateLimitError,
+                                 renderer)
 
-__all__ = ["ChatTemplate", "ChatTemplateError", "validate_messages", "builtin_name",
-           "BUILTIN_TEMPLATES", "ROLES"]
+__all__ = ["ChatTemplate", "ChatTemplateError", "ChatTemplateLimitError", "Prompt",
+           "validate_messages", "builtin_name", "BUILTIN_TEMPLATES", "ROLES"]
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-
-MAX_OUTPUT_CHARS = 16 * 2**20  # a rendered prompt is at most a context's worth of text
-MAX_REPEAT_ITEMS = 2**20  # `seq * n` results
-MAX_INT_BITS = 2**16  # `a ** b` and `a * b` results on integers
-
-
-class ChatTemplateError(ValueError):
-    """A chat template that cannot be loaded, that refuses a conversation (its
-    raise_exception), that fails on it, or that tried something the sandbox forbids."""
-
-
-# --- the sandbox -------------------------------------------------------------------------------
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """ImmutableSandboxedEnvironment that raises on unsafe attributes and huge arithmetic."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def unsafe_undefined(self, obj: Any, attribute: str):
-        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} "
-                            "objects is not allowed")
-
-    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and _is_int(left) and _is_int(right) and right > 0:
-            if abs(left) > 1 and right * abs(left).bit_length() > MAX_INT_BITS:
-                raise SecurityError(f"{left} ** {right} is too large")
-        if operator == "*":
-            if _is_int(left) and _is_int(right):
-                if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-                    raise SecurityError("integer product too large")
-            else:
-                seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
-                repeatable = isinstance(seq, (str, list, tuple)) and _is_int(n)
-                if repeatable and len(seq) * n > MAX_REPEAT_ITEMS:
-                    raise SecurityError(f"repeating a {type(seq).__name__} {n} times is too large")
-        return super().call_binop(context, operator, left, right)
-
-
-class _NoTemplateFiles(jinja2.BaseLoader):
-    """include / import / extends: a chat template is one string and reads no files."""
-
-    def get_source(self, environment, template):
-        raise SecurityError(f"a chat template cannot load other templates ({template!r})")
-
-
-class _GenerationBlocks(Extension):
-    """`{% generation %}...{% endgeneration %}`: HF templates mark the assistant's text
-    with it (for training masks); rendering a prompt ignores the tag."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
-
-
-def _raise_exception(message: Any = "") -> None:
-    raise ChatTemplateError(str(message))
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(str(fmt))
-
-
-def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """HF's tojson: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML)."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, loader=_NoTemplateFiles(),
-                   extensions=["jinja2.ext.loopcontrols", _GenerationBlocks])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-_ENV = _environment()
+TRIAL_CONVERSATION = [{"role": "user", "content": "Hello"}]  # rendered once at load
 
 
 # --- messages ----------------------------------------------------------------------------------
@@ -174,55 +84,112 @@ def validate_messages(messages: Any) -> list[dict]:
 
 # --- templates ---------------------------------------------------------------------------------
 
-class ChatTemplate:
-    """A chat template: Jinja2 source plus the BOS/EOS strings it may write."""
+_PREFIXES = {"sandbox": "the chat template tried something the sandbox forbids: ",
+             "compile": "the chat template cannot be compiled: ",
+             "failed": "the chat template failed on this conversation: "}
 
-    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom"):
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt: its text, and where in it the messages' text landed ([start, end)
+    spans; None when the template rewrote message text too much to tell)."""
+
+    text: str
+    message_spans: list[tuple[int, int]] | None
+    message_strings: list[str]  # every string the messages held (roles aside)
+
+
+def _message_strings(value: Any) -> list[str]:
+    if isinstance(value, Mapping):
+        return [s for k, v in value.items() if k not in ("role", "type")
+                for s in _message_strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _message_strings(v)]
+    return [value] if isinstance(value, str) and value else []
+
+
+class ChatTemplate:
+    """A chat template: Jinja2 source plus the BOS/EOS strings it may write. Making one
+    compiles it in the renderer (a ChatTemplateError when it does not compile)."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "", name: str = "custom",
+                 *, check: bool = True):
         if not isinstance(source, str):
             raise ChatTemplateError("a chat template is Jinja2 source text, "
                                     f"got {type(source).__name__}")
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
-        self.name = name  # where it came from: "tokenizer.chat_template", "builtin:gemma"...
-        try:
-            self._template = _ENV.from_string(source)
-        except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"the chat template has a syntax error on line {e.lineno}: "
-                                    f"{e.message}") from None
-        except SecurityError as e:
-            raise ChatTemplateError(f"the chat template was refused: {e}") from None
-        except Exception as e:  # e.g. nesting too deep for the compiler
-            raise ChatTemplateError("the chat template cannot be compiled: "
-                                    f"{type(e).__name__}: {e}") from None
+        self._name = name  # where it came from: "tokenizer.chat_template", "builtin:gemma"...
+        self._settled = threading.Event()  # for_model's check at load is done
+        self._settled.set()
+        if check:
+            self._call({"op": "compile", "source": source})
+
+    @property
+    def name(self) -> str:
+        self._settled.wait()
+        return self._name
 
     def __repr__(self) -> str:
         return f"ChatTemplate(name={self.name!r}, {len(self.source)} chars)"
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
-        """The prompt text for a conversation. extra: template variables some templates
-        read (tools, documents, enable_thinking, date_string...)."""
+    def _call(self, request: dict) -> dict:
+        """One request to the renderer; its failures as ChatTemplateErrors."""
+        answer = renderer().call(request)
+        error, message = answer.get("error"), answer.get("message", "")
+        if error is None:
+            return answer
+        if error == "memory":
+            raise ChatTemplateLimitError(f"the chat template needed more than the "
+                                         f"{RENDER_MEMORY_BYTES >> 20} MB memory limit and was "
+                                         "stopped")
+        if error == "sandbox" and request["op"] == "compile":
+            message = f"the chat template was refused: {message}"
+        elif error in _PREFIXES:
+            message = _PREFIXES[error] + message
+        raise ChatTemplateError(message, error)  # syntax, raised (its raise_exception), output
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, find_spans: bool,
+                extra: dict) -> dict:
+        self._settled.wait()
         context = {"tools": None, "documents": None, "bos_token": self.bos_token,
                    "eos_token": self.eos_token, **extra,
                    "messages": validate_messages(messages),
                    "add_generation_prompt": bool(add_generation_prompt)}
-        pieces, size = [], 0
-        try:
-            for piece in self._template.generate(context):
-                size += len(piece)
-                if size > MAX_OUTPUT_CHARS:
-                    raise ChatTemplateError(
-                        f"the chat template wrote more than {MAX_OUTPUT_CHARS} characters")
-                pieces.append(piece)
-        except ChatTemplateError:
-            raise
-        except SecurityError as e:
-            raise ChatTemplateError(
-                f"the chat template tried something the sandbox forbids: {e}") from None
-        except Exception as e:
-            raise ChatTemplateError(f"the chat template failed on this conversation: "
-                                    f"{type(e).__name__}: {e}") from None
-        return "".join(pieces)
+        return self._call({"op": "render", "source": self.source, "context": context,
+                           "find_spans": find_spans})
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        """The prompt text for a conversation. extra: template variables some templates
+        read (tools, documents, enable_thinking, date_string...)."""
+        return self._render(messages, add_generation_prompt, False, extra)["text"]
+
+    def prompt(self, messages: list[dict], add_generation_prompt: bool = True,
+               **extra: Any) -> Prompt:
+        """The prompt for a conversation, with where its messages' text landed; without
+        the BOS the template wrote at its start (the tokenizer adds its own)."""
+        answer = self._render(messages, add_generation_prompt, True, extra)
+        text, spans = answer["text"], answer["spans"]
+        cut = len(text) - len(self.drop_leading_bos(text))
+        if spans is not None:
+            spans = [(max(start, cut) - cut, end - cut) for start, end in spans if end > cut]
+        return Prompt(text[cut:], spans, _message_strings(validate_messages(messages)))
+
+    def tokens(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+               **extra: Any) -> list[int]:
+        """The prompt's token ids (BOS as the tokenizer adds it): the template's markers
+        as special tokens, the messages' text as plain text."""
+        prompt = self.prompt(messages, add_generation_prompt, **extra)
+        if prompt.message_spans is not None:
+            return tokenizer.encode(prompt.text, literal_spans=prompt.message_spans)
+        for i, text in enumerate(prompt.message_strings):
+            if tokenizer.encode(text, False, True) != tokenizer.encode(text, False, False):
+                raise ChatTemplateError(
+                    "a message holds the text of one of the model's control tokens, and this "
+                    "model's chat template rewrites messages in a way that cannot keep it "
+                    "apart from its own markers; remove it from the message")
+        return tokenizer.encode(prompt.text)
 
     def drop_leading_bos(self, text: str) -> str:
         """text without the BOS the template wrote at its start: for a tokenizer that adds
@@ -233,18 +200,44 @@ class ChatTemplate:
 
     @classmethod
     def for_model(cls, metadata: Mapping[str, Any]) -> ChatTemplate:
-        """The model's own template (GGUF `tokenizer.chat_template`) or, when it has none or
-        it does not compile, the built-in one for its architecture."""
+        """The model's own template (GGUF `tokenizer.chat_template`) or the built-in one for
+        its architecture: when the model has none, or when its template does not compile,
+        or goes over a limit or breaks the sandbox on a trial conversation. That check runs
+        in the background (a launch does not wait for the renderer to start); renders wait
+        for it."""
         bos = _token_text(metadata, "tokenizer.ggml.bos_token_id")
         eos = _token_text(metadata, "tokenizer.ggml.eos_token_id")
         source = metadata.get("tokenizer.chat_template")
         fallback = builtin_name(metadata)
-        if isinstance(source, str) and source.strip():
-            try:
-                return cls(source, bos, eos, name="tokenizer.chat_template")
-            except ChatTemplateError as e:
-                log.warning("%s; using the built-in %s template instead", e, fallback)
-        return cls(BUILTIN_TEMPLATES[fallback], bos, eos, name=f"builtin:{fallback}")
+        if not (isinstance(source, str) and source.strip()):
+            return cls(BUILTIN_TEMPLATES[fallback], bos, eos, name=f"builtin:{fallback}",
+                       check=False)
+        template = cls(source, bos, eos, name="tokenizer.chat_template", check=False)
+        template._settled.clear()
+        threading.Thread(target=template._check_at_load, args=(fallback,), daemon=True,
+                         name="chat template check").start()
+        return template
+
+    def _check_at_load(self, fallback: str) -> None:
+        try:
+            self._call({"op": "compile", "source": self.source})
+            self._call({"op": "render", "source": self.source, "find_spans": False,
+                        "context": {"tools": None, "documents": None, "bos_token": self.bos_token,
+                                    "eos_token": self.eos_token, "messages": TRIAL_CONVERSATION,
+                                    "add_generation_prompt": True}})
+        except ChatTemplateError as e:
+            # its own raise_exception or a failure may be about this conversation only; a
+            # renderer that cannot start fails every template alike
+            if e.kind in ("syntax", "compile", "sandbox", "output", "limit"):
+                self._fall_back(str(e) + (" (on a trial conversation)" if e.kind == "limit" else ""),
+                                fallback)
+        finally:
+            self._settled.set()
+
+    def _fall_back(self, why: str, fallback: str) -> None:
+        log.warning("%s; using the built-in %s template instead", why, fallback)
+        self.source = BUILTIN_TEMPLATES[fallback]
+        self._name = f"builtin:{fallback}"
 
 
 def _token_text(metadata: Mapping[str, Any], key: str) -> str:

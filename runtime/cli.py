@@ -417,13 +417,13 @@ def run_chat(session: Session, params) -> None:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            text = template.drop_leading_bos(template.render(messages, add_generation_prompt=True))
+            tokens = template.tokens(session.tokenizer, messages, add_generation_prompt=True)
         except ChatTemplateError as e:
             messages.pop()
             click.echo(f"error: {e}", err=True)
             continue
         try:
-            reply = generate_text(session, session.tokenizer.encode(text), params)
+            reply = generate_text(session, tokens, params)
         except UserError as e:
             messages.pop()
             click.echo(f"error: {e.format_message()}; /clear to start over", err=True)

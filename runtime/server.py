@@ -645,12 +645,11 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise RequestError(400, "messages is required", "messages")
         template = self.server.worker.chat_template
         try:
-            text = template.drop_leading_bos(template.render(body["messages"], add_generation_prompt=True))
+            tokens = template.tokens(session.tokenizer, body["messages"], add_generation_prompt=True)
         except ChatTemplateError as e:
             raise RequestError(400, f"{e}", "messages") from None
         except ValueError as e:  # validate_messages names the message and what is wrong
             raise RequestError(400, f"{e}", "messages") from None
-        tokens = session.tokenizer.encode(text)
         job = Job(tokens, params, (top_n or 0) if want_logprobs else None)
         self._run_job(job, info, "chat", stream, body)
 

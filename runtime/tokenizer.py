@@ -903,14 +903,20 @@ class Tokenizer(_PickledWithoutCaches):
 
     # --- encode ------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True,
+               literal_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
         """Token ids of text; add_special adds BOS/EOS as the model asks, parse_special turns
-        control-token text (e.g. '<start_of_turn>') into those tokens."""
+        control-token text (e.g. '<start_of_turn>') into those tokens, except where it
+        overlaps one of literal_spans ([start, end) of text: a chat's message text, which
+        must not forge the template's markers; runtime.chat)."""
         out: list[int] = []
         if add_special and self.add_bos:
             out.append(self._bos_id)
         after_special = True  # SPM's space prefix applies at the start and after specials
-        for fragment in self._partition(text, parse_special):
+        fragments = self._partition(text, parse_special)
+        if literal_spans and parse_special:
+            fragments = self._unparse_in(fragments, literal_spans)
+        for fragment in fragments:
             if isinstance(fragment, int):
                 out.append(fragment)
                 after_special = True
@@ -941,6 +947,29 @@ class Tokenizer(_PickledWithoutCaches):
                         split.append(part)
             fragments = split
         return fragments
+
+    def _unparse_in(self, fragments: list[str | int],
+                    spans: Sequence[tuple[int, int]]) -> list[str | int]:
+        """fragments with each control/unknown token that overlaps a span turned back into
+        its text, as parse_special=False would have left it: joined with the text around
+        it, which is then cut at user-defined tokens only."""
+        out: list[str | int] = []
+        pos, changed = 0, False
+        for fragment in fragments:
+            piece = fragment if isinstance(fragment, str) else self._vocab.text(fragment)
+            end = pos + len(piece)
+            if isinstance(fragment, int) and self._vocab.types[fragment] != TOKEN_USER_DEFINED \
+                    and any(start < end and pos < stop for start, stop in spans):
+                fragment, changed = piece, True
+            if isinstance(fragment, str) and out and isinstance(out[-1], str):
+                out[-1] += fragment
+            else:
+                out.append(fragment)
+            pos = end
+        if not changed:
+            return fragments
+        return [part for fragment in out for part in (
+            [fragment] if isinstance(fragment, int) else self._partition(fragment, False))]
 
     # --- decode ------------------------------------------------------------------------------
 

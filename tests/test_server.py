@@ -586,3 +586,43 @@ def test_bind_server_uses_the_next_free_port():
         with bound:
             assert bound.getsockname()[1] > port
     assert said and said[0].startswith(f"port {port} is in use")
+
+
+# --- template bombs (issue 16, findings 1-2) ---------------------------------------------------
+
+def _chat_test(name: str):
+    import test_chat
+
+    return getattr(test_chat, name)
+
+
+@pytest.mark.parametrize("bomb", _chat_test("LIMIT_BOMBS"))
+def test_a_template_bomb_gets_a_400_and_health_stays_quick(server, worker, bomb):
+    from runtime.chat import ChatTemplate
+
+    kept = worker.chat_template
+    worker.chat_template = ChatTemplate(bomb, check=False)
+    answers = []
+    try:
+        thread = threading.Thread(target=lambda: answers.append(request(
+            server, "POST", "/v1/chat/completions",
+            {"messages": _chat_test("CONVERSATION"), "max_tokens": 1})))
+        thread.start()
+        health_seconds = []
+        while thread.is_alive() or not health_seconds:
+            t0 = time.perf_counter()
+            status, _, _ = request(server, "GET", "/health")
+            health_seconds.append(time.perf_counter() - t0)
+            assert status == 200
+            time.sleep(0.05)
+        thread.join()
+    finally:
+        worker.chat_template = kept
+    status, _, body = answers[0]
+    assert status == 400 and body["error"]["param"] == "messages"
+    assert re.search(r"limit|more than \d+ characters", body["error"]["message"])
+    assert max(health_seconds) < 1.0, health_seconds
+    # and the next chat request is served as usual
+    status, _, _ = request(server, "POST", "/v1/chat/completions",
+                           {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1})
+    assert status == 200
