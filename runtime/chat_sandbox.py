@@ -34,7 +34,6 @@ import json
 import os
 import re
 import resource
-import struct
 from datetime import datetime
 from typing import Any
 
@@ -43,10 +42,11 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from runtime.chat_worker import FRAME
+
 MAX_OUTPUT_CHARS = 4 * 2**20  # a rendered prompt: more than any context holds (~4 chars a token)
 MAX_REPEAT_ITEMS = 2**20  # `seq * n` results
 MAX_INT_BITS = 2**16  # `a ** b` and `a * b` results on integers
-FRAME = struct.Struct(">I")  # every message on the pipes: its length, then JSON
 
 
 class TemplateRaised(Exception):

@@ -28,19 +28,20 @@ import json
 import os
 import select
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from runtime.chat_sandbox import FRAME
 
 RENDER_SECONDS = 1.0  # wall clock a compile or a render may take
 RENDER_MEMORY_BYTES = 64 * 2**20  # address space a render may add to the process
 START_SECONDS = 30.0  # for the process to start (a frozen runtime on a busy machine)
 QUEUE_SECONDS = 30.0  # waiting for other renders before giving up
 ENV_VAR = "MODELRUN_CHAT_RENDERER"
+FRAME = struct.Struct(">I")  # every message on the pipes: its length, then JSON
 
 
 class ChatTemplateError(ValueError):
