@@ -7,6 +7,7 @@ runtime.memory) does not import the kernels and Numba.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,14 +62,14 @@ class HParams:
         n_embd = int(get("embedding_length"))
         n_head = int(_scalar(get("attention.head_count")))
         n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
-        head_dim = int(get("attention.key_length", n_embd // n_head))
+        head_dim = int(get("attention.key_length", n_embd // n_head if n_head else 0))
         scaling = str(get("rope.scaling.type", "none"))
         factor = float(get("rope.scaling.factor", 1.0))
         # llama3-style scaling needs no type: it comes as the rope_freqs tensor
         if scaling not in ("none", "linear"):
             raise UnsupportedModelError(f"RoPE scaling type {scaling!r} is not supported")
         rope_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
-        return cls(
+        return check_hparams(cls(
             arch=arch,
             n_vocab=n_vocab,
             n_ctx_train=int(get("context_length")),
@@ -85,7 +86,50 @@ class HParams:
             rope_scale=rope_scale,
             sliding_window=int(get("attention.sliding_window", 0)),
             final_logit_softcap=float(get("final_logit_softcapping", 0.0)),
-        )
+        ))
+
+
+# field -> its metadata key (after "{arch}."), for the messages of check_hparams
+_KEYS = {"n_vocab": "vocabulary size (rows of token_embd.weight)", "n_ctx_train": "context_length",
+         "n_embd": "embedding_length", "n_layer": "block_count", "n_ff": "feed_forward_length",
+         "n_head": "attention.head_count", "n_head_kv": "attention.head_count_kv",
+         "head_dim": "attention.key_length", "head_dim_v": "attention.value_length",
+         "n_rot": "rope.dimension_count", "rms_eps": "attention.layer_norm_rms_epsilon",
+         "rope_base": "rope.freq_base", "rope_scale": "rope.scaling.factor",
+         "sliding_window": "attention.sliding_window",
+         "final_logit_softcap": "final_logit_softcapping"}
+
+
+def check_hparams(hp: HParams) -> HParams:
+    """hp, or an UnsupportedModelError naming the first value no model can have (a broken
+    or hostile file), before anything divides by it or hands it to a kernel."""
+    def bad(field: str, value, need: str) -> UnsupportedModelError:
+        key = _KEYS[field]
+        where = key if " " in key else f"{hp.arch}.{key}"
+        value = f"{value:.6g}" if isinstance(value, float) else value
+        return UnsupportedModelError(f"the model's {where} is {value}, but it must be {need}: "
+                                     "the file's metadata is wrong")
+
+    for field in ("n_vocab", "n_ctx_train", "n_embd", "n_layer", "n_ff", "n_head", "n_head_kv",
+                  "head_dim", "head_dim_v"):
+        if getattr(hp, field) < 1:
+            raise bad(field, getattr(hp, field), "at least 1")
+    if hp.n_head % hp.n_head_kv:
+        raise bad("n_head_kv", hp.n_head_kv, f"a divisor of the {hp.n_head} attention heads")
+    if not 0 <= hp.n_rot <= hp.head_dim or hp.n_rot % 2:
+        raise bad("n_rot", hp.n_rot, f"an even number from 0 to the head size {hp.head_dim}")
+    if not (math.isfinite(hp.rms_eps) and 0 < hp.rms_eps < 1):
+        raise bad("rms_eps", hp.rms_eps, "a small positive number (such as 1e-6)")
+    if not (math.isfinite(hp.rope_base) and hp.rope_base > 0):
+        raise bad("rope_base", hp.rope_base, "a positive number (such as 10000)")
+    if not (math.isfinite(hp.rope_scale) and hp.rope_scale > 0):
+        raise bad("rope_scale", 1 / hp.rope_scale if hp.rope_scale else float("inf"),
+                  "a positive, finite number")
+    if hp.sliding_window < 0:
+        raise bad("sliding_window", hp.sliding_window, "0 (none) or more")
+    if not (math.isfinite(hp.final_logit_softcap) and hp.final_logit_softcap >= 0):
+        raise bad("final_logit_softcap", hp.final_logit_softcap, "0 (none) or a positive number")
+    return hp
 
 
 def _scalar(value):

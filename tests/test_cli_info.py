@@ -226,3 +226,38 @@ def test_info_survives_metadata_of_unexpected_types(tmp_path, write_gguf):
     assert row(out, "tokenizer") == "7, vocabulary of unknown tokens"
     assert row(out, "chat template") == "none"
     assert row(out, "parameters") == "none (no tensors)"
+
+
+# --- hyperparameters no model can have (issue 16, finding 12) ----------------------------------
+
+@pytest.mark.parametrize("key, value, vtype, phrase", [
+    ("llama.attention.head_count", 0, VT.UINT32, "llama.attention.head_count is 0, but it must be at least 1"),
+    ("llama.attention.head_count_kv", 3, VT.UINT32, "head_count_kv is 3, but it must be a divisor of the 8"),
+    ("llama.attention.layer_norm_rms_epsilon", -1e-5, VT.FLOAT32, "layer_norm_rms_epsilon is -1e-05, but"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), VT.FLOAT32, "rms_epsilon is nan"),
+    ("llama.block_count", 0, VT.UINT32, "llama.block_count is 0, but it must be at least 1"),
+    ("llama.attention.key_length", 0, VT.UINT32, "key_length is 0"),
+    ("llama.rope.dimension_count", 33, VT.UINT32, "an even number from 0 to the head size"),
+    ("llama.rope.freq_base", -10000.0, VT.FLOAT32, "freq_base is -10000, but"),
+    ("llama.attention.sliding_window", -4, VT.INT32, "sliding_window is -4"),
+])
+def test_bad_hyperparameters_get_one_clear_line(tmp_path, write_gguf, key, value, vtype, phrase):
+    """Before: a ZeroDivisionError traceback (head_count 0), a Numba SystemError (negative
+    epsilon). Now --info says what is wrong, and loading refuses with one line."""
+
+    def broken(w):
+        _synthetic(w, unsupported=False)
+        w.add_key_value("llama.attention.layer_norm_rms_epsilon", 1e-5, VT.FLOAT32)
+        w.add_token_merges(["a b"])  # so loading gets as far as the network's shape
+        w.kv_data[0].pop(key, None)
+        w.add_key_value(key, value, vtype)
+
+    path = write_gguf(tmp_path / "bad.gguf", broken)
+    result = run("-m", str(path), "--info")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert phrase in result.stdout
+    assert "the file's metadata is wrong" in result.stdout
+    result = run("-m", str(path), "-p", "hi", "-n", "1")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    lines = result.stderr.splitlines()
+    assert lines[-1].startswith("error: ") and phrase in lines[-1], result.stderr
