@@ -75,6 +75,8 @@ TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
+# What C's isspace() strips around lstrip/rstrip special tokens (llama.cpp uses it on bytes).
+_C_SPACES = " \t\n\v\f\r"
 SPM_SPACE = "\u2581"  # the "lower one eighth block" SentencePiece writes for a space
 _SPM_SPACE_UTF8 = SPM_SPACE.encode()
 
@@ -312,6 +314,10 @@ class _Vocab:
         self.types = types
         self.piece_to_id = _PieceIndex(pieces)
         self.unknown_id: int | None = None
+        # Special tokens that swallow the whitespace before (lstrip) or after (rstrip) them
+        # when the text is cut around them; llama.cpp decides by the model's name.
+        self.lstrip_ids: frozenset[int] = frozenset()
+        self.rstrip_ids: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -795,6 +801,7 @@ class Tokenizer(_PickledWithoutCaches):
             add_bos_default = pre.add_bos
 
         eog_ids = cls._end_of_generation_ids(metadata, vocab, eos_id)
+        cls._strip_attributes(metadata, vocab)
         vocab.build_special_index()
 
         add_bos = flag("tokenizer.ggml.add_bos_token", add_bos_default)
@@ -874,6 +881,28 @@ class Tokenizer(_PickledWithoutCaches):
             types[s_id] = TOKEN_NORMAL
         return frozenset(eog)
 
+    @staticmethod
+    def _strip_attributes(metadata: Mapping, vocab: _Vocab) -> None:
+        """llama.cpp's per-token lstrip/rstrip, which the GGUF does not carry: it sets them
+        by substrings of general.name (lowercased), tokenizer.ggml.pre and the architecture."""
+        name = (_text(metadata.get("general.name")) or "").lower()
+        pre = _text(metadata.get("tokenizer.ggml.pre")) or ""
+        arch = _text(metadata.get("general.architecture")) or ""
+
+        def ids(*texts: str) -> set[int]:
+            return {tid for tid in map(vocab.id_of, texts) if tid is not None}
+
+        if any(key in pre for key in ("jina-v2-de", "jina-v2-es", "jina-v2-code")) or \
+                any(key in arch for key in ("nomic-bert-moe", "jina-bert-v3")):
+            vocab.lstrip_ids = frozenset(ids("<mask>"))
+        elif "phi-3" in name or "phi3" in name:  # every special token, but these three
+            special = {TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN}
+            rstrip = {tid for tid, kind in enumerate(vocab.types) if kind in special}
+            vocab.rstrip_ids = frozenset((rstrip | ids("</s>")) - ids("<unk>", "<s>",
+                                                                      "<|endoftext|>"))
+        elif "modern-bert" in name:
+            vocab.lstrip_ids = frozenset(ids("[MASK]"))
+
     # --- properties --------------------------------------------------------------------------
 
     @property
@@ -934,15 +963,22 @@ class Tokenizer(_PickledWithoutCaches):
         if not text:
             return []
         fragments: list[str | int] = [text]
-        for _, tid, piece in self._vocab.specials_in(text, parse_special):
+        vocab = self._vocab
+        for _, tid, piece in vocab.specials_in(text, parse_special):
+            lstrip, rstrip = tid in vocab.lstrip_ids, tid in vocab.rstrip_ids
             split: list[str | int] = []
             for fragment in fragments:
                 if isinstance(fragment, int) or piece not in fragment:
                     split.append(fragment)
                     continue
-                for i, part in enumerate(fragment.split(piece)):
+                parts = fragment.split(piece)
+                for i, part in enumerate(parts):
                     if i:
                         split.append(tid)
+                        if rstrip:
+                            part = part.lstrip(_C_SPACES)
+                    if lstrip and i < len(parts) - 1:
+                        part = part.rstrip(_C_SPACES)
                     if part:
                         split.append(part)
             fragments = split

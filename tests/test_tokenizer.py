@@ -654,3 +654,22 @@ def test_a_pickled_tokenizer_encodes_the_same_and_starts_with_empty_caches(which
     assert [copy.decode(ids) for ids in expected] == [tokenizer.decode(ids) for ids in expected]
     assert (copy.vocab_size, copy.bos_id, copy.eog_ids) == \
         (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eog_ids)
+
+
+@pytest.mark.parametrize("names, expected", [
+    ({"general.architecture": "jina-bert-v3"}, ["x", "<mask>", " y  "]),  # lstrip
+    ({"general.name": "Phi-3 mini"}, ["x  ", "<mask>", "y  "]),  # rstrip (every special)
+    ({"general.name": "Some model"}, ["x  ", "<mask>", " y  "]),  # neither
+])
+def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected):
+    """The GGUF has no lstrip/rstrip flags: llama.cpp gives them by the model's name,
+    architecture or pre-tokenizer, and the whitespace they swallow is gone from the text."""
+    metadata = _spm_metadata([("x", -1.0), ("y", -1.0)], **names)
+    metadata["tokenizer.ggml.tokens"] = metadata["tokenizer.ggml.tokens"].tolist() + ["<mask>"]
+    metadata["tokenizer.ggml.scores"] = np.append(metadata["tokenizer.ggml.scores"], 0.0)
+    metadata["tokenizer.ggml.token_type"] = np.append(metadata["tokenizer.ggml.token_type"],
+                                                      CONTROL)
+    tokenizer = Tokenizer.from_metadata(metadata)
+    mask = tokenizer.token_id("<mask>")
+    fragments = tokenizer._partition("x  <mask> y  ", parse_special=True)
+    assert fragments == [mask if part == "<mask>" else part for part in expected]

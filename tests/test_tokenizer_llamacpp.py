@@ -6,7 +6,9 @@ fetched once per machine from the llama-cpp-python sdist on PyPI (tests/llamacpp
 without PyPI the tests skip, saying why.
 """
 
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 from llamacpp_vocab import (VocabUnavailable, load_cases, names_with_cases, vocab_dir, vocab_names,
@@ -73,6 +75,21 @@ def test_a_pickled_tokenizer_gives_the_same_ids(name, llamacpp_models, tokenizer
     """runtime.tokenizer_cache keeps built tokenizers as pickles; every kind must survive."""
     copy = pickle.loads(pickle.dumps(tokenizer_of(name), protocol=pickle.HIGHEST_PROTOCOL))
     assert not _mismatches(copy, load_cases(llamacpp_models, name))
+
+
+def test_special_tokens_and_add_special_give_llamacpps_ids(llamacpp_models, tokenizer_of):
+    """test-tokenizer-0 never parses special tokens; llama.cpp's ids for texts around each
+    vocabulary's special tokens, with add_special and parse_special on, are committed in
+    tests/data (Phi-3's special tokens swallow the whitespace after them, BERT's encodings
+    close with [SEP], Gemma 4 always adds BOS...)."""
+    cases = json.loads((Path(__file__).parent / "data" /
+                        "llamacpp_vocab_special_tokens.json").read_text())["cases"]
+    assert sorted(cases) == sorted(TESTED)
+    wrong = [f"{name} {text!r}: expected {ids}, got {got}"
+             for name, pairs in cases.items() for text, ids in pairs
+             if (got := tokenizer_of(name).encode(text, add_special=True,
+                                                  parse_special=True)) != ids]
+    assert not wrong, "\n".join(wrong[:10])
 
 
 def test_vocabularies_without_cases_build_or_are_refused_clearly(llamacpp_models):
