@@ -944,7 +944,7 @@ class Tokenizer(_PickledWithoutCaches):
         after_special = True  # SPM's space prefix applies at the start and after specials
         fragments = self._partition(text, parse_special)
         if literal_spans and parse_special:
-            fragments = self._unparse_in(fragments, literal_spans)
+            fragments = self._unparse_in(text, fragments, literal_spans)
         for fragment in fragments:
             if isinstance(fragment, int):
                 out.append(fragment)
@@ -984,28 +984,46 @@ class Tokenizer(_PickledWithoutCaches):
             fragments = split
         return fragments
 
-    def _unparse_in(self, fragments: list[str | int],
+    def _unparse_in(self, text: str, fragments: list[str | int],
                     spans: Sequence[tuple[int, int]]) -> list[str | int]:
         """fragments with each control/unknown token that overlaps a span turned back into
-        its text, as parse_special=False would have left it: joined with the text around
-        it, which is then cut at user-defined tokens only."""
-        out: list[str | int] = []
-        pos, changed = 0, False
+        its text, as parse_special=False would have left it: the text from the token before
+        to the token after that stay (with any whitespace an unparsed token had swallowed
+        given back), then cut at user-defined tokens only."""
+        vocab = self._vocab
+        placed = []  # (start, end, fragment, stays a token) in text
+        pos = 0
         for fragment in fragments:
-            piece = fragment if isinstance(fragment, str) else self._vocab.text(fragment)
+            piece = fragment if isinstance(fragment, str) else vocab.text(fragment)
+            while pos < len(text) and not text.startswith(piece, pos):  # whitespace an
+                # lstrip/rstrip token swallowed
+                pos += 1
             end = pos + len(piece)
-            if isinstance(fragment, int) and self._vocab.types[fragment] != TOKEN_USER_DEFINED \
-                    and any(start < end and pos < stop for start, stop in spans):
-                fragment, changed = piece, True
-            if isinstance(fragment, str) and out and isinstance(out[-1], str):
-                out[-1] += fragment
-            else:
-                out.append(fragment)
+            stays = isinstance(fragment, int) and (
+                vocab.types[fragment] == TOKEN_USER_DEFINED
+                or not any(start < end and pos < stop for start, stop in spans))
+            placed.append((pos, end, fragment, stays))
             pos = end
-        if not changed:
+        if all(stays or isinstance(fragment, str) for _, _, fragment, stays in placed):
             return fragments
-        return [part for fragment in out for part in (
-            [fragment] if isinstance(fragment, int) else self._partition(fragment, False))]
+        out: list[str | int] = []
+        run_start = 0  # where the text after the last token that stays begins
+        for i, (start, end, fragment, stays) in enumerate(placed):
+            if not stays:
+                continue
+            if fragment in vocab.lstrip_ids:  # it swallowed the whitespace before it
+                run_end = placed[i - 1][1] if i else 0
+            else:
+                run_end = start
+            if run_start < run_end:
+                out.extend(self._partition(text[run_start:run_end], False))
+            out.append(fragment)
+            run_start = end
+            if fragment in vocab.rstrip_ids:  # and the whitespace after it
+                run_start = placed[i + 1][0] if i + 1 < len(placed) else len(text)
+        if run_start < len(text):
+            out.extend(self._partition(text[run_start:], False))
+        return out
 
     # --- decode ------------------------------------------------------------------------------
 

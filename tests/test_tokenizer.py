@@ -656,14 +656,18 @@ def test_a_pickled_tokenizer_encodes_the_same_and_starts_with_empty_caches(which
         (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eog_ids)
 
 
-@pytest.mark.parametrize("names, expected", [
-    ({"general.architecture": "jina-bert-v3"}, ["x", "<mask>", " y  "]),  # lstrip
-    ({"general.name": "Phi-3 mini"}, ["x  ", "<mask>", "y  "]),  # rstrip (every special)
-    ({"general.name": "Some model"}, ["x  ", "<mask>", " y  "]),  # neither
+@pytest.mark.parametrize("names, expected, first_literal", [
+    ({"general.architecture": "jina-bert-v3"},  # lstrip
+     ["x", "<mask>", " y  "], ["x  <mask> y", "<mask>", "  z"]),
+    ({"general.name": "Phi-3 mini"},  # rstrip (every special token)
+     ["x  ", "<mask>", "y  "], ["x  <mask> y ", "<mask>", "z"]),
+    ({"general.name": "Some model"},  # neither
+     ["x  ", "<mask>", " y  "], ["x  <mask> y ", "<mask>", "  z"]),
 ])
-def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected):
+def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected, first_literal):
     """The GGUF has no lstrip/rstrip flags: llama.cpp gives them by the model's name,
-    architecture or pre-tokenizer, and the whitespace they swallow is gone from the text."""
+    architecture or pre-tokenizer, and the whitespace they swallow is gone from the text;
+    text kept literal (a chat message's, runtime.chat) gets it back."""
     metadata = _spm_metadata([("x", -1.0), ("y", -1.0)], **names)
     metadata["tokenizer.ggml.tokens"] = metadata["tokenizer.ggml.tokens"].tolist() + ["<mask>"]
     metadata["tokenizer.ggml.scores"] = np.append(metadata["tokenizer.ggml.scores"], 0.0)
@@ -671,5 +675,15 @@ def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected):
                                                       CONTROL)
     tokenizer = Tokenizer.from_metadata(metadata)
     mask = tokenizer.token_id("<mask>")
-    fragments = tokenizer._partition("x  <mask> y  ", parse_special=True)
-    assert fragments == [mask if part == "<mask>" else part for part in expected]
+
+    def tokens(parts):
+        return [mask if part == "<mask>" else part for part in parts]
+
+    assert tokenizer._partition("x  <mask> y  ", parse_special=True) == tokens(expected)
+    text = "x  <mask> y <mask>  z"  # only the first <mask> literal
+    fragments = tokenizer._partition(text, parse_special=True)
+    assert tokenizer._unparse_in(text, fragments, [(3, 4)]) == \
+        [first_literal[0], mask, first_literal[2]]
+    for text in ("x  <mask> y  ", " <mask>  <mask>x", "<mask>\n", "y\t<mask>"):
+        assert tokenizer.encode(text, literal_spans=[(0, len(text))]) == \
+            tokenizer.encode(text, parse_special=False)
