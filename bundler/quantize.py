@@ -501,15 +501,12 @@ class Quantization:
 
     def _header(self) -> bytes:
         gguf = self.source.gguf
-        metadata = [(k, gguf.metadata_types[k], v) for k, v in gguf.metadata.items()]
-        for key, value in (("general.quantization_version", QUANTIZATION_VERSION),
-                           ("general.file_type", self.mix.file_type)):
-            entry = (key, ValueType.UINT32, value)
-            at = next((i for i, m in enumerate(metadata) if m[0] == key), None)
-            if at is None:
-                metadata.append(entry)
-            else:
-                metadata[at] = entry
+        # llama.cpp's gguf_set_val removes a key and appends it: both go last, in this order
+        stamped = {"general.quantization_version": QUANTIZATION_VERSION,
+                   "general.file_type": self.mix.file_type}
+        metadata = [(k, gguf.metadata_types[k], v) for k, v in gguf.metadata.items()
+                    if k not in stamped]
+        metadata += [(k, ValueType.UINT32, v) for k, v in stamped.items()]
         infos, offset = [], 0
         for p in self.plans:
             infos.append((p.info.name, p.info.shape, p.type, offset))

@@ -1,0 +1,190 @@
+"""Tiny synthetic models of every architecture we run, for the parity check against llama.cpp.
+
+Each model has a few layers, its family's head layout scaled down, the tokenizer metadata of
+the matching llama.cpp test vocabulary (models/ggml-vocab-*.gguf of the llama-cpp-python
+sdist), and random F32 weights from a counter-based generator written here (splitmix64 of a
+counter, uniforms summed in float64): the same bytes on every machine and NumPy version, so a
+file's sha256 can be committed with llama.cpp's logits on it. tests/make_parity_reference.py
+writes those logits (where llama.cpp is available); tests/test_parity.py runs our engine on
+the same file and compares.
+
+The file is written with bundler.quantize's GGUF writer (header_bytes), not with the `gguf`
+package, so its bytes do not change when that package does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from bundler.quantize import header_bytes
+from runtime.ggml_types import ggml_type
+from runtime.gguf import GGUFFile, ValueType
+
+ALIGNMENT = 32
+N_TOKENS = 64  # the fixed sequence whose logits are compared
+TOP_K = 32  # logits kept per position in the reference
+
+U32, F32, STR, BOOL = ValueType.UINT32, ValueType.FLOAT32, ValueType.STRING, ValueType.BOOL
+
+# Per architecture: the test vocabulary whose tokenizer metadata the model carries, its shapes,
+# and the metadata keys (after "{arch}.") beyond the common ones. Where no test vocabulary is
+# the family's own, the note says which is nearest. n_embd 256 where the vocabulary is small
+# enough, so Q4_K_M's K-quants fill whole 256-element rows; 64 for the 128k-152k
+# vocabularies, to keep the files small (their attention/embedding rows then take llama.cpp's
+# Q5_0/Q8_0 fallback; the FFN's down rows of 512 stay K-quants).
+SPECS: dict[str, dict] = {
+    "llama": dict(vocab="llama-spm", n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
+                  n_ff=512, untied=True),
+    "qwen2": dict(vocab="qwen2", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=16,
+                  n_ff=512, bias=True, keys={"rope.freq_base": (F32, 1e6)}),
+    # Qwen 3 uses Qwen 2's tokenizer
+    "qwen3": dict(vocab="qwen2", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
+                  n_ff=512, qk_norm=True, keys={"rope.freq_base": (F32, 1e6)}),
+    # Gemma 1-3 use SentencePiece vocabularies of 256k; none is among the test vocabularies
+    # (gemma-4's is another tokenizer model), so llama-spm, the SentencePiece one.
+    # Six layers: five slide over 16 positions, the sixth is global.
+    "gemma3": dict(vocab="llama-spm", n_embd=256, n_layer=6, n_head=4, n_head_kv=1, head_dim=64,
+                   n_ff=512, qk_norm=True, post_norms=True, scale_embedding=True,
+                   keys={"rope.freq_base": (F32, 1e6), "attention.sliding_window": (U32, 16)}),
+}
+
+
+# --- the counter-based generator -------------------------------------------------------------
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(counter: np.ndarray) -> np.ndarray:
+    z = counter * _GOLDEN  # uint64 arithmetic wraps modulo 2**64, as splitmix64 wants
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def counter_normal(stream: str, n: int, seed: int = 0) -> np.ndarray:
+    """n values with mean 0 and variance 1 (a sum of four uniforms, nearly normal), float64.
+
+    Value i depends only on (seed, stream, i): splitmix64 of a counter gives four 16-bit
+    uniforms, summed with plain float64 arithmetic (no log/cos, whose last bits vary across
+    NumPy builds).
+    """
+    key = zlib.crc32(f"{seed}:{stream}".encode()) << 32  # 2**32 counters per stream
+    out = np.empty(n, np.float64)
+    chunk = 1 << 18
+    mask = np.uint64(0xFFFF)
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        z = _splitmix64(np.uint64(key) + np.arange(start, start + m, dtype=np.uint64))
+        total = np.zeros(m, np.float64)
+        for shift in (0, 16, 32, 48):
+            total += ((z >> np.uint64(shift)) & mask).astype(np.float64)
+        # each 16-bit uniform has mean 32767.5 and variance (65536**2 - 1) / 12
+        out[start:start + m] = (total - 4 * 32767.5) / (4 * (65536.0 ** 2 - 1) / 12) ** 0.5
+    return out
+
+
+def tokens(arch: str, n_vocab: int) -> list[int]:
+    """The fixed sequence: N_TOKENS ids from the generator, spread over the vocabulary."""
+    u = counter_normal(f"{arch}:tokens", N_TOKENS)
+    frac = np.abs(u) / 3.5 % 1.0
+    return [int(f * (n_vocab - 10)) + 5 for f in frac]
+
+
+# --- the models -------------------------------------------------------------------------------
+
+def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], float, float]]:
+    """(name, shape with rows first, scale, centre) of every tensor, in file order."""
+    d, hd, n_ff = spec["n_embd"], spec["head_dim"], spec["n_ff"]
+    q_dim, kv_dim = spec["n_head"] * hd, spec["n_head_kv"] * hd
+    # Families that scale the embedding by sqrt(n_embd) and tie the output to it get a
+    # smaller embedding (rms 1 once scaled) and a larger output norm (logits of std ~3):
+    # otherwise the input token's own row dominates every prediction.
+    scaled = spec.get("scale_embedding", False)
+    out = [("token_embd.weight", (n_vocab, d), d ** -0.5 if scaled else 0.2, 0.0),
+           ("output_norm.weight", (d,), 0.1, 3.0 if scaled else 1.0)]
+    if spec.get("untied"):
+        out.append(("output.weight", (n_vocab, d), 0.2, 0.0))
+
+    def matrix(name, rows, cols):
+        out.append((name, (rows, cols), cols ** -0.5, 0.0))
+
+    def norm(name, n):
+        out.append((name, (n,), 0.1, 1.0))
+
+    for il in range(spec["n_layer"]):
+        p = f"blk.{il}."
+        norm(p + "attn_norm.weight", d)
+        matrix(p + "attn_q.weight", q_dim, d)
+        matrix(p + "attn_k.weight", kv_dim, d)
+        matrix(p + "attn_v.weight", kv_dim, d)
+        if spec.get("bias"):
+            for c, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                out.append((f"{p}attn_{c}.bias", (n,), 0.5, 0.0))
+        if spec.get("qk_norm"):
+            norm(p + "attn_q_norm.weight", hd)
+            norm(p + "attn_k_norm.weight", hd)
+        matrix(p + "attn_output.weight", d, q_dim)
+        if spec.get("post_norms"):
+            norm(p + "post_attention_norm.weight", d)
+        norm(p + "ffn_norm.weight", d)
+        matrix(p + "ffn_gate.weight", n_ff, d)
+        matrix(p + "ffn_up.weight", n_ff, d)
+        matrix(p + "ffn_down.weight", d, n_ff)
+        if spec.get("post_norms"):
+            norm(p + "post_ffw_norm.weight", d)
+    return out
+
+
+def _metadata(arch: str, spec: dict, vocab: GGUFFile) -> list[tuple[str, ValueType, object]]:
+    a = arch + "."
+    md = [("general.architecture", STR, arch),
+          ("general.name", STR, f"modelrun parity {arch}"),
+          (a + "context_length", U32, 4096),
+          (a + "embedding_length", U32, spec["n_embd"]),
+          (a + "block_count", U32, spec["n_layer"]),
+          (a + "feed_forward_length", U32, spec["n_ff"]),
+          (a + "attention.head_count", U32, spec["n_head"]),
+          (a + "attention.head_count_kv", U32, spec["n_head_kv"]),
+          (a + "attention.key_length", U32, spec["head_dim"]),
+          (a + "attention.value_length", U32, spec["head_dim"]),
+          (a + "attention.layer_norm_rms_epsilon", F32, 1e-6),
+          ("general.file_type", U32, 0)]  # all F32
+    md += [(a + key, vtype, value) for key, (vtype, value) in spec.get("keys", {}).items()]
+    md += [(key, vocab.metadata_types[key], value) for key, value in vocab.metadata.items()
+           if key.startswith("tokenizer.")]
+    return md
+
+
+def write_model(path: str | Path, arch: str, vocab_path: str | Path) -> str:
+    """Write the F32 parity model of `arch` to path; return its sha256 (hex)."""
+    spec = SPECS[arch]
+    vocab = GGUFFile(vocab_path)
+    n_vocab = len(vocab.metadata["tokenizer.ggml.tokens"])
+    tensors = _tensors(arch, spec, n_vocab)
+    f32 = ggml_type("F32")
+    infos, offset = [], 0
+    for name, shape, _, _ in tensors:
+        infos.append((name, tuple(reversed(shape)), f32, offset))
+        offset += -(-4 * int(np.prod(shape)) // ALIGNMENT) * ALIGNMENT
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        head = header_bytes(_metadata(arch, spec, vocab), infos, ALIGNMENT)
+        f.write(head)
+        digest.update(head)
+        for name, shape, scale, centre in tensors:
+            n = int(np.prod(shape))
+            data = (centre + scale * counter_normal(f"{arch}:{name}", n)).astype("<f4").tobytes()
+            data += bytes(-len(data) % ALIGNMENT)
+            f.write(data)
+            digest.update(data)
+    vocab.close()
+    return digest.hexdigest()
+
+
+def reference_path(arch: str) -> Path:
+    return Path(__file__).resolve().parent / "data" / "parity" / f"{arch}.json"
