@@ -148,6 +148,9 @@ def verify(path: Path) -> None:
                 got = run.sha256_of(run.header.payload_offset, run.header.payload_size, progress)
             if got != rt_sha:
                 problems.append(f"the runtime does not match its sha256 (expected {rt_sha}, got {got})")
+        if run.header and run.header.payload_sha256 not in (None, rt_sha):
+            problems.append(f"the sh header names runtime sha256 {run.header.payload_sha256}, "
+                            f"the manifest {rt_sha}")
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)}: the file is damaged — download it again")
     click.echo(f"ok: {path} matches its manifest (model sha256 {actual})")

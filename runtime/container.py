@@ -35,6 +35,7 @@ MANIFEST_ENTRY = "manifest.json"
 MODEL_ALIGNMENT = 65536
 ARGS_PLACEHOLDER = "..."  # a line of .args that marks where the user's own arguments go
 BUILD_ID_PATTERN = re.compile(r"[0-9A-Za-z._-]{1,64}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 # ZIP records (APPNOTE.TXT 4.3), little-endian.
 LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
@@ -69,6 +70,7 @@ class HeaderFields:
     payload_offset: int
     payload_size: int
     build_id: str
+    payload_sha256: str | None  # None in files made before the header carried it
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ def read_header_fields(head: bytes) -> HeaderFields | None:
     m = re.search(rf"^mr_build_id=({BUILD_ID_PATTERN.pattern}) *$", text, re.MULTILINE)
     if m is None:
         return None
-    return HeaderFields(*numbers, m.group(1))
+    sha = re.search(rf"^mr_payload_sha256=({SHA256_PATTERN.pattern}) *$", text, re.MULTILINE)
+    return HeaderFields(*numbers, m.group(1), sha.group(1) if sha else None)
 
 
 def incomplete(have: int, want: int) -> ContainerError:

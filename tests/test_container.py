@@ -342,7 +342,7 @@ def test_a_two_member_payload_unpacks_in_parallel_or_falls_back_to_one_stream(fi
     ran = files.launch(run, "--info", env=env)
     assert ran.returncode == 0, ran.stderr
     assert len((tmp_path / "tar.log").read_text().split()) == (2 if split_shift == 0 else 3)
-    unpacked = cache / "modelrun" / ("split-" + payload.parent.name) / "runtime"
+    unpacked = cache / "modelrun" / hashlib.sha256(payload.read_bytes()).hexdigest() / "runtime"
     assert (unpacked / "lib" / "filler.so").read_bytes() == \
         (tmp_path / "dist" / "onedir" / "lib" / "filler.so").read_bytes()
     assert sorted(p.name for p in unpacked.parent.parent.iterdir()) == [unpacked.parent.name]
@@ -411,9 +411,11 @@ def test_concurrent_first_launches_both_work(files, tmp_path, spawn):
         assert code == 0, stderr
         assert without_free_memory(stdout) == without_free_memory(expected)
         assert "unpacking the runtime" in stderr  # each one unpacked its own copy
-    build_id = json.loads(zipfile.ZipFile(files.run).read("manifest.json"))["runtime"]["build_id"]
-    assert sorted(p.name for p in (cache / "modelrun").iterdir()) == [build_id]  # no temp left
-    assert sorted(p.name for p in (cache / "modelrun" / build_id).iterdir()) == ["runtime"]
+    # named by the payload's sha256 (the build id is the manifest's)
+    sha = json.loads(zipfile.ZipFile(files.run).read("manifest.json"))["runtime"]["sha256"]
+    assert sha == hashlib.sha256(files.payload.read_bytes()).hexdigest()
+    assert sorted(p.name for p in (cache / "modelrun").iterdir()) == [sha]  # no temp left
+    assert sorted(p.name for p in (cache / "modelrun" / sha).iterdir()) == ["runtime"]
 
 
 def read_only(folder: Path) -> tuple[str, ...]:
@@ -467,8 +469,108 @@ def test_header_is_fixed_size_and_plain_posix_sh(files, tmp_path):
                                      capture_output=True, text=True)
             assert checked.returncode == 0, f"{shell}: {checked.stderr}"
     values = bc.HeaderValues(total_size=10**15, payload_offset=HEADER_SIZE, payload_size=10**12,
-                             build_id="x" * 64, payload_split=10**12 - 1)
+                             build_id="x" * 64, payload_sha256="f" * 64, payload_split=10**12 - 1)
     assert len(bc.render_header(values)) == HEADER_SIZE
+
+
+# ------------------------------------------------------------------------------ whose runtime runs
+
+def echo_payload(folder: Path, says: str, build_id: str) -> Path:
+    """A payload whose runtime/runtime only prints `says`, with a runtime.json giving
+    build_id (which a publisher writes as they like)."""
+    folder.mkdir(parents=True)
+    payload = folder / "runtime.tar.gz"
+    script = f"#!/bin/sh\necho {says}\n".encode()
+    with tarfile.open(payload, "w:gz") as tar:
+        exe = tarfile.TarInfo("runtime/runtime")
+        exe.size, exe.mode = len(script), 0o755
+        tar.addfile(exe, io.BytesIO(script))
+    (folder / "runtime.json").write_text(json.dumps(
+        {"build_id": build_id, "tiers": [], "size": payload.stat().st_size,
+         "sha256": hashlib.sha256(payload.read_bytes()).hexdigest()}))
+    return payload
+
+
+def test_a_runtime_is_never_picked_up_by_another_file_with_its_build_id(files, tmp_path):
+    """Issue 16, finding 4: a model.run whose runtime.json claimed another file's build id
+    planted its runtime where the honest file then ran it. Folders are named by the
+    payload's sha256 now, checked while unpacking."""
+    honest = build(files.model, tmp_path / "honest.run", echo_payload(tmp_path / "a", "honest", "same"))
+    planter = build(files.model, tmp_path / "planter.run", echo_payload(tmp_path / "b", "planted", "same"))
+    env = files.env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert files.launch(planter, env=env).stdout == "planted\n"
+    ran = files.launch(honest, env=env)
+    assert ran.returncode == 0 and ran.stdout == "honest\n", ran.stderr
+    assert len(list((tmp_path / "cache" / "modelrun").iterdir())) == 2
+
+
+def test_a_payload_that_does_not_match_its_sha256_is_not_unpacked(files, tmp_path):
+    """A header that names another payload's sha256 (the folder a different runtime would
+    go to) is refused when the payload is unpacked: the folder is never made."""
+    data = files.run.read_bytes()
+    sha = re.search(rb"mr_payload_sha256=([0-9a-f]{64})", data[:HEADER_SIZE]).group(1)
+    other = hashlib.sha256(b"another runtime").hexdigest().encode()
+    path = files.variant("claims-another.run", data.replace(sha, other, 1))
+    ran = files.launch(path, "--info", env=files.env(XDG_CACHE_HOME=str(tmp_path)))
+    assert ran.returncode == 1
+    assert "damaged (its runtime does not match its sha256)" in one_line(ran.stderr)
+    assert list((tmp_path / "modelrun").iterdir()) == []
+
+
+def _launch_without_cache(files, tmp: Path, path: Path | None = None):
+    """A launch whose cache cannot be made (it would be under a file), so $TMPDIR is used."""
+    return files.launch(path or files.run, "--info",
+                        env=files.env(XDG_CACHE_HOME="/dev/null/cache", TMPDIR=str(tmp)))
+
+
+def _plant(private: Path, sha: str) -> None:
+    exe = private / sha / "runtime" / "runtime"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\necho planted\n")
+    exe.chmod(0o755)
+
+
+@pytest.mark.parametrize("squat", ["open to others", "another user's", "a symlink"])
+def test_tmpdir_fallback_trusts_only_a_private_folder_of_ours(files, tmp_path, squat):
+    """Issue 16, finding 5: a pre-existing 0777 folder ran a planted runtime; a folder
+    another user made gave a wrong "not writable" message. Now either gets a fresh folder
+    from mktemp, removed when the runtime exits."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    private = tmp / f"modelrun-{os.geteuid()}"
+    sha = json.loads(zipfile.ZipFile(files.run).read("manifest.json"))["runtime"]["sha256"]
+    if squat == "a symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        _plant(tmp_path / "elsewhere", sha)
+        private.symlink_to(tmp_path / "elsewhere")
+    else:
+        private.mkdir()
+        _plant(private, sha)
+        if squat == "open to others":
+            private.chmod(0o777)
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("making a folder of another user needs root")
+            os.chown(private, 65534, 65534)
+            private.chmod(0o755)
+    ran = _launch_without_cache(files, tmp)
+    assert ran.returncode == 0, ran.stderr
+    assert "planted" not in ran.stdout
+    expected = runtime("--container", str(files.run), "--info").stdout
+    assert without_free_memory(ran.stdout) == without_free_memory(expected)
+    assert "is not a private folder of yours; using a fresh one" in ran.stderr
+    assert sorted(p.name for p in tmp.iterdir()) == [private.name]  # the fresh one is gone
+
+
+def test_tmpdir_fallback_reuses_its_private_folder(files, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    first = _launch_without_cache(files, tmp)
+    assert first.returncode == 0 and "unpacking the runtime" in first.stderr, first.stderr
+    again = _launch_without_cache(files, tmp)
+    assert again.returncode == 0 and "unpacking" not in again.stderr and "fresh" not in again.stderr
+    private = tmp / f"modelrun-{os.geteuid()}"
+    assert oct(private.stat().st_mode & 0o777) == "0o700"
 
 
 # ------------------------------------------------------------------------------ ZIP64
@@ -565,7 +667,7 @@ def test_upgrade_swaps_the_runtime_and_keeps_weights_and_args(files, tmp_path):
     cache = tmp_path / "cache"
     ran = files.launch(new, "--info", env=files.env(XDG_CACHE_HOME=str(cache)))
     assert ran.returncode == 0, ran.stderr
-    assert (cache / "modelrun" / "0123456789abcdef" / "runtime" / "runtime").exists()
+    assert (cache / "modelrun" / digest / "runtime" / "runtime").exists()
     # damaged weights are caught while copying: nothing is written
     data = bytearray(files.run.read_bytes())
     data[layout(files.run)["model_data"] + 777] ^= 1

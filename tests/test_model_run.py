@@ -8,6 +8,7 @@ test_payload.py the frozen runtime on its own. This joins the two, once, for rea
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -75,10 +76,10 @@ def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run
     assert "Traceback" not in log, log
     found = KERNELS_LINE.search(log)
     assert found and int(found.group(2)) > 0 and found.group(3) == "0", log
-    # unpacked into the user's cache, under the payload's build id; the tokenizer kept beside
-    build_id = runtime_payload.resolve().name.removeprefix("runtime-").removesuffix(".tar.gz")
+    # unpacked into the user's cache, under the payload's sha256; the tokenizer kept beside
+    payload_sha = hashlib.sha256(runtime_payload.read_bytes()).hexdigest()
     cache = tmp_path / "cache" / "modelrun"
-    assert sorted(p.name for p in cache.iterdir()) == sorted([build_id, "tokenizers"])
+    assert sorted(p.name for p in cache.iterdir()) == sorted([payload_sha, "tokenizers"])
     assert len(list((cache / "tokenizers").glob("*.pickle"))) == 1
 
 
