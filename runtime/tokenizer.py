@@ -432,7 +432,10 @@ def _merge_symbols(symbols: list[bytes], find: Callable[[bytes], float | int | N
 class _SpmModel(_PickledWithoutCaches):
     """SentencePiece-style BPE over characters, driven by piece scores."""
 
-    _CACHE_LIMIT = 1 << 14
+    # At most _CACHE_LIMIT fragments of at most _CACHE_CHARS characters: ~20 MB at worst (a
+    # 2M-character prompt is not kept: an entry bound alone let each such prompt stay).
+    _CACHE_LIMIT = 1 << 12
+    _CACHE_CHARS = 1024
     _CACHES = ("fragment_cache",)
 
     def __init__(self, vocab: _Vocab, scores: np.ndarray, add_space_prefix: bool):
@@ -462,9 +465,10 @@ class _SpmModel(_PickledWithoutCaches):
         ids = self.fragment_cache.get(text)
         if ids is None:
             ids = self._encode(text)
-            if len(self.fragment_cache) >= self._CACHE_LIMIT:
-                self.fragment_cache.clear()
-            self.fragment_cache[text] = ids
+            if len(text) <= self._CACHE_CHARS:
+                if len(self.fragment_cache) >= self._CACHE_LIMIT:
+                    self.fragment_cache.clear()
+                self.fragment_cache[text] = ids
         out.extend(ids)
 
     def priority(self, piece: bytes) -> float | None:
@@ -492,7 +496,9 @@ class _WordModel(_PickledWithoutCaches):
     """A model that cuts a fragment into words (`words`) and encodes each word on its own
     (`encode_word`); word -> ids results are cached."""
 
+    # At most _CACHE_LIMIT words of at most _CACHE_CHARS characters: ~30 MB at worst.
     _CACHE_LIMIT = 1 << 16
+    _CACHE_CHARS = 32
     _CACHES = ("word_cache",)
     word_cache: dict[str, list[int]]
 
@@ -508,9 +514,10 @@ class _WordModel(_PickledWithoutCaches):
             ids = cache.get(word)
             if ids is None:
                 ids = self.encode_word(word)
-                if len(cache) >= self._CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = ids
+                if len(word) <= self._CACHE_CHARS:
+                    if len(cache) >= self._CACHE_LIMIT:
+                        cache.clear()
+                    cache[word] = ids
             out.extend(ids)
 
 

@@ -687,3 +687,18 @@ def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected, fi
     for text in ("x  <mask> y  ", " <mask>  <mask>x", "<mask>\n", "y\t<mask>"):
         assert tokenizer.encode(text, literal_spans=[(0, len(text))]) == \
             tokenizer.encode(text, parse_special=False)
+def test_long_texts_do_not_stay_in_the_caches(gemma):
+    """Issue 16, finding 9: four 2M-character prompts to /tokenize kept 45-65 MB each in
+    the fragment cache (bounded in entries, not in size). Texts past the size an entry may
+    have are tokenized and not kept."""
+    import sys
+
+    def cache_bytes() -> int:
+        cache = gemma._model.fragment_cache
+        return sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in cache.items())
+
+    gemma.encode("warm up the caches", add_special=False)
+    before = cache_bytes()
+    for i in range(4):
+        gemma.encode(f"{i} " + "lorem ipsum dolor " * 2_000, add_special=False)
+    assert cache_bytes() - before < 4096
