@@ -16,6 +16,7 @@ from bundler.quantize import compare, quantize, quantize_with_progress
 from runtime.cli import UserError, describe
 from runtime.cli import main as runtime_main
 from runtime.container import HEADER_SIZE, MODEL_ALIGNMENT, MODEL_ENTRY
+from runtime.terminal import printable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,16 +95,18 @@ def inspect(path: Path) -> None:
         lines = [f"{path}: model.run, {_mb(run.size)}"]
         for key in ("name", "created", "upgraded", "modelrun_version", "format"):
             if key in manifest:
-                lines.append(f"  {key.replace('_', ' '):<17} {manifest[key]}")
+                lines.append(f"  {key.replace('_', ' '):<17} {printable(manifest[key])}")
         rt = manifest.get("runtime") or {}
         tiers = ", ".join(rt.get("tiers") or []) or "unknown"
-        lines.append(f"  {'runtime':<17} build {rt.get('build_id', '?')}, CPU tiers: {tiers}")
+        lines.append(f"  {'runtime':<17} build {printable(rt.get('build_id', '?'))}, "
+                     f"CPU tiers: {printable(tiers)}")
         if header is not None:
             lines.append(f"  {'':<17} {_mb(header.payload_size or 0)} payload at offset "
                          f"{header.payload_offset} after a {HEADER_SIZE}-byte sh header")
         args = run.default_args()
-        lines.append(f"  {'default args':<17} {' '.join(args) if args else '(none)'}")
-        lines.append(f"  {'model sha256':<17} {(manifest.get('model') or {}).get('sha256', '?')}")
+        lines.append(f"  {'default args':<17} {printable(' '.join(args)) if args else '(none)'}")
+        lines.append(f"  {'model sha256':<17} "
+                     f"{printable((manifest.get('model') or {}).get('sha256', '?'))}")
         lines.append("")
         lines.append(f"  {'entry':<14} {'header at':>12} {'data at':>12} {'size':>14} "
                      f"{'crc32':>8}  alignment")
@@ -112,12 +115,12 @@ def inspect(path: Path) -> None:
             note = f"{align // 1024} KiB" if align >= 1024 else f"{align} B"
             if entry.name == MODEL_ENTRY:
                 note += " (ok, mmap-able)" if entry.data_offset % MODEL_ALIGNMENT == 0 else " (NOT 64 KiB)"
-            lines.append(f"  {entry.name:<14} {entry.header_offset:>12} {entry.data_offset:>12} "
+            lines.append(f"  {printable(entry.name):<14} {entry.header_offset:>12} {entry.data_offset:>12} "
                          f"{entry.size:>14} {entry.crc32:08x}  {note}")
         lines.append("")
         with run.model() as gguf:
             lines.append(describe(gguf, MODEL_ENTRY))
-    click.echo("\n".join(lines))
+    click.echo(printable("\n".join(lines), keep_newlines=True))  # the model's text too
 
 
 @main.command()

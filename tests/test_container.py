@@ -616,6 +616,21 @@ def test_inspect_shows_manifest_entries_and_the_model(files):
     assert "architecture       llama" in result.output  # runtime.cli.describe of the model
 
 
+def test_inspect_shows_escapes_for_a_files_terminal_controls(files, tmp_path):
+    """Issue 16, finding 11: a name holding ESC sequences rewrote what inspect showed."""
+    model = tmp_path / "evil.gguf"
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(TOKENS) - 259)
+    write_synthetic_model_with_tokenizer(model, "llama", (TOKENS, [0.0] * len(TOKENS), types),
+                                         more=lambda w: w.add_name("Nice\x1b[2J\x1b]0;pwned\x07"))
+    run = build(model, tmp_path / "evil.run", files.payload, "--name", "ok\rEVIL\u202e",
+                "--arg=--temp\x1b[8m")
+    result = invoke("inspect", run)
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\x1b\r\x07\u202e")
+    assert "ok\\x0dEVIL\\u202e" in result.output and "--temp\\x1b[8m" in result.output
+    assert "Nice\\x1b[2J\\x1b]0;pwned\\x07" in result.output
+
+
 def test_extract_is_byte_identical_and_refuses_to_overwrite(files, tmp_path):
     out = tmp_path / "model.gguf"
     assert invoke("extract", files.run, "-o", out).exit_code == 0
