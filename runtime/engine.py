@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from runtime.hparams import DEFAULT_N_CTX, PREFILL_CHUNK, default_n_ctx  # noqa: F401 (in hparams for runtime.memory)
+from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, DEFAULT_N_CTX, PREFILL_CHUNK,  # noqa: F401 (in hparams for runtime.memory)
+                             default_n_ctx)
 from runtime.model import KVCache, Transformer, load_model
 
 
@@ -34,13 +35,14 @@ class ContextOverflowError(ValueError):
 class Engine:
     """Owns a model and its KV cache; evaluates tokens and generates."""
 
-    def __init__(self, model: Transformer, n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: Transformer, n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE):
         self.model = model
         train_ctx = model.hp.n_ctx_train
         self.n_ctx = default_n_ctx(train_ctx) if n_ctx is None else int(n_ctx)
         if not 0 < self.n_ctx <= train_ctx:
             raise ValueError(f"n_ctx {self.n_ctx} must be between 1 and the model's context {train_ctx}")
-        self.cache = KVCache(model.hp, self.n_ctx)
+        self.cache = KVCache(model.hp, self.n_ctx, cache_type_k, cache_type_v)
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.tokens: list[int] = []  # the tokens whose K/V fill cache positions 0..len-1
         self.n_computed = 0  # tokens run through the model since creation (prefix reuse shows here)

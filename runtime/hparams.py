@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KV_CACHE_DTYPE = np.float32
+from runtime.ggml_types import ggml_type
+
+# The KV cache's element types by llama.cpp's -ctk/-ctv names, and the GGML type each
+# stores a head's row in (q8_0: ggml's Q8_0 blocks, an f16 scale and 32 int8 values).
+KV_CACHE_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
+DEFAULT_KV_CACHE_TYPE = "f16"  # llama.cpp's default: half the memory of f32
 DEFAULT_N_CTX = 4096  # the engine's context when none is asked for (at most the model's own)
 PREFILL_CHUNK = 256  # tokens per prefill matmul batch: big enough to reuse each decoded weight row
 
@@ -24,6 +29,10 @@ def default_n_ctx(n_ctx_train: int) -> int:
 
 class UnsupportedModelError(ValueError):
     """A GGUF file this build cannot run: unknown architecture, missing tensor, bad shape."""
+
+
+class CacheTypeError(ValueError):
+    """A KV cache type (-ctk/-ctv) that does not exist or does not fit the model's heads."""
 
 
 @dataclass(frozen=True)
@@ -142,13 +151,28 @@ def _scalar(value):
     raise UnsupportedModelError(f"per-layer hyperparameters {arr.tolist()} are not supported")
 
 
-def kv_cache_shapes(hp: HParams, n_ctx: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of the K and V arrays of a cache of n_ctx positions (runtime.model.KVCache)."""
-    return ((hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim),
-            (hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim_v))
+def kv_row_bytes(cache_type: str, head_dim: int, flag: str = "--cache-type-k") -> int:
+    """Bytes one head's key (or value) at one position takes in a cache of `cache_type`;
+    a CacheTypeError naming `flag` when the type is unknown or does not divide the head."""
+    if cache_type not in KV_CACHE_TYPES:
+        raise CacheTypeError(f"{flag} {cache_type!r} is not a KV cache type "
+                             f"(choose one of {', '.join(KV_CACHE_TYPES)})")
+    t = ggml_type(KV_CACHE_TYPES[cache_type])
+    if head_dim % t.block_elems:
+        raise CacheTypeError(f"{flag} {cache_type} stores blocks of {t.block_elems} values, but this "
+                             f"model's heads have {head_dim}; use {flag} f16")
+    return t.row_bytes(head_dim)
 
 
-def kv_cache_bytes(hp: HParams, n_ctx: int) -> int:
+def kv_cache_shapes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
+                    type_v: str = DEFAULT_KV_CACHE_TYPE) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Byte shapes of the K and V arrays of a cache of n_ctx positions (runtime.model.KVCache):
+    [n_layer, n_kv_head, n_ctx, bytes of one head's row]."""
+    return ((hp.n_layer, hp.n_head_kv, n_ctx, kv_row_bytes(type_k, hp.head_dim, "--cache-type-k")),
+            (hp.n_layer, hp.n_head_kv, n_ctx, kv_row_bytes(type_v, hp.head_dim_v, "--cache-type-v")))
+
+
+def kv_cache_bytes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
+                   type_v: str = DEFAULT_KV_CACHE_TYPE) -> int:
     """What a KV cache of n_ctx positions takes, without allocating one."""
-    itemsize = np.dtype(KV_CACHE_DTYPE).itemsize
-    return sum(int(np.prod(shape)) for shape in kv_cache_shapes(hp, n_ctx)) * itemsize
+    return sum(int(np.prod(shape)) for shape in kv_cache_shapes(hp, n_ctx, type_k, type_v))

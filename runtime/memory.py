@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.hparams import PREFILL_CHUNK, HParams, default_n_ctx, kv_cache_bytes
+from runtime.hparams import DEFAULT_KV_CACHE_TYPE, PREFILL_CHUNK, HParams, default_n_ctx, kv_cache_bytes
 
 MEMINFO = "/proc/meminfo"
 MiB = 1 << 20
@@ -56,15 +56,17 @@ def model_hparams(gguf) -> HParams:
     return HParams.from_metadata(gguf.metadata, n_vocab=int(embd.shape[1]))
 
 
-def estimate(gguf, n_ctx: int | None = None) -> MemoryEstimate:
-    """What running the model at n_ctx (default: the engine's default context) takes."""
+def estimate(gguf, n_ctx: int | None = None, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+             cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> MemoryEstimate:
+    """What running the model at n_ctx (default: the engine's default context) takes, with
+    the KV cache in the given types (-ctk/-ctv)."""
     hp = model_hparams(gguf)
     n_ctx = default_n_ctx(hp.n_ctx_train) if not n_ctx else int(n_ctx)
     if not 0 < n_ctx <= hp.n_ctx_train:
         raise ValueError(f"context {n_ctx} is outside the model's 1..{hp.n_ctx_train}")
     weights = sum(t.n_bytes for t in gguf.tensors.values())
-    return MemoryEstimate(n_ctx=n_ctx, weights=weights, kv_cache=kv_cache_bytes(hp, n_ctx),
-                          working=working_bytes(hp))
+    return MemoryEstimate(n_ctx=n_ctx, weights=weights, working=working_bytes(hp),
+                          kv_cache=kv_cache_bytes(hp, n_ctx, cache_type_k, cache_type_v))
 
 
 def working_bytes(hp: HParams) -> int:

@@ -121,7 +121,7 @@ def test_default_context_and_cache_size(synthetic_models):
     engine = Engine(model)
     hp = model.hp
     assert engine.n_ctx == min(hp.n_ctx_train, 4096)
-    assert engine.kv_cache_bytes == 2 * hp.n_layer * hp.n_head_kv * engine.n_ctx * hp.head_dim * 4
+    assert engine.kv_cache_bytes == 2 * hp.n_layer * hp.n_head_kv * engine.n_ctx * hp.head_dim * 2  # f16
     with pytest.raises(ValueError, match="context"):
         Engine(model, n_ctx=hp.n_ctx_train + 1)
 

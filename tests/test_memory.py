@@ -44,8 +44,13 @@ def test_kv_cache_estimate_is_the_engines_own(synthetic_models, gemma):
         gguf = GGUFFile(path)
         for n_ctx in (1, 17, 64):
             assert memory.estimate(gguf, n_ctx).kv_cache == Engine.from_gguf(gguf, n_ctx).kv_cache_bytes
-    # Gemma 3 270M: 18 layers x 1 KV head x 256 x 2 (K and V) x 4 bytes per position
-    assert memory.estimate(gemma, 4096).kv_cache == 18 * 256 * 2 * 4 * 4096
+        assert (memory.estimate(gguf, 17, "q8_0", "f32").kv_cache
+                == Engine.from_gguf(gguf, 17, cache_type_k="q8_0", cache_type_v="f32").kv_cache_bytes)
+    # Gemma 3 270M: 18 layers x 1 KV head x 256 x 2 (K and V) x 2 bytes (f16) per position
+    assert memory.estimate(gemma, 4096).kv_cache == 18 * 256 * 2 * 2 * 4096
+    # llama.cpp's other cache types: f32 doubles it, Q8_0 takes 34 bytes per 32 values
+    assert memory.estimate(gemma, 4096, "f32", "f32").kv_cache == 18 * 256 * 2 * 4 * 4096
+    assert memory.estimate(gemma, 4096, "q8_0", "f16").kv_cache == 18 * 4096 * (256 // 32 * 34 + 256 * 2)
     assert memory.estimate(gemma).n_ctx == 4096  # the engine's default context
     assert memory.estimate(gemma, 512).weights == sum(t.n_bytes for t in gemma.tensors.values())
 

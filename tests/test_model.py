@@ -12,6 +12,7 @@ moves the logits by 1e-2..1 relative (the two "mutation" tests below show it for
 pairing and the sliding window). 1e-4 relative to the largest logit sits between the two.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -28,8 +29,9 @@ PROMPT = [5, 17, 3, 99, 42, 7, 150, 1, 64, 23, 11, 88]  # longer than gemma's wi
 
 # --- the independent reference ---------------------------------------------------------------
 
-def reference_logits(md: dict, tensors: dict, tokens) -> np.ndarray:
-    """Logits of every token of `tokens` at positions 0..n-1, float64[n, n_vocab]."""
+def reference_logits(md: dict, tensors: dict, tokens, kv_round=None) -> np.ndarray:
+    """Logits of every token of `tokens` at positions 0..n-1, float64[n, n_vocab];
+    kv_round(x) rounds the keys and values [n, heads, head_dim] as a KV cache stores them."""
     arch = md["general.architecture"]
 
     def hp(key, default=None):
@@ -86,6 +88,8 @@ def reference_logits(md: dict, tensors: dict, tokens) -> np.ndarray:
         sliding = gemma and (il + 1) % 6 != 0
         theta_base, scale = (10000.0, 1.0) if sliding else (base, freq_scale)
         q, k = rope(q, theta_base, scale), rope(k, theta_base, scale)
+        if kv_round is not None:
+            k, v = kv_round(k), kv_round(v)
         attn = np.zeros((n, n_head, hd))
         for i in range(n):
             first = max(0, i - window + 1) if sliding else 0
@@ -127,13 +131,51 @@ def test_logits_match_float64_reference(synthetic_models, arch):
     model = load_model(gguf_file)
     assert model.architecture == arch
     expected = reference_logits(gguf_file.metadata, tensors, PROMPT)
-    cache = KVCache(model.hp, 32)
+    cache = KVCache(model.hp, 32, "f32", "f32")
     all_logits = model.forward(PROMPT, 0, cache, all_logits=True)
     assert all_logits.shape == (len(PROMPT), model.hp.n_vocab)
     assert_logits_close(all_logits, expected)
     # last-token-only logits are the last row
-    last = model.forward(PROMPT, 0, KVCache(model.hp, 32))
+    last = model.forward(PROMPT, 0, KVCache(model.hp, 32, "f32", "f32"))
     assert_logits_close(last, expected[-1])
+
+
+def f16_round(x):
+    return x.astype(np.float16).astype(np.float64)
+
+
+def q8_0_round(x):
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    return dequantize(quantize(x.astype(np.float32), Q.Q8_0), Q.Q8_0).reshape(x.shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "f32")])
+def test_logits_with_f16_and_q8_0_caches(synthetic_models, arch, type_k, type_v):
+    """A cache in f16 or Q8_0: the reference rounds its keys and values the same way
+    (NumPy's float16, gguf's Q8_0 quantizer), so what is left is the float32 rounding of
+    the test above, plus the rare element whose float32 and float64 values round to
+    neighbouring f16 / 8-bit steps: measured at most 1.7e-5 of the largest logit, under
+    RTOL. Against the unrounded reference the same logits are off by 6e-5..8e-4 (f16) and
+    1.5e-3..2.5e-2 (Q8_0): the rounded reference must be the closer one."""
+    rounding = {"f16": f16_round, "q8_0": q8_0_round, "f32": lambda x: x}
+    path, tensors = synthetic_models[arch]
+    gguf_file = GGUFFile(path)
+    model = load_model(gguf_file)
+    k_round, v_round = rounding[type_k], rounding[type_v]
+    calls = []
+
+    def kv_round(x):  # the reference rounds k, then v, in each layer
+        calls.append(1)
+        return (k_round if len(calls) % 2 else v_round)(x)
+
+    expected = reference_logits(gguf_file.metadata, tensors, PROMPT, kv_round)
+    logits = model.forward(PROMPT, 0, KVCache(model.hp, 32, type_k, type_v), all_logits=True)
+    assert_logits_close(logits, expected)
+    unrounded = reference_logits(gguf_file.metadata, tensors, PROMPT)
+    assert np.abs(logits - unrounded).max() > 3 * np.abs(logits - expected).max()  # the rounding is real
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -158,31 +200,107 @@ def test_gemma_sliding_window_changes_only_what_it_should(synthetic_models):
     expected = reference_logits(gguf_file.metadata, tensors, PROMPT)
     for layer in model.layers:
         layer.sliding = False
-    unwindowed = model.forward(PROMPT, 0, KVCache(model.hp, 32), all_logits=True)
+    unwindowed = model.forward(PROMPT, 0, KVCache(model.hp, 32, "f32", "f32"), all_logits=True)
     assert_logits_close(unwindowed[:4], expected[:4])  # inside the window: no difference
     assert np.abs(unwindowed[4:] - expected[4:]).max() > 100 * RTOL * np.abs(expected).max()
 
 
-def test_attention_kernel_gqa_window_against_numpy():
+def _cache_bytes(x, cache_type):
+    """x[n_kv, n_ctx, head_dim] as the cache stores it: (bytes, GGML type id, blocks per row)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    if cache_type == "q8_0":
+        return quantize(x, Q.Q8_0), int(Q.Q8_0), x.shape[-1] // 32
+    dtype, t = (np.float32, Q.F32) if cache_type == "f32" else (np.float16, Q.F16)
+    return np.ascontiguousarray(x.astype(dtype)).view(np.uint8), int(t), x.shape[-1]
+
+
+@pytest.mark.parametrize("cache_type", ["f32", "f16", "q8_0"])
+def test_attention_kernel_gqa_window_against_numpy(cache_type):
+    """The kernel reads K/V in their stored type. Against float64 attention over the same
+    stored values (decoded by NumPy / gguf) it differs by float32 rounding only (1e-4,
+    1e-5); against float64 attention over the unrounded values, by at most the bound that
+    the storage's rounding implies, derived here per query head: a key element moves by
+    e_k (f16: 2^-11 relative; Q8_0: half a step, d/2 = max|block| / 254), so a score moves
+    by |ds| <= scale * sum_d |q_d| e_k,d; each softmax weight then changes by a factor
+    within exp(+-2 max_j |ds_j|), so sum_j |dp_j| <= exp(2 max_j |ds_j|) - 1, and the
+    output moves by at most max|v| * that + max_j e_v,j (+ 1e-5 for float32 rounding)."""
+    from gguf import GGMLQuantizationType as Q
     from runtime.kernels import ops
 
     rng = np.random.default_rng(1)
-    n_heads, n_kv, hd, n_ctx, start, n = 6, 2, 16, 20, 5, 7
+    n_heads, n_kv, hd, n_ctx, start, n = 6, 2, 64, 40, 25, 7
     k_cache = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     v_cache = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     q = rng.standard_normal((n, n_heads * hd)).astype(np.float32)
+    scale = 0.125
+    k_raw, k_type, k_blocks = _cache_bytes(k_cache, cache_type)
+    v_raw, v_type, v_blocks = _cache_bytes(v_cache, cache_type)
+    if cache_type == "q8_0":
+        k_stored = dequantize(k_raw, Q.Q8_0).reshape(k_cache.shape).astype(np.float64)
+        v_stored = dequantize(v_raw, Q.Q8_0).reshape(v_cache.shape).astype(np.float64)
+        step = lambda x: np.repeat(np.abs(x.reshape(*x.shape[:-1], -1, 32)).max(-1) / 254, 32, -1)  # noqa: E731
+        k_err, v_err = step(k_cache), step(v_cache)
+    else:
+        dtype = np.float32 if cache_type == "f32" else np.float16
+        k_stored = k_cache.astype(dtype).astype(np.float64)
+        v_stored = v_cache.astype(dtype).astype(np.float64)
+        u = 0.0 if cache_type == "f32" else 2.0 ** -11
+        k_err, v_err = u * np.abs(k_cache), u * np.abs(v_cache)
     for window in (0, 3):
         out = np.empty_like(q)
-        ops.attention(q, k_cache, v_cache, start, n_heads, np.float32(0.25), window, out)
+        ops.attention(q, k_raw, k_type, k_blocks, v_raw, v_type, v_blocks, start, n_heads,
+                      np.float32(scale), window, out)
         for i in range(n):
             pos = start + i
             first = max(0, pos - window + 1) if window else 0
             for h in range(n_heads):
-                kv = h // 3
-                s = k_cache[kv, first:pos + 1].astype(np.float64) @ q[i, h * hd:(h + 1) * hd] * 0.25
-                p = np.exp(s - s.max())
-                ref = (p / p.sum()) @ v_cache[kv, first:pos + 1]
-                np.testing.assert_allclose(out[i, h * hd:(h + 1) * hd], ref, rtol=1e-4, atol=1e-5)
+                kv, qh = h // 3, q[i, h * hd:(h + 1) * hd].astype(np.float64)
+
+                def attend(keys, values):
+                    s = keys[kv, first:pos + 1] @ qh * scale
+                    p = np.exp(s - s.max())
+                    return (p / p.sum()) @ values[kv, first:pos + 1]
+
+                got = out[i, h * hd:(h + 1) * hd]
+                np.testing.assert_allclose(got, attend(k_stored, v_stored), rtol=1e-4, atol=1e-5)
+                ds = scale * (k_err[kv, first:pos + 1] @ np.abs(qh)).max()
+                bound = np.expm1(2 * ds) * np.abs(v_cache[kv]).max() + v_err[kv, first:pos + 1].max() + 1e-5
+                assert np.abs(got - attend(k_cache.astype(np.float64), v_cache)).max() <= bound
+
+
+def test_kv_cache_stores_q8_0_as_ggml_does(synthetic_models):
+    """KVCache.store's Q8_0 blocks are byte-identical to gguf's quantizer (ggml's reference)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+
+    model = load_model(GGUFFile(synthetic_models["llama"][0]))
+    hp = model.hp
+    cache = KVCache(hp, 8, "q8_0", "f16")
+    rng = np.random.default_rng(2)
+    k = rng.standard_normal((3, hp.n_head_kv * hp.head_dim)).astype(np.float32)
+    k[0, :32] = 0  # an all-zero block: d = 0
+    v = rng.standard_normal((3, hp.n_head_kv * hp.head_dim)).astype(np.float32)
+    cache.store(1, 4, k, v)
+    heads = k.reshape(3, hp.n_head_kv, hp.head_dim).transpose(1, 0, 2)
+    assert np.array_equal(cache.k[1, :, 4:7], quantize(np.ascontiguousarray(heads), Q.Q8_0))
+    assert np.array_equal(cache.v[1, :, 4:7].view(np.float16),
+                          v.reshape(3, hp.n_head_kv, hp.head_dim).transpose(1, 0, 2).astype(np.float16))
+    assert cache.nbytes == hp.n_layer * hp.n_head_kv * 8 * (hp.head_dim // 32 * 34 + hp.head_dim * 2)
+
+
+def test_q8_0_cache_needs_heads_of_whole_blocks(synthetic_models):
+    from runtime.hparams import CacheTypeError
+
+    model = load_model(GGUFFile(synthetic_models["llama"][0]))
+    hp = dataclasses.replace(model.hp, head_dim=80, head_dim_v=80)
+    with pytest.raises(CacheTypeError, match=r"--cache-type-k q8_0 .* 80; use --cache-type-k f16"):
+        KVCache(hp, 8, "q8_0", "f16")
+    with pytest.raises(CacheTypeError, match=r"--cache-type-v q8_0 .* 80"):
+        KVCache(hp, 8, "f16", "q8_0")
+    with pytest.raises(CacheTypeError, match=r"--cache-type-k 'q4_0' is not a KV cache type"):
+        KVCache(model.hp, 8, "q4_0", "f16")
 
 
 def test_unknown_architecture_is_refused_by_name(tmp_path):

@@ -118,7 +118,7 @@ def our_logits(path, tokens, mutate=None) -> np.ndarray:
     model = load_model(GGUFFile(path))
     if mutate is not None:
         mutate(model)
-    cache = KVCache(model.hp, len(tokens))
+    cache = KVCache(model.hp, len(tokens), "f32", "f32")  # as llama.cpp ran: -ctk f32 -ctv f32
     first = model.forward(tokens[:N_BATCH], 0, cache, all_logits=True)
     rest = [model.forward(tokens[i:i + 1], i, cache) for i in range(N_BATCH, len(tokens))]
     return np.vstack([first, *rest]).astype(np.float64)

@@ -5,14 +5,20 @@ holds several heads stores them one after another (head h at columns h*head_dim.
 These ops are cheap next to the matmuls (they touch activations, not weights), so they are
 written for clarity first; the ones that loop over many rows run in parallel (`prange`).
 
-The KV cache these kernels read is float32, laid out [n_kv_head, n_ctx, head_dim] per
-layer, so the keys one head attends over are one contiguous slab.
+The KV cache attention reads is bytes, laid out [n_kv_head, n_ctx, row bytes] per layer
+(the keys one head attends over are one contiguous slab); each head's row at a position is
+stored in a GGML type, read in place by the format kernels of runtime.kernels.dispatch:
+- F32: head_dim little-endian float32 (4 bytes each);
+- F16: head_dim IEEE binary16 (2 bytes each), llama.cpp's default;
+- Q8_0: head_dim/32 blocks of 34 bytes: an f16 scale d, then 32 int8 q; value = d * q.
 """
 
 import math
 
 import numpy as np
 from numba import njit, prange
+
+from .dispatch import decode_blocks, dot_blocks
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -107,19 +113,21 @@ def softmax_inplace(x, n):
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def attention(q, k_cache, v_cache, start_pos, n_heads, scale, window, out):
+def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos, n_heads,
+              scale, window, out):
     """Causal multi-head attention of n new queries over the cache.
 
     q[n, n_heads*head_dim] holds the queries of the tokens at positions start_pos+i, whose
-    keys and values are already in k_cache/v_cache[n_kv_heads, n_ctx, head_dim]. Query head
-    h reads KV head h // (n_heads // n_kv_heads) (grouped-query attention). With window > 0
-    the query at position p sees only keys at positions > p - window (sliding window).
-    Writes out[n, n_heads*head_dim_v].
+    keys and values are already in k_cache/v_cache[n_kv_heads, n_ctx, row bytes]: rows of
+    k_blocks blocks of GGML type k_type (v_blocks of v_type), read in their stored type.
+    Query head h reads KV head h // (n_heads // n_kv_heads) (grouped-query attention). With
+    window > 0 the query at position p sees only keys at positions > p - window (sliding
+    window). Writes out[n, n_heads*head_dim_v].
     """
     n = q.shape[0]
     n_kv_heads = k_cache.shape[0]
-    head_dim = k_cache.shape[2]
-    head_dim_v = v_cache.shape[2]
+    head_dim = q.shape[1] // n_heads
+    head_dim_v = out.shape[1] // n_heads
     group = n_heads // n_kv_heads
     for t in prange(n * n_heads):
         i = t // n_heads
@@ -130,22 +138,18 @@ def attention(q, k_cache, v_cache, start_pos, n_heads, scale, window, out):
         if window > 0 and pos - window + 1 > 0:
             first = pos - window + 1
         n_keys = pos + 1 - first
-        # a contiguous copy of the query and row views of K/V let LLVM vectorize the dots
-        qh = q[i, h * head_dim:(h + 1) * head_dim].copy()
+        qh = q[i, h * head_dim:(h + 1) * head_dim].copy()  # contiguous: the dots vectorize
         keys = k_cache[kvh]
         values = v_cache[kvh]
         scores = np.empty(n_keys, np.float32)
         for j in range(n_keys):
-            key = keys[first + j]
-            s = np.float32(0.0)
-            for d in range(head_dim):
-                s += qh[d] * key[d]
-            scores[j] = s * scale
+            scores[j] = dot_blocks(k_type, keys[first + j], 0, k_blocks, qh, 0) * scale
         softmax_inplace(scores, n_keys)
         acc = np.zeros(head_dim_v, np.float32)
+        value = np.empty(head_dim_v, np.float32)
         for j in range(n_keys):
+            decode_blocks(v_type, values[first + j], 0, v_blocks, value, 0)
             w = scores[j]
-            value = values[first + j]
             for d in range(head_dim_v):
                 acc[d] += w * value[d]
         out[i, h * head_dim_v:(h + 1) * head_dim_v] = acc
