@@ -1,4 +1,5 @@
-# SPM and BPE tokenizers built from GGUF metadata, token for token as llama.cpp does it.
+# SPM, BPE and WordPiece tokenizers built from GGUF metadata, token for token as llama.cpp
+# does it (its whole tokenizer test suite runs in tests/test_tokenizer_llamacpp.py).
 #
 # Every encode runs in two stages, exactly as llama.cpp's llama_vocab::tokenize:
 #
@@ -8,7 +9,9 @@
 #    occurrences. Control/unknown tokens take part only when parse_special is on; user-defined
 #    tokens (Gemma's "\n", "\t", runs of spaces; Qwen's <think>) always do. Only the special
 #    tokens that occur in the text are tried: an index by their first few characters finds
-#    those candidates without scanning thousands of <unusedN> tokens per call.
+#    those candidates without scanning thousands of <unusedN> tokens per call. Some special
+#    tokens swallow the whitespace before or after them (lstrip/rstrip: Phi-3's, by model
+#    name, as llama.cpp decides; the GGUF does not say).
 #
 # 2. Each raw fragment is tokenized by the model's algorithm:
 #
@@ -29,7 +32,14 @@
 #    with the lowest merge rank (tokenizer.ggml.merges, rank = line number) is merged until no
 #    ranked pair is left, with the same heap as SPM. Some pre-tokenizers (llama3) first take a
 #    word that is already a whole vocabulary piece as is ("ignore_merges"). Word -> ids
-#    results are cached.
+#    results are cached. Regexes llama.cpp runs through std::regex rather than its own
+#    splitters are ported to its ECMAScript meaning where Python's differs (DeepSeek's).
+#    Gemma 4 ("gemma4") is BPE the SentencePiece way: spaces become U+2581, words are lines,
+#    merges run over characters' UTF-8 (no byte table) and fall back to <0xXX> tokens.
+#
+#    WordPiece ("bert": embedding models). BERT's basic tokenizer (lowercase, strip accents,
+#    cut at whitespace and punctuation), then the longest vocabulary piece at each position
+#    of each word; a word that cannot be covered is the unknown token.
 #
 # Decoding concatenates per-token byte pieces: SPM turns U+2581 back into spaces and <0xXX>
 # tokens into raw bytes; BPE maps each character back through the inverse byte table;
@@ -40,7 +50,8 @@
 # End-of-generation ids follow llama.cpp's rules too: the ids the metadata names (eos, eot,
 # eom) plus tokens recognised by their text, which become control tokens. That includes
 # "</s>" wherever a vocabulary has it, so Gemma's HTML </s> (id 212) ends a generation there.
-"""SPM and BPE tokenizers built from GGUF metadata only, matching llama.cpp token for token."""
+"""SPM, BPE and WordPiece tokenizers built from GGUF metadata only, matching llama.cpp token
+for token."""
 
 from __future__ import annotations
 
