@@ -200,18 +200,60 @@ _GEMMA4 = _PreTokenizer([r"[^\n]+|\n+"], add_bos=True, spm_style=True)
 _DEEPSEEK_LLM = _PreTokenizer([r"[\r\n]", rf"\s?[{_DEEPSEEK_LLM_LETTERS}]+",
                                rf"\s?[{_DEEPSEEK_LLM_PUNCT}]+", r"\s+\Z", _CJK_RUN, r"\p{N}+"])
 
+# DeepSeek V3 (and Hunyuan dense, JoyAI, HY v4): digits in threes, kana/ideograph runs, then
+# words that may start with one ASCII punctuation character.
+_DEEPSEEK3_WORDS = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+"
+                    r"|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+")
+_KANA_CJK_RUN = r"[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+"
+_DEEPSEEK3 = _PreTokenizer([r"\p{N}{1,3}", _KANA_CJK_RUN,
+                            _DEEPSEEK3_WORDS + r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"])
+_SPARK2_5 = _PreTokenizer([r"\p{N}{1,3}", _KANA_CJK_RUN,
+                           _DEEPSEEK3_WORDS + r"|[\r\n]|\s+(?!\S)|\s+", r"\p{N}"])
+_GLM4 = _PreTokenizer([_LLAMA3_RE], ignore_merges=True)
+_SEED_CODER = _PreTokenizer([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}"
+                             r"| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"])
+_UFAKZEKA = _PreTokenizer([r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+"])
+_MINICPM5 = _PreTokenizer([r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+"
+                           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+                          ignore_merges=True)
+_LAGUNA = _PreTokenizer([r"[^\n]+|\n+", _QWEN2_RE])
+_BAILINGMOE = _PreTokenizer([r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])"
+                             r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                             r"|\s*[\r\n]|\s+(?!\S)|\s+"])
+_EXAONE_MOE = _PreTokenizer([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+"
+                             r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+"])
+# BLOOM, Poro, GPT-3 Finnish: everything but whitespace and a few punctuation marks (the
+# parentheses and bars are literally in the class, as in their tokenizer.json).
+_BLOOM_RE = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
+_BLOOM = _PreTokenizer([_BLOOM_RE])
+_VIKING = _PreTokenizer([_BLOOM_RE, r"\p{N}"])
+
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _DEFAULT,
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
-                     "midm-2.0", "lfm2"), _LLAMA3),
-    **dict.fromkeys(("dbrx", "smaug-bpe"), _LLAMA3_REGEX_ONLY),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan"), _QWEN2),
-    **dict.fromkeys(("gpt-2", "gpt2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es",
+                     "midm-2.0", "lfm2", "jina-v5-nano"), _LLAMA3),
+    **dict.fromkeys(("dbrx", "smaug-bpe", "chatglm-bpe"), _LLAMA3_REGEX_ONLY),
+    **dict.fromkeys(("glm4", "glm5"), _GLM4),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez", "stablelm2", "hunyuan", "kormo",
+                     "f2llmv2", "solar-open", "grok-2"), _QWEN2),
+    **dict.fromkeys(("gpt-2", "phi-2", "jina-es", "jina-de", "gigachat", "jina-v2-es",
                      "jina-v2-de", "a.x-4.0", "mellum", "exaone4", "mpt", "olmo", "jais",
-                     "trillion", "granite-docling", "modern-bert"), _GPT2),
+                     "trillion", "granite-docling", "modern-bert", "jina-v1-en",
+                     "jina-v2-code", "roberta-bpe"), _GPT2),
     **dict.fromkeys(("starcoder", "refact", "command-r", "smollm", "codeshell", "exaone",
-                     "minerva-7b"), _DIGITS_THEN_GPT2),
-    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O),
+                     "minerva-7b", "mellum2"), _DIGITS_THEN_GPT2),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O),
+    **dict.fromkeys(("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"), _DEEPSEEK3),
+    "spark2_5": _SPARK2_5,
+    "seed-coder": _SEED_CODER,
+    "ufakzeka": _UFAKZEKA,
+    "minicpm5": _MINICPM5,
+    "laguna": _LAGUNA,
+    **dict.fromkeys(("bailingmoe", "bailingmoe2", "llada-moe"), _BAILINGMOE),
+    "exaone-moe": _EXAONE_MOE,
+    **dict.fromkeys(("bloom", "poro-chat", "gpt3-finnish"), _BLOOM),
+    "viking": _VIKING,
     "tekken": _TEKKEN,
     "qwen35": _QWEN35,
     "falcon": _FALCON,

@@ -15,7 +15,7 @@ from llamacpp_vocab import (VocabUnavailable, load_cases, names_with_cases, voca
                             vocab_path)
 
 from runtime.gguf import GGUFFile
-from runtime.tokenizer import Tokenizer, TokenizerError
+from runtime.tokenizer import _PRE_TOKENIZERS, Tokenizer, TokenizerError
 
 # The vocabularies with expected ids in llama-cpp-python 0.3.36's llama.cpp; a new sdist that
 # adds one fails test_the_suite_is_the_one_named_here until it is added here.
@@ -92,6 +92,28 @@ def test_special_tokens_and_add_special_give_llamacpps_ids(llamacpp_models, toke
     assert not wrong, "\n".join(wrong[:10])
 
 
+def test_every_pre_tokenizer_name_gives_llamacpps_ids(llamacpp_models):
+    """llama.cpp's ids for every tokenizer.ggml.pre name modelrun accepts (llama-bpe's
+    vocabulary with the name rewritten, 20 texts; tests/data). A tokenizer is built for one
+    name per pre-tokenizer (0.4 s each); the other names must resolve to the same one."""
+    reference = json.loads((Path(__file__).parent / "data" /
+                            "llamacpp_pre_tokenizers.json").read_text())
+    by_name = {name: group["ids"] for group in reference["groups"] for name in group["names"]}
+    assert sorted(by_name) == sorted(_PRE_TOKENIZERS)
+    metadata = dict(GGUFFile(vocab_path(llamacpp_models, reference["vocabulary"])).metadata)
+    tried: dict[int, str] = {}  # id of a pre-tokenizer -> the name it was tried with
+    for name, expected in sorted(by_name.items()):
+        pre = _PRE_TOKENIZERS[name]
+        if id(pre) in tried:
+            assert expected == by_name[tried[id(pre)]], (name, tried[id(pre)])
+            continue
+        tried[id(pre)] = name
+        tokenizer = Tokenizer.from_metadata({**metadata, "tokenizer.ggml.pre": name})
+        got = [tokenizer.encode(text, add_special=False, parse_special=False)
+               for text in reference["texts"]]
+        assert got == expected, name
+
+
 def test_vocabularies_without_cases_build_or_are_refused_clearly(llamacpp_models):
     for name in sorted(set(vocab_names(llamacpp_models)) - set(TESTED)):
         metadata = GGUFFile(vocab_path(llamacpp_models, name)).metadata
@@ -103,9 +125,9 @@ def test_vocabularies_without_cases_build_or_are_refused_clearly(llamacpp_models
 
 
 def test_an_unknown_pre_tokenizer_is_refused_not_guessed(llamacpp_models):
-    """A name llama.cpp knows and modelrun does not (DeepSeek V3's) must not fall back to
-    another regex: that would tokenize silently wrong."""
+    """A name llama.cpp knows and modelrun does not (Kimi K2's, split by custom code there)
+    must not fall back to another regex: that would tokenize silently wrong."""
     metadata = dict(GGUFFile(vocab_path(llamacpp_models, "qwen2")).metadata)
-    metadata["tokenizer.ggml.pre"] = "deepseek-v3"
-    with pytest.raises(TokenizerError, match="unsupported BPE pre-tokenizer 'deepseek-v3'"):
+    metadata["tokenizer.ggml.pre"] = "kimi-k2"
+    with pytest.raises(TokenizerError, match="unsupported BPE pre-tokenizer 'kimi-k2'"):
         Tokenizer.from_metadata(metadata)
