@@ -590,6 +590,8 @@ class _BpeModel(_WordModel):
         self.merge_ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
         self.byte_ids = [vocab.id_of(f"<0x{b:02X}>") for b in range(256)] \
             if pre.spm_style else None
+        if pre.spm_style:  # its words are whole lines: cache them as SPM caches fragments
+            self._CACHE_LIMIT, self._CACHE_CHARS = _SpmModel._CACHE_LIMIT, _SpmModel._CACHE_CHARS
         self.word_cache: dict[str, list[int]] = {}
 
     def words(self, text: str) -> list[str]:
@@ -688,7 +690,7 @@ class _WpmModel(_WordModel):
     cannot be covered becomes the unknown token.
     """
 
-    add_space_prefix = True  # llama.cpp's default for WPM: decode drops one leading space
+    add_space_prefix = False  # as llama.cpp's WPM: decode keeps the first word's space
 
     def __init__(self, vocab: _Vocab, *, lowercase: bool, strip_accents: bool):
         if vocab.unknown_id is None:
