@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.container import MODEL_ENTRY, Container, ContainerError, open_container, splice_args
 from runtime.gguf import GGUFError, GGUFFile, StringArray
+from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
 
 
 class UserError(click.ClickException):
@@ -576,7 +577,9 @@ def describe(gguf: GGUFFile, path: str) -> str:
                  f"{_bpw(tensor_bytes, weights):>11}")
     lines.append("")
     missing = unsupported_types(mix)
-    if missing:
+    if str(arch) not in SUPPORTED_ARCHITECTURES:
+        lines.append(f"  runs on this build: no, {unsupported_architecture_message(str(arch))}")
+    elif missing:
         names = ", ".join(f"{s.name} ({s.tensors} tensor{'s' if s.tensors != 1 else ''})"
                           for s in missing)
         lines.append(f"  runs on this build: no, it has no kernels for {names}; use a "

@@ -27,6 +27,15 @@ def default_n_ctx(n_ctx_train: int) -> int:
     return min(n_ctx_train, DEFAULT_N_CTX)
 
 
+# general.architecture values runtime.model runs (its ARCHITECTURES, which imports the
+# kernels); here so --info can name them without loading Numba
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma3", "granite", "llama", "olmo2", "qwen2", "qwen3", "smollm3")
+
+
+def unsupported_architecture_message(arch: str) -> str:
+    return f"architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+
+
 class UnsupportedModelError(ValueError):
     """A GGUF file this build cannot run: unknown architecture, missing tensor, bad shape."""
 

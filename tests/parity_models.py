@@ -50,6 +50,27 @@ SPECS: dict[str, dict] = {
     "gemma3": dict(vocab="llama-spm", n_embd=256, n_layer=6, n_head=4, n_head_kv=1, head_dim=64,
                    n_ff=512, qk_norm=True, post_norms=True, scale_embedding=True,
                    keys={"rope.freq_base": (F32, 1e6), "attention.sliding_window": (U32, 16)}),
+    # two layers without post-norms add little to the scaled embedding, so it is smaller
+    # still (rms 0.16 once scaled) and the output norm larger
+    "gemma": dict(vocab="llama-spm", n_embd=256, n_layer=2, n_head=4, n_head_kv=1, head_dim=64,
+                  n_ff=512, scale_embedding=True, embd_std=0.01, output_norm=12.0),
+    # Granite 3 uses the refact pre-tokenizer's vocabulary; its multipliers scaled to the
+    # size: logits divided by 8 (hence the larger output norm), residual branches by ~0.22.
+    # Untied: tied, the embedding (x12) would outweigh the scaled-down residual branches.
+    "granite": dict(vocab="refact", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, head_dim=32,
+                    n_ff=512, output_norm=10.0, untied=True,
+                    keys={"logit_scale": (F32, 8.0), "residual_scale": (F32, 0.22),
+                          "embedding_scale": (F32, 12.0), "attention.scale": (F32, 0.0625),
+                          "rope.freq_base": (F32, 1e7)}),
+    # OLMo 2 uses a cl100k-style vocabulary (pre-tokenizer dbrx), not among the test
+    # vocabularies; gpt-2's is the nearest byte-level BPE one. With a sliding window, as
+    # OLMo 3's files have: layers 0-2 slide over 16 positions, layer 3 is global.
+    "olmo2": dict(vocab="gpt-2", n_embd=128, n_layer=4, n_head=4, n_head_kv=4, head_dim=32,
+                  n_ff=512, untied=True, pre_norms=False, qk_norm="whole", post_norms=True,
+                  keys={"rope.freq_base": (F32, 5e5), "attention.sliding_window": (U32, 16)}),
+    # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
+    "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
+                    n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
 }
 
 
@@ -105,8 +126,8 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
     # smaller embedding (rms 1 once scaled) and a larger output norm (logits of std ~3):
     # otherwise the input token's own row dominates every prediction.
     scaled = spec.get("scale_embedding", False)
-    out = [("token_embd.weight", (n_vocab, d), d ** -0.5 if scaled else 0.2, 0.0),
-           ("output_norm.weight", (d,), 0.1, 3.0 if scaled else 1.0)]
+    out = [("token_embd.weight", (n_vocab, d), spec.get("embd_std", d ** -0.5 if scaled else 0.2), 0.0),
+           ("output_norm.weight", (d,), 0.1, spec.get("output_norm", 3.0 if scaled else 1.0))]
     if spec.get("untied"):
         out.append(("output.weight", (n_vocab, d), 0.2, 0.0))
 
@@ -116,22 +137,26 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
     def norm(name, n):
         out.append((name, (n,), 0.1, 1.0))
 
+    pre_norms = spec.get("pre_norms", True)
     for il in range(spec["n_layer"]):
         p = f"blk.{il}."
-        norm(p + "attn_norm.weight", d)
+        if pre_norms:
+            norm(p + "attn_norm.weight", d)
         matrix(p + "attn_q.weight", q_dim, d)
         matrix(p + "attn_k.weight", kv_dim, d)
         matrix(p + "attn_v.weight", kv_dim, d)
         if spec.get("bias"):
             for c, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 out.append((f"{p}attn_{c}.bias", (n,), 0.5, 0.0))
-        if spec.get("qk_norm"):
-            norm(p + "attn_q_norm.weight", hd)
-            norm(p + "attn_k_norm.weight", hd)
+        if spec.get("qk_norm"):  # per head, or "whole": over the whole projection
+            whole = spec["qk_norm"] == "whole"
+            norm(p + "attn_q_norm.weight", q_dim if whole else hd)
+            norm(p + "attn_k_norm.weight", kv_dim if whole else hd)
         matrix(p + "attn_output.weight", d, q_dim)
         if spec.get("post_norms"):
             norm(p + "post_attention_norm.weight", d)
-        norm(p + "ffn_norm.weight", d)
+        if pre_norms:
+            norm(p + "ffn_norm.weight", d)
         matrix(p + "ffn_gate.weight", n_ff, d)
         matrix(p + "ffn_up.weight", n_ff, d)
         matrix(p + "ffn_down.weight", d, n_ff)

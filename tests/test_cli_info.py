@@ -127,6 +127,13 @@ def test_info_on_a_model_with_no_architecture_keys(tmp_path, write_gguf):
     assert result.exit_code == 0, result.output
     assert row(result.stdout, "layers") == "unknown"
     assert row(result.stdout, "tokenizer") == "none in the file"
+    # the refusal names every architecture this build runs, from the same list as the models'
+    from runtime.hparams import SUPPORTED_ARCHITECTURES
+    from runtime.model import ARCHITECTURES
+
+    assert sorted(ARCHITECTURES) == list(SUPPORTED_ARCHITECTURES)
+    assert (f"runs on this build: no, architecture 'mystery' is not supported (supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)})") in result.stdout
 
 
 @pytest.fixture

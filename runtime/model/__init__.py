@@ -1,13 +1,19 @@
 """Architectures modelrun runs, each a small file on the shared skeleton in base.py."""
 
+from runtime.hparams import unsupported_architecture_message
+
 from .base import HParams, KVCache, Matrix, Transformer, UnsupportedModelError
+from .gemma import Gemma
 from .gemma3 import Gemma3
+from .granite import Granite
 from .llama import Llama
+from .olmo2 import Olmo2
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
+from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
-    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Gemma3)
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Gemma3, Gemma, Granite, Olmo2, SmolLM3)
 }
 
 
@@ -20,8 +26,7 @@ def load_model(gguf_file) -> Transformer:
     arch = str(gguf_file.metadata.get("general.architecture", ""))
     cls = ARCHITECTURES.get(arch)
     if cls is None:
-        raise UnsupportedModelError(
-            f"architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})")
+        raise UnsupportedModelError(unsupported_architecture_message(arch))
     return cls(gguf_file)
 
 

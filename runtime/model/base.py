@@ -12,8 +12,9 @@ A decoder-only transformer, read straight from a GGUF file:
     logits = rms_norm(x) @ Wout      (Wout = the token embedding when tied)
 
 Each architecture family is a small subclass (llama.py, qwen2.py, ...) that switches on the
-bracketed parts through class attributes and two hooks (which layers slide, which RoPE base
-a layer uses). Weight matrices stay quantized on the memory map and go through
+bracketed parts through class attributes and a few hooks (which layers slide, which RoPE a
+layer uses, how the weights are laid out, what scales the embedding, the residual branches
+and the logits). Weight matrices stay quantized on the memory map and go through
 runtime.kernels' matvec (one token) and matmul (a batch); only the small 1-D tensors (norm
 weights, biases, RoPE factors) are converted to float32 at load.
 """
@@ -63,7 +64,7 @@ class Matrix:
 
 @dataclass
 class Layer:
-    attn_norm: np.ndarray
+    attn_norm: np.ndarray | None  # None: no norm before attention (OLMo 2)
     wq: Matrix
     wk: Matrix
     wv: Matrix
@@ -74,13 +75,13 @@ class Layer:
     q_norm: np.ndarray | None
     k_norm: np.ndarray | None
     post_attn_norm: np.ndarray | None
-    ffn_norm: np.ndarray
+    ffn_norm: np.ndarray | None
     w_gate: Matrix
     w_up: Matrix
     w_down: Matrix
     post_ffn_norm: np.ndarray | None
     sliding: bool  # attends over the last `sliding_window` positions only
-    rope_inv_freq: np.ndarray  # radians per position of each rotated pair
+    rope_inv_freq: np.ndarray  # radians per position of each rotated pair; empty: no RoPE
 
 
 class KVCache:
@@ -149,9 +150,15 @@ class Transformer:
     rope_neox: bool = False  # rotate pairs (i, i + n_rot/2) instead of (2i, 2i+1)
     attention_bias: bool = False  # q/k/v projections have biases (also loaded when present)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE
+    qk_norm_whole: bool = False  # ... over the whole q and k projections instead (OLMo 2)
+    pre_norms: bool = True  # RMSNorm on the input of attention and FFN
     post_norms: bool = False  # RMSNorm on the attention and FFN outputs before the residual add
     ffn_activation: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
     scale_embedding: bool = False  # multiply token embeddings by sqrt(n_embd)
+    embedding_scale: float = 1.0  # multiplies token embeddings (Granite)
+    residual_scale: float = 1.0  # multiplies the attention and FFN outputs (Granite)
+    logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / its logit_scale)
+    rope_attn_factor: float = 1.0  # multiplies the rotated dimensions of q and k (LongRoPE)
 
     def __init__(self, gguf_file):
         self.gguf = gguf_file
@@ -175,30 +182,31 @@ class Transformer:
 
         q_dim, kv_dim, v_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim_v
         self.layers: list[Layer] = []
+        q_norm_dim, k_norm_dim = (q_dim, kv_dim) if self.qk_norm_whole else (hp.head_dim, hp.head_dim)
         for il in range(hp.n_layer):
             p = f"blk.{il}."
             has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
             base, scale = self.rope_for_layer(il)
+            wq, wk, wv = self.attention_matrices(p, q_dim, kv_dim, v_dim)
+            w_gate, w_up = self.gate_up_matrices(p)
             self.layers.append(Layer(
-                attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd),
-                wq=self._matrix(p + "attn_q.weight", q_dim, hp.n_embd),
-                wk=self._matrix(p + "attn_k.weight", kv_dim, hp.n_embd),
-                wv=self._matrix(p + "attn_v.weight", v_dim, hp.n_embd),
+                attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
+                wq=wq, wk=wk, wv=wv,
                 wo=self._matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
                 bq=self._vector(p + "attn_q.bias", q_dim) if has_bias else None,
                 bk=self._vector(p + "attn_k.bias", kv_dim) if has_bias else None,
                 bv=self._vector(p + "attn_v.bias", v_dim) if has_bias else None,
-                q_norm=self._vector(p + "attn_q_norm.weight", hp.head_dim) if self.qk_norm else None,
-                k_norm=self._vector(p + "attn_k_norm.weight", hp.head_dim) if self.qk_norm else None,
+                q_norm=self._vector(p + "attn_q_norm.weight", q_norm_dim) if self.qk_norm else None,
+                k_norm=self._vector(p + "attn_k_norm.weight", k_norm_dim) if self.qk_norm else None,
                 post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
                                 if self.post_norms else None),
-                ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd),
-                w_gate=self._matrix(p + "ffn_gate.weight", hp.n_ff, hp.n_embd),
-                w_up=self._matrix(p + "ffn_up.weight", hp.n_ff, hp.n_embd),
+                ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd) if self.pre_norms else None,
+                w_gate=w_gate, w_up=w_up,
                 w_down=self._matrix(p + "ffn_down.weight", hp.n_embd, hp.n_ff),
                 post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
                 sliding=self.is_sliding(il),
-                rope_inv_freq=ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors),
+                rope_inv_freq=(ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors)
+                               if self.has_rope(il) else np.zeros(0, np.float64)),
             ))
         self.attention_scale = self.attention_scale_for(hp)
 
@@ -215,9 +223,43 @@ class Transformer:
         """Whether layer il attends over a sliding window (none do by default)."""
         return False
 
+    def sliding_by_pattern(self, il: int, n_pattern: int) -> bool:
+        """llama.cpp's sliding-window layer pattern: attention.sliding_window_pattern as one
+        flag per layer, or as a period n (layers il % n < n - 1 slide, 0: all), else n_pattern."""
+        if self.hp.sliding_window <= 0:
+            return False
+        value = self.gguf.metadata.get(f"{self.architecture}.attention.sliding_window_pattern")
+        if value is not None and np.ndim(value) == 1:
+            if len(value) < self.hp.n_layer:
+                raise UnsupportedModelError(
+                    f"attention.sliding_window_pattern has {len(value)} flags for {self.hp.n_layer} layers")
+            return bool(value[il])
+        n = n_pattern if value is None else int(value)
+        return n == 0 or il % n < n - 1
+
     def rope_for_layer(self, il: int) -> tuple[float, float]:
         """(freq_base, freq_scale) of layer il's RoPE."""
         return self.hp.rope_base, self.hp.rope_scale
+
+    def has_rope(self, il: int) -> bool:
+        """Whether layer il rotates q and k at all."""
+        return True
+
+    def rope_frequencies(self, layer: Layer, cache: KVCache) -> np.ndarray:
+        """The rotation speeds layer uses with this cache (LongRoPE picks by context size)."""
+        return layer.rope_inv_freq
+
+    def attention_matrices(self, p: str, q_dim: int, kv_dim: int, v_dim: int) -> tuple[Matrix, Matrix, Matrix]:
+        """The q, k, v projections of the layer whose tensor names start with p."""
+        n_embd = self.hp.n_embd
+        return (self._matrix(p + "attn_q.weight", q_dim, n_embd), self._matrix(p + "attn_k.weight", kv_dim, n_embd),
+                self._matrix(p + "attn_v.weight", v_dim, n_embd))
+
+    def gate_up_matrices(self, p: str) -> tuple[Matrix, Matrix]:
+        """The FFN's gate and up projections of the layer whose tensor names start with p."""
+        hp = self.hp
+        return (self._matrix(p + "ffn_gate.weight", hp.n_ff, hp.n_embd),
+                self._matrix(p + "ffn_up.weight", hp.n_ff, hp.n_embd))
 
     @staticmethod
     def attention_scale_for(hp: HParams) -> float:
@@ -254,6 +296,8 @@ class Transformer:
         x = self.token_embd.rows_f32(tokens)
         if self.scale_embedding:
             x *= np.float32(math.sqrt(self.hp.n_embd))
+        if self.embedding_scale != 1.0:
+            x *= np.float32(self.embedding_scale)
         return x
 
     def forward(self, tokens, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
@@ -273,22 +317,35 @@ class Transformer:
         positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
         x = self.embed(tokens)
         h = np.empty_like(x)
+        residual_scale = np.float32(self.residual_scale)
         for il, layer in enumerate(self.layers):
-            ops.rms_norm(x, layer.attn_norm, hp.rms_eps, h)
+            if layer.attn_norm is not None:
+                ops.rms_norm(x, layer.attn_norm, hp.rms_eps, h)
+            else:
+                h[...] = x
             attn = self.attention(il, layer, h, positions, start_pos, cache)
             if layer.post_attn_norm is not None:
                 ops.rms_norm(attn, layer.post_attn_norm, hp.rms_eps, attn)
+            if residual_scale != 1:
+                attn *= residual_scale
             x += attn
-            ops.rms_norm(x, layer.ffn_norm, hp.rms_eps, h)
+            if layer.ffn_norm is not None:
+                ops.rms_norm(x, layer.ffn_norm, hp.rms_eps, h)
+            else:
+                h[...] = x
             ffn = self.feed_forward(layer, h)
             if layer.post_ffn_norm is not None:
                 ops.rms_norm(ffn, layer.post_ffn_norm, hp.rms_eps, ffn)
+            if residual_scale != 1:
+                ffn *= residual_scale
             x += ffn
         if not all_logits:
             x = x[-1:]
         out = np.empty_like(x)
         ops.rms_norm(x, self.output_norm, hp.rms_eps, out)
         logits = self.output(out)
+        if self.logit_scale != 1.0:
+            logits *= np.float32(self.logit_scale)
         if hp.final_logit_softcap:
             cap = np.float32(hp.final_logit_softcap)
             logits = np.tanh(logits / cap) * cap
@@ -302,11 +359,20 @@ class Transformer:
             q += layer.bq
             k += layer.bk
             v += layer.bv
-        if layer.q_norm is not None:
+        if layer.q_norm is not None and self.qk_norm_whole:
+            ops.rms_norm(q, layer.q_norm, hp.rms_eps, q)
+            ops.rms_norm(k, layer.k_norm, hp.rms_eps, k)
+        elif layer.q_norm is not None:
             ops.rms_norm_heads(q, hp.n_head, hp.head_dim, layer.q_norm, hp.rms_eps)
             ops.rms_norm_heads(k, hp.n_head_kv, hp.head_dim, layer.k_norm, hp.rms_eps)
-        ops.rope(q, positions, hp.n_head, hp.head_dim, hp.n_rot, layer.rope_inv_freq, self.rope_neox)
-        ops.rope(k, positions, hp.n_head_kv, hp.head_dim, hp.n_rot, layer.rope_inv_freq, self.rope_neox)
+        inv_freq = self.rope_frequencies(layer, cache)
+        if inv_freq.size:
+            ops.rope(q, positions, hp.n_head, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
+            ops.rope(k, positions, hp.n_head_kv, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
+            if self.rope_attn_factor != 1.0:  # ggml scales the rotated dimensions only
+                m = np.float32(self.rope_attn_factor)
+                q.reshape(n, hp.n_head, hp.head_dim)[:, :, :hp.n_rot] *= m
+                k.reshape(n, hp.n_head_kv, hp.head_dim)[:, :, :hp.n_rot] *= m
         cache.store(il, start_pos, k, v)
         out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
         window = hp.sliding_window if layer.sliding else 0
