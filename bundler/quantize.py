@@ -407,8 +407,8 @@ class _Input:
 
 def _check_plans(plans: list[TensorPlan], allow_requantize: bool) -> list[str]:
     """Refuse conversions the kernels cannot do; return the tensors that are requantized."""
+    from bundler.quantizers import QUANTIZE_TYPES
     from runtime.kernels import SUPPORTED_TYPES
-    from runtime.kernels.quantizers import QUANTIZE_TYPES
 
     requantized = []
     for p in plans:
@@ -445,6 +445,7 @@ def _set_threads(threads: int | None) -> None:
 def _write_tensor(out: BinaryIO, p: TensorPlan, source: _Input,
                   advance: Callable[[int], None]) -> None:
     """Convert one tensor slab by slab (or copy it) into `out`."""
+    from bundler import quantizers
     from runtime import kernels
 
     info = p.info
@@ -467,7 +468,7 @@ def _write_tensor(out: BinaryIO, p: TensorPlan, source: _Input,
             x = raw.view(np.float32).reshape(n, ncols).copy()  # writable: one kernel signature
         else:
             x = kernels.dequantize(raw, info.type, n * ncols).reshape(n, ncols)
-        out.write(kernels.quantize(x, p.type))
+        out.write(quantizers.quantize(x, p.type))
         source.release(info.offset + r0 * in_row, raw.size)
         advance(raw.size)
 

@@ -1,4 +1,4 @@
-"""Quantizers (runtime/kernels/quantizers.py) against gguf's NumPy reference and our decoders.
+"""Quantizers (bundler/quantizers.py) against gguf's NumPy reference and our decoders.
 
 - F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: bit-exact with gguf.quants.quantize on Gaussian
   rows and on edge rows (zeros, constants, one huge outlier, denormals, mixed signs, ties).
@@ -25,9 +25,9 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 from gguf.quants import quantize as reference_quantize
 
+from bundler.quantizers import QUANTIZE_TYPES, quantize, quantize_kernel
 from runtime import kernels
-from runtime.ggml_types import UnsupportedTypeError, ggml_type
-from runtime.kernels.quantizers import quantize
+from runtime.ggml_types import TYPES, UnsupportedTypeError, ggml_type
 
 EXACT_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
@@ -425,6 +425,15 @@ def test_argument_errors():
     np.testing.assert_array_equal(quantize(r, "Q8_0"), quantize(r.astype(np.float32)[None], "Q8_0"))
 
 
-def test_exposed_from_the_kernels_package():
-    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
-    np.testing.assert_array_equal(kernels.quantize(x, "Q4_K"), quantize(x, "Q4_K"))
+def test_every_quantizer_of_the_table_is_tested_here():
+    assert set(EXACT_TYPES + K_TYPES + IQ4_TYPES + ["F32"]) == QUANTIZE_TYPES
+
+
+@pytest.mark.parametrize("type_id", [t.id for t in TYPES if not t.quantizer] + [77])
+def test_id_without_quantizer_fails_loudly(type_id):
+    """The switch raises for an id it has no branch for (past quantize()'s checks), rather
+    than leave the output unwritten."""
+    x = np.zeros((3, 256), np.float32)
+    out = np.zeros((3, 1024), np.uint8)
+    with pytest.raises(ValueError, match="no quantizer for this tensor type id"):
+        quantize_kernel(type_id, x, out)

@@ -184,12 +184,3 @@ def matmul(raw: np.ndarray, qtype: int | str, rows: int, cols: int, X: np.ndarra
     matmul_kernel(t.id, raw, rows, row_bytes, cols // t.block_elems, X, out)
     return out
 
-
-def quantize(x: np.ndarray, qtype: int | str) -> np.ndarray:
-    """float32 rows x[rows, cols] -> their GGUF blocks, uint8[rows * row_bytes].
-
-    Only the bundler quantizes; the kernels live here with the formats they write.
-    """
-    from .quantizers import quantize as quantize_rows
-
-    return quantize_rows(x, qtype)

@@ -1,6 +1,7 @@
 """Quantizers: float32 rows -> GGUF blocks, the inverse of each format's decoder.
 
-Block layouts are those described in legacy.py, kquants.py, iquants.py and floats.py.
+Block layouts are those described in runtime/kernels/legacy.py, kquants.py, iquants.py and
+floats.py; the types with a quantizer are the `quantizer` rows of runtime.ggml_types' table.
 Each row is quantized on its own (rows in parallel, `prange`); all arithmetic is float32 as
 in the references, so the results are reproducible bit for bit:
 
@@ -37,6 +38,12 @@ All of these are bit-exact with ggml's own quantizers (checked against llama.cpp
 libggml, ggml_quantize_chunk, on Gaussian rows and on model weights).
 
 Entry point: `quantize(x, qtype)`.
+
+Only the bundler quantizes, so this module lives here, outside the sources that
+runtime.kernels.build_id() hashes: editing a quantizer recompiles no runtime kernel. Numba
+caches these functions with its own locator (in __pycache__ beside this file, keyed on this
+file): they read nothing from runtime.kernels but two constant tables fixed by the formats
+(F16_TO_F32, IQ4_LEVELS) and the type ids.
 """
 
 from __future__ import annotations
@@ -44,21 +51,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .common import F16_TO_F32
-from .iquants import IQ4_LEVELS
+from runtime.ggml_types import (
+    BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES,
+)
+from runtime.kernels import supported_type
+from runtime.kernels.common import F16_TO_F32
+from runtime.kernels.iquants import IQ4_LEVELS
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _HALF = np.float32(0.5)
 GROUP_MAX_EPS = np.float32(1e-15)
 
-# Type ids with a quantizer here (ggml's ids, as in runtime.ggml_types).
-QUANTIZE_TYPES = {
-    "F32": 0, "F16": 1, "BF16": 30,
-    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
-    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
-    "IQ4_NL": 20, "IQ4_XS": 23,
-}
+# The types with a quantizer here (_quantize_row has a branch for each).
+QUANTIZE_TYPES = frozenset(t.name for t in TYPES if t.quantizer)
 
 
 # ------------------------------------------------------------------------------- shared pieces
@@ -776,41 +782,47 @@ def _row_iq4_xs(x, out, tmp, tmp_bits):
 
 @njit(cache=True)
 def _quantize_row(type_id, x, out, tmp, tmp_bits):
-    if type_id == 0:
+    if type_id == F32:
         out[:] = x.view(np.uint8)
-    elif type_id == 1:
+    elif type_id == F16:
         _row_f16(x, out)
-    elif type_id == 30:
+    elif type_id == BF16:
         _row_bf16(x, out)
-    elif type_id == 8:
+    elif type_id == Q8_0:
         _row_q8_0(x, out, tmp, tmp_bits)
-    elif type_id == 2:
+    elif type_id == Q4_0:
         _row_sym4_5(x, out, tmp, tmp_bits, False)
-    elif type_id == 6:
+    elif type_id == Q5_0:
         _row_sym4_5(x, out, tmp, tmp_bits, True)
-    elif type_id == 3:
+    elif type_id == Q4_1:
         _row_asym4_5(x, out, tmp, tmp_bits, False)
-    elif type_id == 7:
+    elif type_id == Q5_1:
         _row_asym4_5(x, out, tmp, tmp_bits, True)
-    elif type_id == 10:
+    elif type_id == Q2_K:
         _row_q2_k(x, out, tmp, tmp_bits)
-    elif type_id == 11:
+    elif type_id == Q3_K:
         _row_q3_k(x, out, tmp, tmp_bits)
-    elif type_id == 12:
+    elif type_id == Q4_K:
         _row_q4_k(x, out, tmp, tmp_bits)
-    elif type_id == 13:
+    elif type_id == Q5_K:
         _row_q5_k(x, out, tmp, tmp_bits)
-    elif type_id == 14:
+    elif type_id == Q6_K:
         _row_q6_k(x, out, tmp, tmp_bits)
-    elif type_id == 20:
+    elif type_id == IQ4_NL:
         _row_iq4_nl(x, out, tmp, tmp_bits)
-    elif type_id == 23:
+    elif type_id == IQ4_XS:
         _row_iq4_xs(x, out, tmp, tmp_bits)
+    else:
+        raise ValueError("_quantize_row: no quantizer for this tensor type id")
 
 
 @njit(parallel=True, cache=True)
 def quantize_kernel(type_id, x, out):
     """Quantize each row of x (float32[rows, cols]) into out (uint8[rows, row_bytes])."""
+    # an empty row first, outside the parallel loop: an id with no branch raises ValueError
+    # here (raised inside a parallel loop, it reaches Python as a SystemError)
+    probe = np.empty(1, np.float32)
+    _quantize_row(type_id, x[0][:0], out[0][:0], probe, probe.view(np.uint32))
     for r in prange(x.shape[0]):
         tmp = np.empty(1, np.float32)
         _quantize_row(type_id, x[r], out[r], tmp, tmp.view(np.uint32))
@@ -819,8 +831,6 @@ def quantize_kernel(type_id, x, out):
 def quantize(x: np.ndarray, qtype) -> np.ndarray:
     """The GGUF blocks of float32 rows x[rows, cols] (a 1-D x is one row) in type `qtype`:
     uint8[rows * row_bytes], row after row, as a GGUF tensor stores them."""
-    from . import supported_type
-
     t = supported_type(qtype)
     if t.name not in QUANTIZE_TYPES:
         raise NotImplementedError(
@@ -839,5 +849,5 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((rows, row_bytes), np.uint8)
     if rows and cols:
-        quantize_kernel(QUANTIZE_TYPES[t.name], x, out)
+        quantize_kernel(t.id, x, out)
     return out.reshape(-1)
