@@ -183,3 +183,28 @@ def test_bad_shapes_are_refused_before_reading_memory():
         kernels.matmul(raw, "Q4_0", 2, 64, np.zeros(64, np.float32))
     with pytest.raises(TypeError, match="uint8"):
         kernels.dequantize(raw.view(np.int8), "Q4_0", 32)
+
+
+def test_block_matrix_rows_and_checks():
+    """BlockMatrix, the checked-once form the model holds: rows decode as gguf's reference
+    does, and bad row ids, result arrays and matrices are refused with a clear error."""
+    rng = np.random.default_rng(3)
+    rows, cols = 5, 512
+    raw = random_blocks("Q4_K", rows * cols, rng)
+    raw.setflags(write=False)  # as the memory map gives it
+    m = kernels.BlockMatrix(raw, ggml_type("Q4_K"), rows, cols)
+    want = reference(raw, "Q4_K", rows * cols).reshape(rows, cols)
+    np.testing.assert_array_equal(m.rows_f32([3, 0, 3]), want[[3, 0, 3]])
+    with pytest.raises(IndexError, match="row 5 is outside"):
+        m.rows_f32([1, 5])
+    x = rng.standard_normal(cols).astype(np.float32)
+    with pytest.raises(ValueError, match="out must be a contiguous float32 array of shape"):
+        m.matvec(x, out=np.empty(rows - 1, np.float32))
+    with pytest.raises(ValueError, match="out must"):
+        m.matmul(x[None, :], out=np.empty((1, rows), np.float64))
+    out = np.empty(rows, np.float32)
+    assert m.matvec(x, out=out) is out
+    with pytest.raises(ValueError, match="needs"):
+        kernels.BlockMatrix(raw, "Q4_K", rows + 1, cols)
+    with pytest.raises(UnsupportedTypeError, match="IQ2_XXS"):
+        kernels.BlockMatrix(raw, "IQ2_XXS", 1, 256)

@@ -129,13 +129,6 @@ def _raw_bytes(raw: np.ndarray, need: int, what: str) -> np.ndarray:
     return raw
 
 
-def _matrix(raw: np.ndarray, qtype: int | str, rows: int, cols: int) -> tuple[GGMLType, int, np.ndarray]:
-    """(type, bytes per row, raw checked to hold the whole matrix)."""
-    t = supported_type(qtype)
-    row_bytes = t.row_bytes(cols)
-    return t, row_bytes, _raw_bytes(raw, rows * row_bytes, f"a {rows}x{cols} {t.name} matrix")
-
-
 def _vector(x: np.ndarray, length: int, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape[-1] != length:
@@ -155,32 +148,76 @@ def dequantize(raw: np.ndarray, qtype: int | str, n_elements: int) -> np.ndarray
     return out
 
 
-def matvec(raw: np.ndarray, qtype: int | str, rows: int, cols: int, x: np.ndarray,
+def _out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A new float32 result, or the caller's, checked to be one the kernels may write."""
+    if out is None:
+        return np.empty(shape, np.float32)
+    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array of shape {shape}, "
+                         f"got {out.dtype} {out.shape}")
+    return out
+
+
+class BlockMatrix:
+    """A rows x cols matrix stored as GGUF blocks in `raw` (row after row), checked once:
+    its type has kernels and raw is a contiguous uint8 array holding every row. Each
+    product then checks only its vectors, so a model holds one per weight matrix."""
+
+    __slots__ = ("raw", "type", "rows", "cols", "row_bytes", "row_blocks")
+
+    def __init__(self, raw: np.ndarray, qtype: int | str | GGMLType, rows: int, cols: int):
+        self.type = supported_type(qtype)
+        self.rows, self.cols = rows, cols
+        self.row_bytes = self.type.row_bytes(cols)
+        self.row_blocks = cols // self.type.block_elems
+        self.raw = _raw_bytes(raw, rows * self.row_bytes,
+                              f"a {rows}x{cols} {self.type.name} matrix")
+
+    def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """W @ x: float32[rows]."""
+        from .dispatch import matvec_kernel
+
+        x = _vector(x, self.cols, "x")
+        if x.ndim != 1:
+            raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
+        out = _out(out, (self.rows,))
+        matvec_kernel(self.type.id, self.raw, self.rows, self.row_bytes, self.row_blocks, x, out)
+        return out
+
+    def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X @ W.T for a batch X of n vectors: float32[n, rows]."""
+        from .dispatch import matmul_kernel
+
+        X = _vector(X, self.cols, "X")
+        if X.ndim != 2:
+            raise ValueError(f"X must be a batch of vectors [n, {self.cols}], got shape {X.shape}")
+        out = _out(out, (X.shape[0], self.rows))
+        matmul_kernel(self.type.id, self.raw, self.rows, self.row_bytes, self.row_blocks, X, out)
+        return out
+
+    def rows_f32(self, ids) -> np.ndarray:
+        """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
+        from .dispatch import dequantize_kernel
+
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.rows)]
+        if bad.size:
+            raise IndexError(f"row {int(bad[0])} is outside the matrix's {self.rows} rows")
+        t, rb = self.type, self.row_bytes
+        out = np.empty((ids.size, self.cols), np.float32)
+        for i, r in enumerate(ids.tolist()):
+            dequantize_kernel(t.id, self.raw[r * rb:(r + 1) * rb], self.row_blocks,
+                              t.block_bytes, t.block_elems, out[i])
+        return out
+
+
+def matvec(raw: np.ndarray, qtype: int | str | GGMLType, rows: int, cols: int, x: np.ndarray,
            out: np.ndarray | None = None) -> np.ndarray:
     """W @ x for the rows x cols matrix W stored in `raw` (GGUF layout: row after row)."""
-    from .dispatch import matvec_kernel
-
-    t, row_bytes, raw = _matrix(raw, qtype, rows, cols)
-    x = _vector(x, cols, "x")
-    if x.ndim != 1:
-        raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
-    if out is None:
-        out = np.empty(rows, np.float32)
-    matvec_kernel(t.id, raw, rows, row_bytes, cols // t.block_elems, x, out)
-    return out
+    return BlockMatrix(raw, qtype, rows, cols).matvec(x, out)
 
 
-def matmul(raw: np.ndarray, qtype: int | str, rows: int, cols: int, X: np.ndarray,
+def matmul(raw: np.ndarray, qtype: int | str | GGMLType, rows: int, cols: int, X: np.ndarray,
            out: np.ndarray | None = None) -> np.ndarray:
     """X @ W.T for a batch X of n vectors: float32[n, rows]."""
-    from .dispatch import matmul_kernel
-
-    t, row_bytes, raw = _matrix(raw, qtype, rows, cols)
-    X = _vector(X, cols, "X")
-    if X.ndim != 2:
-        raise ValueError(f"X must be a batch of vectors [n, {cols}], got shape {X.shape}")
-    if out is None:
-        out = np.empty((X.shape[0], rows), np.float32)
-    matmul_kernel(t.id, raw, rows, row_bytes, cols // t.block_elems, X, out)
-    return out
-
+    return BlockMatrix(raw, qtype, rows, cols).matmul(X, out)
