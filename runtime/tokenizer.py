@@ -173,7 +173,7 @@ _TOKENIZER_MODELS = {
 class _PreTokenizer:
     """How one family of BPE models splits text into words before merging."""
 
-    def __init__(self, patterns: Sequence[str], *, ignore_merges: bool = False,
+    def __init__(self, patterns: Sequence[str | _DigitGroups], *, ignore_merges: bool = False,
                  add_bos: bool = False, spm_style: bool = False):
         self.patterns = tuple(patterns)
         self.ignore_merges = ignore_merges
@@ -229,6 +229,70 @@ _BLOOM_RE = r" ?[^(\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
 _BLOOM = _PreTokenizer([_BLOOM_RE])
 _VIKING = _PreTokenizer([_BLOOM_RE, r"\p{N}"])
 
+# Jais 2: Llama 3's, with runs of whitespace cut into power-of-two lengths.
+_JAIS2 = _PreTokenizer([_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                        + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4))
+                        + r"|\s{1,2}(?!\S)|\s{1}"])
+# Youtu and Tiny Aya write their letter classes with \p{Lu}, \p{Ll}..., which llama.cpp's
+# category-collapsed matching takes as any letter: "[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*
+# [\p{Ll}\p{Lm}\p{Lo}\p{M}]+" is a run of letters and marks there, and so it is here.
+_MARKED_WORD = rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}\p{{M}}]+{_CONTRACTIONS}?"
+_YOUTU = _PreTokenizer([
+    r"[\uac00-\ud7a3\u3131-\u318e]+|[\uff01\u2026\u201c\u201d\u2018\u2019\u2014\uff1a\uff1b"
+    r"\uff0c\u3001-\u303f\ufe30-\ufe4f]+|[\u3105-\u312f]+|" + _KANA_CJK_RUN,
+    _MARKED_WORD + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    ignore_merges=True)
+
+
+class _DigitGroups:
+    """llama.cpp's own splitter for AFMoE and Tiny Aya digits (no regex: unicode.cpp's
+    unicode_regex_split_custom_afmoe): a run of numbers is cut into its leading 1-2 digits,
+    then threes; the text before a run stays joined to the run's first group."""
+
+    _RUNS = regex.compile(r"\p{N}+")
+
+    class _Cut:
+        __slots__ = ("begin", "end")
+
+        def __init__(self, begin: int, end: int):
+            self.begin, self.end = begin, end
+
+        def span(self) -> tuple[int, int]:
+            return self.begin, self.end
+
+    def finditer(self, text: str):
+        """Pieces as regex matches (words() reads their span()), covering the text up to
+        the end of its last run of numbers."""
+        begin = 0
+        for run in self._RUNS.finditer(text):
+            start, stop = run.span()
+            cut = start + ((stop - start) % 3 or 3)
+            while cut <= stop:
+                yield self._Cut(begin, cut)
+                begin, cut = cut, cut + 3
+
+
+_TINY_AYA = _PreTokenizer([_DigitGroups(), _MARKED_WORD + r"|\p{N}{1,3}"
+                           r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"])
+# AFMoE: digits as Tiny Aya's, then runs of CJK, kana, Thai, Lao, Khmer, Myanmar and Hangul
+# (llama.cpp's range U+8C48-U+FAFF is written so; it meant U+F900), then DeepSeek V3's words.
+_AFMOE = _PreTokenizer([
+    _DigitGroups(),
+    r"[\u4e00-\u9fff\u3400-\u4dbf\u8c48-\ufaff\u3040-\u309f\u30a0-\u30ff\uff65-\uff9f"
+    r"\u2f00-\u2fdf\u0e40-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f\uaa60-\uaa7f"
+    r"\ua9e0-\ua9ff\uac00-\ud7af\u1100-\u11ff]+",
+    _DEEPSEEK3_WORDS + r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"])
+# Granite embedding (multilingual, 97M): GPT-4o's, with marks counted as letters.
+_UPPER_OR_MARK = r"(?:(?=[\p{L}\p{M}])[^a-z])"
+_LOWER_OR_MARK = r"(?:(?=[\p{L}\p{M}])[^A-Z])"
+_GRANITE_EMB_MULTI = _PreTokenizer([
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER_OR_MARK}*{_LOWER_OR_MARK}+{_CONTRACTIONS}?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER_OR_MARK}+{_LOWER_OR_MARK}*{_CONTRACTIONS}?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"], ignore_merges=True)
+# Sarvam: Gemma 4's shape (U+2581 spaces, lines as words), without its forced BOS.
+_SARVAM = _PreTokenizer([r"[^\n]+|\n+"], spm_style=True)
+
 _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "default": _DEFAULT,
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
@@ -254,6 +318,12 @@ _PRE_TOKENIZERS: dict[str, _PreTokenizer] = {
     "exaone-moe": _EXAONE_MOE,
     **dict.fromkeys(("bloom", "poro-chat", "gpt3-finnish"), _BLOOM),
     "viking": _VIKING,
+    "jais-2": _JAIS2,
+    "youtu": _YOUTU,
+    **dict.fromkeys(("tiny_aya", "cohere2moe"), _TINY_AYA),
+    "afmoe": _AFMOE,
+    "granite-embed-multi-97m": _GRANITE_EMB_MULTI,
+    "sarvam-moe": _SARVAM,
     "tekken": _TEKKEN,
     "qwen35": _QWEN35,
     "falcon": _FALCON,
@@ -583,7 +653,7 @@ class _BpeModel(_WordModel):
     def __init__(self, vocab: _Vocab, merges: list[str], pre: _PreTokenizer):
         self.vocab = vocab
         self.pre = pre
-        self.splitters = [regex.compile(p) for p in pre.patterns]
+        self.splitters = [regex.compile(p) if isinstance(p, str) else p for p in pre.patterns]
         # "left right" -> rank; the first occurrence wins, as in llama.cpp. Pieces never
         # contain a space (GPT-2 writes it as U+0120, Gemma 4 as U+2581), so the joined
         # string is a unique key.
