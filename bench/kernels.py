@@ -2,6 +2,9 @@
 
 Prints a table of weight bytes read per second, GFLOP/s and the fraction of this
 machine's read bandwidth, which is measured in the same run with a plain parallel sum.
+For the formats with an integer path (runtime/kernels/q8.py: 8-bit activations, integer
+dot products) it prints the float path (dispatch.py, what ran before) beside it, in the
+same run, as path "float" and "int8".
 Weights are spread over enough copies to exceed the CPU caches (>= 512 MiB), as a
 model's weights do when decoding, so matvec figures are DRAM figures.
 
@@ -18,9 +21,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.common import WORKING_SET, read_bandwidth, timed  # noqa: E402
 from runtime import kernels  # noqa: E402
+from runtime.kernels import dispatch, q8, simd  # noqa: E402
 from runtime.ggml_types import ggml_type  # noqa: E402
 
-SHAPES = [(4096, 4096), (640, 2048)]  # a 7B-class square matrix; Gemma 3 270M's ffn_down
+SHAPES = [(4096, 4096), (2048, 8192), (640, 2048)]  # 8B's attention; 1B's ffn_down; Gemma 270M's
 
 
 def random_matrix_bytes(t, rows, cols, rng):
@@ -37,10 +41,14 @@ def random_matrix_bytes(t, rows, cols, rng):
     return rng.integers(0, 256, size=nbytes, dtype=np.uint8)
 
 
-def bench_type(name, rows, cols, batch, seconds, rng):
+def bench_type(name, rows, cols, batch, seconds, rng, integer):
+    """(bytes of one matrix, seconds per matvec, seconds per matmul) on the integer path
+    (kernels.matvec/matmul) or the float one (dispatch.py's kernels)."""
     t = ggml_type(name)
     one = random_matrix_bytes(t, rows, cols, rng)
     copies = [one] + [one.copy() for _ in range(max(0, WORKING_SET // one.nbytes - 1))]
+    for c in copies:
+        c.flags.writeable = False  # as the runtime's memory map
     x = rng.standard_normal(cols).astype(np.float32)
     X = rng.standard_normal((batch, cols)).astype(np.float32)
     out_v = np.empty(rows, np.float32)
@@ -51,8 +59,13 @@ def bench_type(name, rows, cols, batch, seconds, rng):
         state["i"] = (state["i"] + 1) % len(copies)
         return copies[state["i"]]
 
-    t_mv = timed(lambda: kernels.matvec(next_copy(), t, rows, cols, x, out_v), seconds)
-    t_mm = timed(lambda: kernels.matmul(next_copy(), t, rows, cols, X, out_m), seconds)
+    if integer:
+        t_mv = timed(lambda: kernels.matvec(next_copy(), t, rows, cols, x, out_v), seconds)
+        t_mm = timed(lambda: kernels.matmul(next_copy(), t, rows, cols, X, out_m), seconds)
+    else:
+        args = (rows, t.row_bytes(cols), cols // t.block_elems)
+        t_mv = timed(lambda: dispatch.matvec_kernel(t.id, next_copy(), *args, x, out_v), seconds)
+        t_mm = timed(lambda: dispatch.matmul_kernel(t.id, next_copy(), *args, X, out_m), seconds)
     return one.nbytes, t_mv, t_mm
 
 
@@ -61,6 +74,8 @@ def main():
     ap.add_argument("--types", default=",".join(sorted(kernels.SUPPORTED_TYPES, key=lambda n: ggml_type(n).id)))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=0.4)
+    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="rows x cols, comma-separated")
+    ap.add_argument("--paths", default="float,int8", help="float, int8 or both (int8 only where a type has it)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -72,19 +87,25 @@ def main():
         bandwidth[th] = read_bandwidth(args.seconds * 2)
     print(f"read bandwidth: " + ", ".join(f"{bw / 1e9:.1f} GB/s ({th} thr)" for th, bw in bandwidth.items()))
     print(f"matvec: one vector; matmul: batch of {args.batch}; GB/s = weight bytes read per second; "
-          f"%BW = matvec GB/s / read bandwidth at the same thread count")
-    head = f"{'type':7} {'rows x cols':>11} {'thr':>3} | {'matvec ms':>9} {'GB/s':>6} {'%BW':>5} | {'matmul ms':>9} {'GFLOP/s':>8}"
+          f"%BW = matvec GB/s / read bandwidth at the same thread count; int8 instructions: {simd.integer_isa()}")
+    head = (f"{'type':7} {'path':5} {'rows x cols':>11} {'thr':>3} | {'matvec ms':>9} {'GB/s':>6} {'%BW':>5} |"
+            f" {'matmul ms':>9} {'GFLOP/s':>8}")
     print(head)
     print("-" * len(head))
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     for name in args.types.split(","):
-        for rows, cols in SHAPES:
+        has_integer = ggml_type(name).id in q8.INTEGER_TYPES
+        paths = [p for p in args.paths.split(",") if p == "float" or has_integer]
+        for rows, cols in shapes:
             for th in thread_counts:
                 numba.set_num_threads(th)
-                nbytes, t_mv, t_mm = bench_type(name, rows, cols, args.batch, args.seconds, rng)
-                gbs = nbytes / t_mv / 1e9
-                gflops = 2.0 * rows * cols * args.batch / t_mm / 1e9
-                print(f"{name:7} {f'{rows}x{cols}':>11} {th:>3} | {t_mv * 1e3:9.3f} {gbs:6.1f} "
-                      f"{100 * gbs * 1e9 / bandwidth[th]:4.0f}% | {t_mm * 1e3:9.2f} {gflops:8.1f}", flush=True)
+                for path in paths:
+                    nbytes, t_mv, t_mm = bench_type(name, rows, cols, args.batch, args.seconds, rng,
+                                                    integer=path == "int8")
+                    gbs = nbytes / t_mv / 1e9
+                    gflops = 2.0 * rows * cols * args.batch / t_mm / 1e9
+                    print(f"{name:7} {path:5} {f'{rows}x{cols}':>11} {th:>3} | {t_mv * 1e3:9.3f} {gbs:6.1f} "
+                          f"{100 * gbs * 1e9 / bandwidth[th]:4.0f}% | {t_mm * 1e3:9.2f} {gflops:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

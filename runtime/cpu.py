@@ -1,7 +1,9 @@
 """Pick the CPU tier the kernels are compiled for, and pin Numba to it before it is imported.
 
 Why tiers: compiled kernels ship in model.run, so they must be built for a named level of the
-x86-64 psABI (x86-64, -v2, -v3, -v4), not for "whatever this CPU has". Numba reads
+x86-64 psABI (x86-64, -v2, -v3, -v4) or such a level plus VNNI (x86-64-v4-vnni,
+x86-64-v3-vnni: the integer dot products have kernels of their own), not for "whatever this
+CPU has". Numba reads
 NUMBA_CPU_NAME and NUMBA_CPU_FEATURES once, when it is imported, and both must be set: with
 only the name, LLVM adds the host's own features to the code and to the cache key, and a cache
 made on one machine then crashes (SIGILL) on another. `select_tier()` is the one call that does
@@ -28,7 +30,16 @@ _LEVELS: tuple[tuple[str, frozenset[str]], ...] = (
     ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
 )
 
-X86_TIERS = tuple(name for name, _ in reversed(_LEVELS))  # best first
+# Tiers beyond the psABI levels: a level plus the features that get kernels of their own (the
+# integer dot products of runtime/kernels/simd.py): name -> (level, added features). VNNI's
+# vpdpbusd does in one instruction what AVX2/AVX-512BW do in three (pmaddubsw, pmaddwd, add).
+_EXTENSIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "x86-64-v4-vnni": ("x86-64-v4", frozenset({"avx512vnni"})),  # Ice Lake server+, Zen 4+
+    "x86-64-v3-vnni": ("x86-64-v3", frozenset({"avxvnni"})),  # Alder Lake+ (AVX-VNNI, VEX)
+}
+
+X86_TIERS = ("x86-64-v4-vnni", "x86-64-v4", "x86-64-v3-vnni", "x86-64-v3", "x86-64-v2",
+             "x86-64")  # best first
 GENERIC = "generic"  # any other architecture: LLVM's baseline for it
 VALID_TIERS = X86_TIERS + (GENERIC,)
 OVERRIDE_VARIABLE = "MODELRUN_CPU_TIER"
@@ -36,12 +47,20 @@ OVERRIDE_VARIABLE = "MODELRUN_CPU_TIER"
 
 def tier_features(tier: str) -> frozenset[str]:
     """Every feature an x86-64 tier requires (its own and those of the tiers below it)."""
+    level, extra = _EXTENSIONS.get(tier, (tier, frozenset()))
     needed: set[str] = set()
     for name, added in _LEVELS:
         needed |= added
-        if name == tier:
-            return frozenset(needed)
+        if name == level:
+            return frozenset(needed | extra)
     raise CpuTierError(f"unknown x86-64 tier {tier!r}")
+
+
+def llvm_target(tier: str) -> tuple[str, str]:
+    """(LLVM CPU name, LLVM feature string) that compile for exactly `tier`: a psABI level
+    and, for the extension tiers, "+feature" for each feature they add."""
+    level, extra = _EXTENSIONS.get(tier, (tier, frozenset()))
+    return level, ",".join(f"+{f}" for f in sorted(extra))
 
 
 class CpuTierError(ValueError):
@@ -114,9 +133,9 @@ def choose_tier(environ: Mapping[str, str],
 
 
 def pin_numba(environ: dict, tier: str) -> None:
-    """What numba reads at import: the tier's name, and no features beyond the tier's own."""
-    environ["NUMBA_CPU_NAME"] = tier
-    environ["NUMBA_CPU_FEATURES"] = ""
+    """What numba reads at import: the tier's LLVM CPU name, and no features beyond the tier's
+    own (none for a psABI level)."""
+    environ["NUMBA_CPU_NAME"], environ["NUMBA_CPU_FEATURES"] = llvm_target(tier)
 
 
 _selected: CpuTier | None = None
@@ -146,11 +165,31 @@ def numba_tier() -> CpuTier:
     name, features = config.CPU_NAME, config.CPU_FEATURES
     if name is None and not features:
         return CpuTier("host", "numba was imported before a tier was chosen")
-    if name in VALID_TIERS and features == "":
-        return CpuTier(name, "pinned before numba was imported")
+    for tier in VALID_TIERS:
+        if (name, features) == llvm_target(tier):
+            return CpuTier(tier, "pinned before numba was imported")
     return CpuTier(name or "host", f"NUMBA_CPU_NAME={name} NUMBA_CPU_FEATURES={features}")
 
 
 def selected() -> CpuTier | None:
     """The tier select_tier() chose in this process, if it ran."""
     return _selected
+
+
+def compiled_features() -> frozenset[str]:
+    """The CPU features the kernels of this process are compiled for (the pinned tier's, or
+    the host's when numba was not pinned): what a kernel may choose its instructions by."""
+    tier = numba_tier().name
+    if tier in X86_TIERS:
+        return tier_features(tier)
+    if tier == GENERIC or not is_x86_64():
+        return frozenset()
+    from numba.core import config
+
+    if config.CPU_FEATURES is None:
+        return frozenset(f for f, on in host_features().items() if on)
+    features = set()  # a CPU name with explicit features: only those (its own are unknown here)
+    for item in config.CPU_FEATURES.split(","):
+        if item.startswith("+"):
+            features.add(item[1:])
+    return frozenset(features)

@@ -41,13 +41,20 @@ def exercise_entry_points() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal(_COLS).astype(np.float32)
     X = rng.standard_normal((3, _COLS)).astype(np.float32)
+    blocks = {}
     for name in sorted(kernels.SUPPORTED_TYPES):
         t = ggml_type(name)
         raw = rng.integers(0, 256, _ROWS * t.row_bytes(_COLS), dtype=np.uint8)
         raw.setflags(write=False)
+        blocks[name] = raw
         kernels.dequantize(raw, name, _COLS)
         kernels.matvec(raw, name, _ROWS, _COLS, x)
         kernels.matmul(raw, name, _ROWS, _COLS, X)
+    # The fused launches compile once per number of matrices: 2 (gate, up), 3 (Q, K, V).
+    for group in (["Q4_K", "Q6_K"], ["Q4_K", "Q4_K", "Q6_K"]):
+        mats = [(blocks[name], name, _ROWS) for name in group]
+        kernels.matvec_many(mats, _COLS, x)
+        kernels.matmul_many(mats, _COLS, X)
 
 
 def run_models(paths: list[str]) -> None:

@@ -17,11 +17,18 @@ BASELINE = {"cmov", "cx8", "fxsr", "mmx", "sse", "sse2"}
 V2 = BASELINE | {"cx16", "sahf", "popcnt", "sse3", "sse4.1", "sse4.2", "ssse3"}
 V3 = V2 | {"avx", "avx2", "bmi", "bmi2", "f16c", "fma", "lzcnt", "movbe", "xsave"}
 V4 = V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+# Tiers of our own above two levels: VNNI's integer dot products (runtime/kernels/simd.py)
+V4_VNNI = V4 | {"avx512vnni"}
+V3_VNNI = V3 | {"avxvnni"}
 # Features a real CPU reports beside the levels' own (must not change the choice)
 EXTRAS = {"64bit", "aes", "pclmul", "rdrnd", "adx", "sha", "crc32", "xsaveopt"}
 
 
 @pytest.mark.parametrize("features, tier", [
+    (V4_VNNI | {"avxvnni"} | EXTRAS, "x86-64-v4-vnni"),  # Sapphire Rapids: both VNNI forms
+    (V4_VNNI | EXTRAS, "x86-64-v4-vnni"),  # Ice Lake server, Zen 4
+    (V3_VNNI | EXTRAS, "x86-64-v3-vnni"),  # Alder Lake
+    (V3 | {"avx512vnni"}, "x86-64-v3"),  # VNNI without AVX-512 is no VNNI tier
     (V4 | EXTRAS, "x86-64-v4"),
     (V3 | EXTRAS, "x86-64-v3"),
     (V2 | EXTRAS, "x86-64-v2"),
@@ -46,7 +53,10 @@ def test_tier_feature_lists_are_the_psabi_levels():
     assert cpu.tier_features("x86-64-v2") == V2
     assert cpu.tier_features("x86-64-v3") == V3
     assert cpu.tier_features("x86-64-v4") == V4
-    assert cpu.X86_TIERS == ("x86-64-v4", "x86-64-v3", "x86-64-v2", "x86-64")
+    assert cpu.tier_features("x86-64-v4-vnni") == V4_VNNI
+    assert cpu.tier_features("x86-64-v3-vnni") == V3_VNNI
+    assert cpu.X86_TIERS == ("x86-64-v4-vnni", "x86-64-v4", "x86-64-v3-vnni", "x86-64-v3",
+                             "x86-64-v2", "x86-64")
 
 
 @pytest.mark.parametrize("machine", ["aarch64", "arm64", "ppc64le", "riscv64"])
@@ -67,10 +77,15 @@ def test_choice_is_detected_unless_overridden():
 
 
 def test_pinning_sets_the_name_and_empty_features():
-    """Both variables, always: a name alone lets LLVM add the host's features."""
+    """Both variables, always: a name alone lets LLVM add the host's features. A VNNI tier
+    is its level plus exactly its one feature."""
     env = {"NUMBA_CPU_FEATURES": "+avx2"}
     cpu.pin_numba(env, "x86-64-v2")
     assert env == {"NUMBA_CPU_NAME": "x86-64-v2", "NUMBA_CPU_FEATURES": ""}
+    cpu.pin_numba(env, "x86-64-v4-vnni")
+    assert env == {"NUMBA_CPU_NAME": "x86-64-v4", "NUMBA_CPU_FEATURES": "+avx512vnni"}
+    cpu.pin_numba(env, "x86-64-v3-vnni")
+    assert env == {"NUMBA_CPU_NAME": "x86-64-v3", "NUMBA_CPU_FEATURES": "+avxvnni"}
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
@@ -87,6 +102,12 @@ def test_numba_compiles_for_the_chosen_tier_only():
                   MODELRUN_CPU_TIER="x86-64-v2")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["x86-64-v2", "MODELRUN_CPU_TIER", "'x86-64-v2'", "''"]
+    out = _python("from runtime import cpu; t = cpu.select_tier(); import numba.core.config as c;"
+                  "print(t.name, repr(c.CPU_NAME), repr(c.CPU_FEATURES), cpu.numba_tier().name,"
+                  "      sorted(cpu.compiled_features() - cpu.tier_features('x86-64-v3')))",
+                  MODELRUN_CPU_TIER="x86-64-v3-vnni")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["x86-64-v3-vnni", "'x86-64-v3'", "'+avxvnni'", "x86-64-v3-vnni", "['avxvnni']"]
 
 
 def test_select_is_idempotent_and_only_reports_once_numba_is_imported():
@@ -134,7 +155,8 @@ def test_locator_folder_and_stamp_are_build_id_and_tier(tmp_path):
     first = _python(code, XDG_CACHE_HOME=str(tmp_path), MODELRUN_CPU_TIER="x86-64-v2")
     assert first.returncode == 0, first.stderr
     name, path, stamp, build_id, loaded, compiled = first.stdout.split()
-    sources = sorted((ROOT / "runtime" / "kernels").glob("*.py"))
+    sources = sorted((ROOT / "runtime" / "kernels").glob("*.py")) + [ROOT / "runtime" / "ggml_types.py",
+                                                                     ROOT / "runtime" / "cpu.py"]
     import hashlib
     expected_id = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     assert name == "KernelCacheLocator"

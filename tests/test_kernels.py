@@ -109,6 +109,17 @@ def cols_for(name: str) -> int:
     return 2 * 256 if name not in FLOAT_TYPES else 200
 
 
+def float_path(kernel, raw, name, rows, cols, data):
+    """The float kernels (dispatch.py) for every type: the public matvec/matmul take the
+    integer path (tests/test_q8.py) for the types that have one, and benchmarks compare."""
+    from runtime.kernels import dispatch
+
+    t = ggml_type(name)
+    out = np.empty(data.shape[:-1] + (rows,), np.float32)
+    getattr(dispatch, kernel)(t.id, raw, rows, t.row_bytes(cols), cols // t.block_elems, data, out)
+    return out
+
+
 def assert_close_to_product(got: np.ndarray, w64: np.ndarray, x64: np.ndarray) -> None:
     """got ~ x64 @ w64.T within the float32 summation bound (see the module docstring)."""
     want = x64 @ w64.T
@@ -134,7 +145,7 @@ def test_matvec_matches_float64_product(name, rows):
     raw = random_blocks(name, rows * cols, rng)
     w64 = reference(raw, name, rows * cols).astype(np.float64).reshape(rows, cols)
     x = rng.standard_normal(cols).astype(np.float32)
-    got = kernels.matvec(raw, name, rows, cols, x)
+    got = float_path("matvec_kernel", raw, name, rows, cols, x)
     assert got.shape == (rows,) and got.dtype == np.float32
     assert_close_to_product(got[None, :], w64, x.astype(np.float64)[None, :])
 
@@ -147,7 +158,7 @@ def test_matmul_matches_float64_product(name, n):
     raw = random_blocks(name, rows * cols, rng)
     w64 = reference(raw, name, rows * cols).astype(np.float64).reshape(rows, cols)
     X = rng.standard_normal((n, cols)).astype(np.float32)
-    got = kernels.matmul(raw, name, rows, cols, X)
+    got = float_path("matmul_kernel", raw, name, rows, cols, X)
     assert got.shape == (n, rows) and got.dtype == np.float32
     assert_close_to_product(got, w64, X.astype(np.float64))
 

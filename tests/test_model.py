@@ -4,7 +4,10 @@ The reference below rebuilds every weight with gguf.quants.dequantize from the b
 fixture wrote and shares no code with runtime/model, so an error in the skeleton, a family
 file, an op kernel or the GGUF reader shows up as a logit mismatch.
 
-Tolerance: both sides see the same dequantized weights; the model computes in float32
+Tolerance: both sides see the same dequantized weights, and both round the input of every
+product with a quantized weight to 8-bit blocks as llama.cpp does (`project`: the model's
+integer kernels do that; a rounding tie that falls differently moves a result by one step of
+one element, ~1e-3 of it, rarely and never near the tolerance in these runs); the model computes in float32
 (dot products of a few hundred terms, ~10 layers), the reference in float64, so the
 expected difference is float32 rounding: measured 1e-7..6e-7 of the largest logit. A
 semantic slip (a wrong RoPE pairing, a missing norm, a window off by one, a wrong scale)
@@ -17,19 +20,25 @@ import math
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from runtime import kernels
 from runtime.ggml_types import UnsupportedTypeError
 from runtime.gguf import GGUFFile
 from runtime.model import KVCache, UnsupportedModelError, load_model
 
 RTOL = 1e-4
+# Quantized weight types whose products take 8-bit activations, and the activation block.
+ROUNDED_INPUTS = {GGMLQuantizationType[name]: 256 if name.endswith(("_K", "_XS")) else 32
+                  for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                               "IQ4_NL", "IQ4_XS")}
 PROMPT = [5, 17, 3, 99, 42, 7, 150, 1, 64, 23, 11, 88]  # longer than gemma's window of 4
 
 
 # --- the independent reference ---------------------------------------------------------------
 
-def reference_logits(md: dict, tensors: dict, tokens, kv_round=None) -> np.ndarray:
+def reference_logits(md: dict, tensors: dict, tokens, kv_round=None, rounded_inputs=True) -> np.ndarray:
     """Logits of every token of `tokens` at positions 0..n-1, float64[n, n_vocab];
     kv_round(x) rounds the keys and values [n, heads, head_dim] as a KV cache stores them."""
     arch = md["general.architecture"]
@@ -42,6 +51,18 @@ def reference_logits(md: dict, tensors: dict, tokens, kv_round=None) -> np.ndarr
             return None
         raw, qtype = tensors[name]
         return dequantize(raw, qtype).astype(np.float64)
+
+    def project(h, name):
+        """h @ W.T, with h first rounded to 8-bit blocks when W is a quantized format: the
+        model computes those products on activations rounded as llama.cpp rounds them
+        (blocks of 32, or 256 for the k-quants; d = max|h| / 127, q = round(h / d))."""
+        qtype = tensors[name][1]
+        if rounded_inputs and qtype in ROUNDED_INPUTS:
+            block = ROUNDED_INPUTS[qtype]
+            blocks = h.reshape(-1, block)
+            d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+            h = (np.rint(blocks / np.where(d == 0, 1, d)) * d).reshape(h.shape)
+        return h @ weight(name).T
 
     n_embd, n_layer = int(hp("embedding_length")), int(hp("block_count"))
     n_head, n_kv = int(hp("attention.head_count")), int(hp("attention.head_count_kv"))
@@ -79,7 +100,7 @@ def reference_logits(md: dict, tensors: dict, tokens, kv_round=None) -> np.ndarr
     for il in range(n_layer):
         w = lambda name: weight(f"blk.{il}.{name}")  # noqa: E731
         h = rms(x, w("attn_norm.weight"))
-        q, k, v = (h @ w(f"attn_{c}.weight").T for c in "qkv")
+        q, k, v = (project(h, f"blk.{il}.attn_{c}.weight") for c in "qkv")
         if w("attn_q.bias") is not None:
             q, k, v = q + w("attn_q.bias"), k + w("attn_k.bias"), v + w("attn_v.bias")
         q, k, v = q.reshape(n, n_head, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
@@ -98,23 +119,22 @@ def reference_logits(md: dict, tensors: dict, tokens, kv_round=None) -> np.ndarr
                 scores = k[first:i + 1, kv] @ q[i, head] / math.sqrt(hd)
                 p = np.exp(scores - scores.max())
                 attn[i, head] = (p / p.sum()) @ v[first:i + 1, kv]
-        out = attn.reshape(n, -1) @ w("attn_output.weight").T
+        out = project(attn.reshape(n, -1), f"blk.{il}.attn_output.weight")
         if gemma:
             out = rms(out, w("post_attention_norm.weight"))
         x = x + out
         h = rms(x, w("ffn_norm.weight"))
-        gate, up = h @ w("ffn_gate.weight").T, h @ w("ffn_up.weight").T
+        gate, up = project(h, f"blk.{il}.ffn_gate.weight"), project(h, f"blk.{il}.ffn_up.weight")
         if gemma:
             act = 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
         else:
             act = gate / (1 + np.exp(-gate))
-        out = (act * up) @ w("ffn_down.weight").T
+        out = project(act * up, f"blk.{il}.ffn_down.weight")
         if gemma:
             out = rms(out, w("post_ffw_norm.weight"))
         x = x + out
     x = rms(x, weight("output_norm.weight"))
-    output = weight("output.weight")
-    return x @ (embedding if output is None else output).T
+    return project(x, "output.weight" if "output.weight" in tensors else "token_embd.weight")
 
 
 def assert_logits_close(actual, expected):
@@ -153,13 +173,19 @@ def q8_0_round(x):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("type_k, type_v", [("f16", "f16"), ("q8_0", "q8_0"), ("q8_0", "f32")])
-def test_logits_with_f16_and_q8_0_caches(synthetic_models, arch, type_k, type_v):
+def test_logits_with_f16_and_q8_0_caches(synthetic_models, arch, type_k, type_v, monkeypatch):
     """A cache in f16 or Q8_0: the reference rounds its keys and values the same way
     (NumPy's float16, gguf's Q8_0 quantizer), so what is left is the float32 rounding of
     the test above, plus the rare element whose float32 and float64 values round to
     neighbouring f16 / 8-bit steps: measured at most 1.7e-5 of the largest logit, under
     RTOL. Against the unrounded reference the same logits are off by 6e-5..8e-4 (f16) and
-    1.5e-3..2.5e-2 (Q8_0): the rounded reference must be the closer one."""
+    1.5e-3..2.5e-2 (Q8_0): the rounded reference must be the closer one.
+
+    The products run on the float kernels here (kernels.INTEGER_PATH off, and the reference
+    without 8-bit activations): behind an f16 or Q8_0 cache, the 8-bit rounding of the next
+    products' inputs turns each neighbouring-step element into whole 8-bit steps (measured
+    up to 4.5e-3 of the largest logit), which would hide the cache's own rounding."""
+    monkeypatch.setattr(kernels, "INTEGER_PATH", False)
     rounding = {"f16": f16_round, "q8_0": q8_0_round, "f32": lambda x: x}
     path, tensors = synthetic_models[arch]
     gguf_file = GGUFFile(path)
@@ -171,10 +197,10 @@ def test_logits_with_f16_and_q8_0_caches(synthetic_models, arch, type_k, type_v)
         calls.append(1)
         return (k_round if len(calls) % 2 else v_round)(x)
 
-    expected = reference_logits(gguf_file.metadata, tensors, PROMPT, kv_round)
+    expected = reference_logits(gguf_file.metadata, tensors, PROMPT, kv_round, rounded_inputs=False)
     logits = model.forward(PROMPT, 0, KVCache(model.hp, 32, type_k, type_v), all_logits=True)
     assert_logits_close(logits, expected)
-    unrounded = reference_logits(gguf_file.metadata, tensors, PROMPT)
+    unrounded = reference_logits(gguf_file.metadata, tensors, PROMPT, rounded_inputs=False)
     assert np.abs(logits - unrounded).max() > 3 * np.abs(logits - expected).max()  # the rounding is real
 
 

@@ -1,9 +1,11 @@
 """Numba kernels that compute straight on GGUF's quantized blocks.
 
 The public entry points take `raw`, the tensor's bytes as a uint8 array (a zero-copy view
-of the memory-mapped file), and never build a float32 copy of a weight matrix: matvec
-decodes and multiplies block by block, matmul decodes one row at a time and reuses it for
-every vector of the batch.
+of the memory-mapped file), and never build a float32 copy of a weight matrix. For the
+quantized formats with an integer path (q8.py) matvec and matmul round the activations to
+8-bit blocks once and take integer dot products, as llama.cpp does; the float formats
+decode and multiply block by block (dispatch.py). matvec_many/matmul_many run several
+matrices that share one input in one parallel launch.
 
 Importing this package does not import numba (the kernels load on first use), so that
 reading a model's header, `--info`, stays fast.
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime import frozen_build_id, user_cache_home
-from runtime import ggml_types
+from runtime import cpu, ggml_types
 from runtime.ggml_types import TYPES, GGMLType, UnsupportedTypeError, ggml_type
 
 # The tensor types this build can compute with: those with a kernel family in the table.
@@ -40,8 +42,9 @@ def build_id() -> str:
     """What every cached kernel is keyed on.
 
     Frozen: the id bundler/payload.py wrote beside the executable (a hash of the executable
-    itself if it is missing). From source: a hash of every kernel source and of
-    runtime/ggml_types.py, because Numba keys a function on its own file only, yet inlines
+    itself if it is missing). From source: a hash of every kernel source, of
+    runtime/ggml_types.py and of runtime/cpu.py (the tiers' features choose the integer
+    kernels' instructions), because Numba keys a function on its own file only, yet inlines
     the kernels it calls from other files and compiles the type ids it switches on as
     constants, so an edit to kquants.py or to the table must make dispatch.py recompile too.
     """
@@ -50,7 +53,7 @@ def build_id() -> str:
         if frozen:
             return frozen
         return "exe-" + hashlib.sha256(Path(sys.executable).read_bytes()).hexdigest()[:16]
-    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(ggml_types.__file__)]
+    sources = sorted(Path(__file__).parent.glob("*.py")) + [Path(ggml_types.__file__), Path(cpu.__file__)]
     return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
@@ -158,6 +161,15 @@ def _out(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def _readonly(raw: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels take one array type whether the bytes are a memory map
+    (read-only) or a test's array, so each compiles once."""
+    if raw.flags.writeable:
+        raw = raw.view()
+        raw.flags.writeable = False
+    return raw
+
+
 class BlockMatrix:
     """A rows x cols matrix stored as GGUF blocks in `raw` (row after row), checked once:
     its type has kernels and raw is a contiguous uint8 array holding every row. Each
@@ -170,30 +182,16 @@ class BlockMatrix:
         self.rows, self.cols = rows, cols
         self.row_bytes = self.type.row_bytes(cols)
         self.row_blocks = cols // self.type.block_elems
-        self.raw = _raw_bytes(raw, rows * self.row_bytes,
-                              f"a {rows}x{cols} {self.type.name} matrix")
+        self.raw = _readonly(_raw_bytes(raw, rows * self.row_bytes,
+                                        f"a {rows}x{cols} {self.type.name} matrix"))
 
     def matvec(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """W @ x: float32[rows]."""
-        from .dispatch import matvec_kernel
-
-        x = _vector(x, self.cols, "x")
-        if x.ndim != 1:
-            raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
-        out = _out(out, (self.rows,))
-        matvec_kernel(self.type.id, self.raw, self.rows, self.row_bytes, self.row_blocks, x, out)
-        return out
+        """W @ x: float32[rows] (8-bit activations for the formats with an integer path)."""
+        return matvec_many([self], self.cols, x, None if out is None else [out])[0]
 
     def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """X @ W.T for a batch X of n vectors: float32[n, rows]."""
-        from .dispatch import matmul_kernel
-
-        X = _vector(X, self.cols, "X")
-        if X.ndim != 2:
-            raise ValueError(f"X must be a batch of vectors [n, {self.cols}], got shape {X.shape}")
-        out = _out(out, (X.shape[0], self.rows))
-        matmul_kernel(self.type.id, self.raw, self.rows, self.row_bytes, self.row_blocks, X, out)
-        return out
+        return matmul_many([self], self.cols, X, None if out is None else [out])[0]
 
     def rows_f32(self, ids) -> np.ndarray:
         """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
@@ -211,13 +209,71 @@ class BlockMatrix:
         return out
 
 
+# The quantized formats take the integer path (8-bit activations) unless this is off: the
+# float kernels stay for tests that isolate another rounding, and for benchmarks.
+INTEGER_PATH = True
+
+
+def _run_many(kernel: str, mats, cols: int, data: np.ndarray, outs) -> list[np.ndarray]:
+    """q8.<kernel> over the matrices with an integer path, in one launch, and
+    dispatch.<kernel> (float) over the others; data is x (matvec) or X (matmul); mats are
+    BlockMatrix objects or (raw, qtype, rows) tuples."""
+    from . import dispatch, q8
+
+    mats = [m if isinstance(m, BlockMatrix) else BlockMatrix(m[0], m[1], m[2], cols) for m in mats]
+    if any(m.cols != cols for m in mats):
+        raise ValueError(f"every matrix must have {cols} columns")
+    lead = data.shape[:-1]
+    outs = [None] * len(mats) if outs is None else list(outs)
+    if len(outs) != len(mats):
+        raise ValueError(f"outs must be one array per matrix ({len(mats)}), got {len(outs)}")
+    outs = [_out(o, lead + (m.rows,)) for o, m in zip(outs, mats)]
+    integer = q8.INTEGER_TYPES if INTEGER_PATH else frozenset()
+    fast = [i for i, m in enumerate(mats) if m.type.id in integer]
+    if fast:
+        getattr(q8, kernel)(np.array([mats[i].type.id for i in fast], np.int64),
+                            tuple(mats[i].raw for i in fast),
+                            np.array([mats[i].rows for i in fast], np.int64),
+                            np.array([mats[i].row_bytes for i in fast], np.int64), cols, data,
+                            tuple(outs[i] for i in fast))
+    for i, m in enumerate(mats):
+        if m.type.id not in integer:
+            getattr(dispatch, kernel)(m.type.id, m.raw, m.rows, m.row_bytes, m.row_blocks, data, outs[i])
+    return outs
+
+
 def matvec(raw: np.ndarray, qtype: int | str | GGMLType, rows: int, cols: int, x: np.ndarray,
            out: np.ndarray | None = None) -> np.ndarray:
-    """W @ x for the rows x cols matrix W stored in `raw` (GGUF layout: row after row)."""
+    """W @ x for the rows x cols matrix W stored in `raw` (GGUF layout: row after row).
+
+    The quantized formats with an integer path (q8.py) round x to 8-bit blocks first, as
+    llama.cpp does; the float formats multiply in float32.
+    """
     return BlockMatrix(raw, qtype, rows, cols).matvec(x, out)
+
+
+def matvec_many(mats, cols: int, x: np.ndarray, outs=None) -> list[np.ndarray]:
+    """[W @ x for each W in mats] (BlockMatrix objects or (raw, qtype, rows) tuples):
+    matrices that share one input (Q, K, V; gate, up) in one parallel launch with one
+    quantization of x (formats without an integer path are computed one by one).
+    outs: float32[rows] per matrix, or None."""
+    x = _vector(x, cols, "x")
+    if x.ndim != 1:
+        raise ValueError(f"x must be one vector, got shape {x.shape}; use matmul for a batch")
+    return _run_many("matvec_kernel", mats, cols, x, outs)
 
 
 def matmul(raw: np.ndarray, qtype: int | str | GGMLType, rows: int, cols: int, X: np.ndarray,
            out: np.ndarray | None = None) -> np.ndarray:
     """X @ W.T for a batch X of n vectors: float32[n, rows]."""
     return BlockMatrix(raw, qtype, rows, cols).matmul(X, out)
+
+
+def matmul_many(mats, cols: int, X: np.ndarray, outs=None) -> list[np.ndarray]:
+    """[X @ W.T for each W in mats] (BlockMatrix objects or (raw, qtype, rows) tuples), one
+    launch and one quantization of X for the formats with an integer path.
+    outs: float32[n, rows] per matrix, or None."""
+    X = _vector(X, cols, "X")
+    if X.ndim != 2:
+        raise ValueError(f"X must be a batch of vectors [n, {cols}], got shape {X.shape}")
+    return _run_many("matmul_kernel", mats, cols, X, outs)

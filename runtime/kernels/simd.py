@@ -19,12 +19,21 @@ raw[b_off] ("bytes") or the 32-bit little-endian word at raw[b_off] whose bit
 sum((v[l] - ibias) * x[x_off + l]); the decode intrinsic writes
 out[out_off + l] = scale * float(v[l] - ibias) + fbias, the operation order ggml uses,
 so decoding is bit-exact.
+
+The integer dot products (`dot4`, used by q8dot.py) are the one place with x86 intrinsics:
+the instruction set is chosen when a kernel is compiled, from the CPU tier Numba is pinned to
+(runtime.cpu), and the kernel cache is kept per tier, so a cached kernel never runs on a CPU
+without its instructions.
 """
+
+from functools import lru_cache
 
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from runtime import cpu
 
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -169,3 +178,130 @@ def _sum_intrinsic(n):
 
 sum16 = _sum_intrinsic(16)  # sum(x[x_off:x_off+16])
 sum32 = _sum_intrinsic(32)  # sum(x[x_off:x_off+32])
+
+
+# ------------------------------------------------------------------ integer dot products
+
+_I16 = ir.IntType(16)
+
+
+@lru_cache(maxsize=None)
+def integer_isa() -> str:
+    """The instruction set the integer dot products are compiled for, from the pinned tier:
+    vnni512 (AVX512-VNNI), avx512 (AVX-512BW), vnni256 (AVX-VNNI), avx2, ssse3, or generic
+    (plain LLVM vector IR, for x86-64 and other architectures)."""
+    features = cpu.compiled_features()
+    if {"avx512vnni", "avx512bw", "avx512vl"} <= features:
+        return "vnni512"
+    if {"avx512bw", "avx512vl"} <= features:
+        return "avx512"
+    if "avxvnni" in features and "avx2" in features:
+        return "vnni256"
+    if "avx2" in features:
+        return "avx2"
+    if "ssse3" in features:
+        return "ssse3"
+    return "generic"
+
+
+_WIDEST = {"vnni512": 64, "avx512": 64, "vnni256": 32, "avx2": 32, "ssse3": 16}
+
+
+def _declare(builder, name, result, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, args), name)
+
+
+def _slice(builder, vector, start, n):
+    return builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(_I32, n), list(range(start, start + n))))
+
+
+def concat(builder, a, b):
+    """The vector a followed by b (same type)."""
+    n = a.type.count
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+
+
+def _dot4_native(builder, isa, u, s):
+    """dot4 of one register's width (16, 32 or 64 bytes) with the tier's instructions."""
+    n = u.type.count
+    v32 = ir.VectorType(_I32, n // 4)
+    if isa.startswith("vnni"):
+        f = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{8 * n}", v32, [v32, v32, v32])
+        return builder.call(f, [ir.Constant(v32, None), builder.bitcast(u, v32), builder.bitcast(s, v32)])
+    v16 = ir.VectorType(_I16, n // 2)
+    v8 = u.type
+    names = {16: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+             32: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd"),
+             64: ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")}[n]
+    pairs = builder.call(_declare(builder, names[0], v16, [v8, v8]), [u, s])
+    return builder.call(_declare(builder, names[1], v32, [v16, v16]), [pairs, ir.Constant(v16, [1] * (n // 2))])
+
+
+def _dot4_generic(builder, u, s):
+    n = u.type.count
+    v32 = ir.VectorType(_I32, n)
+    products = builder.mul(builder.zext(u, v32), builder.sext(s, v32))
+    quarter = ir.VectorType(_I32, n // 4)
+    lanes = [builder.shuffle_vector(products, ir.Constant(v32, ir.Undefined),
+                                    ir.Constant(quarter, list(range(k, n, 4)))) for k in range(4)]
+    return builder.add(builder.add(lanes[0], lanes[1]), builder.add(lanes[2], lanes[3]))
+
+
+def dot4(builder, u, s):
+    """<n/4 x i32> whose lane k is sum(u[4k+i] * s[4k+i], i < 4) for <n x i8> u (unsigned)
+    and s (signed), n in 16, 32, 64.
+
+    Exact as long as u <= 128 and s >= -127 (pmaddubsw saturates its pair sums to int16:
+    2 * 128 * 127 fits). AVX512-VNNI/AVX-VNNI: vpdpbusd; AVX-512BW/AVX2/SSSE3: pmaddubsw,
+    then pmaddwd by ones; otherwise plain widening multiplies and adds.
+    """
+    isa = integer_isa()
+    widest = _WIDEST.get(isa)
+    if widest is None:
+        return _dot4_generic(builder, u, s)
+    n = u.type.count
+    if n <= widest:
+        return _dot4_native(builder, isa, u, s)
+    parts = [_dot4_native(builder, isa, _slice(builder, u, k, widest), _slice(builder, s, k, widest))
+             for k in range(0, n, widest)]
+    while len(parts) > 1:
+        parts = [concat(builder, parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def signed_dot4(builder, w, s):
+    """dot4 for signed w (-128..127): |w| times s with w's sign (ggml's sign trick)."""
+    zero = ir.Constant(w.type, None)
+    negative = builder.icmp_signed("<", w, zero)
+    return dot4(builder, builder.select(negative, builder.sub(zero, w), w),
+                builder.select(negative, builder.sub(zero, s), s))
+
+
+def byte_lookup(builder, table, indices):
+    """<n x i8> of table[indices[i]] for a constant table of 16 bytes and indices 0..15:
+    pshufb (SSSE3/AVX2/AVX-512BW) with the table in every 128-bit lane, or a tree of 15
+    selects on the index bits in plain IR."""
+    n = indices.type.count
+    isa = integer_isa()
+    widest = _WIDEST.get(isa)
+    if widest is None:
+        level = [ir.Constant(_v8(n), [value & 0xFF] * n) for value in table]
+        for bit in range(4):
+            chosen = builder.icmp_unsigned("!=", builder.and_(indices, ir.Constant(_v8(n), [1 << bit] * n)),
+                                           ir.Constant(_v8(n), None))
+            level = [builder.select(chosen, level[i + 1], level[i]) for i in range(0, len(level), 2)]
+        return level[0]
+    names = {16: "llvm.x86.ssse3.pshuf.b.128", 32: "llvm.x86.avx2.pshuf.b", 64: "llvm.x86.avx512.pshuf.b.512"}
+    width = min(widest, n)
+    f = _declare(builder, names[width], _v8(width), [_v8(width), _v8(width)])
+    lanes = ir.Constant(_v8(width), [table[i % 16] & 0xFF for i in range(width)])
+    parts = [builder.call(f, [lanes, _slice(builder, indices, k, width) if width < n else indices])
+             for k in range(0, n, width)]
+    while len(parts) > 1:
+        parts = [concat(builder, parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _v8(n):
+    return ir.VectorType(_I8, n)

@@ -1,0 +1,171 @@
+"""matvec and matmul on 8-bit activations: quantize x once, then integer dot products.
+
+As ggml does (its vec_dot_type): the activations are rounded to int8 blocks once per call,
+kind Q8_0 (a float32 scale per 32) for the formats with blocks of 32 and kind Q8_K (per
+256) for the k-quants, with int16 sums per 16 beside them (layout in q8dot.py). Each output
+is then an integer dot product of the weight row's quant indices with those bytes.
+Rounding x to yd * yq moves each element by at most yd / 2, so a result moves by at most
+sum(|w| * yd / 2): the error ggml's own CPU kernels make.
+
+One launch per call: the activations are quantized on the calling thread (or, for a batch,
+in a parallel loop over its vectors) in the same compiled function as the parallel loop
+over rows. Several matrices that share one input (Q, K and V; gate and up) go through one
+launch too: `raws` is a tuple of their blocks and the rows of all of them are one range.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .common import F16_TO_F32
+from . import q8dot
+
+# GGML type ids with an integer path, and the activation block each one reads.
+Q8_0_TYPES = (2, 3, 6, 7, 8, 20)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
+Q8_K_TYPES = (10, 11, 12, 13, 14, 23)  # Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS
+INTEGER_TYPES = frozenset(Q8_0_TYPES + Q8_K_TYPES)
+
+
+@njit(inline="always")
+def activation_block(type_id):
+    """Elements per activation scale for the type: 256 for the k-quants, else 32."""
+    return 256 if 10 <= type_id <= 14 or type_id == 23 else 32
+
+
+@njit(fastmath=False, cache=True)
+def quantize_activations(x, block, yq, yd, ys):
+    """x (float32, length a multiple of `block`) -> yq int8 with |yq| <= 127, yd = max|x| / 127
+    per block (0 for an all-zero block), ys = sums of yq per 16."""
+    n = x.size
+    for b in range(n // block):
+        xs = x[b * block:(b + 1) * block]
+        amax = np.float32(0.0)
+        for i in range(block):
+            amax = max(amax, abs(xs[i]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        yd[b] = d
+        q = yq[b * block:(b + 1) * block]
+        for i in range(block):
+            q[i] = np.int8(np.rint(xs[i] * inv))
+    for g in range(n // 16):
+        s = np.int32(0)
+        for i in range(16):
+            s += np.int32(yq[16 * g + i])
+        ys[g] = np.int16(s)
+
+
+@njit(cache=True)
+def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
+    """The integer dot of one weight row (type `type_id`) with activations from block `yblock`."""
+    t = F16_TO_F32
+    if type_id == 12:
+        return q8dot.dot_q4_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 14:
+        return q8dot.dot_q6_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 8:
+        return q8dot.dot_q8_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 6:
+        return q8dot.dot_q5_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 2:
+        return q8dot.dot_q4_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 13:
+        return q8dot.dot_q5_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 11:
+        return q8dot.dot_q3_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 10:
+        return q8dot.dot_q2_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 3:
+        return q8dot.dot_q4_1(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 7:
+        return q8dot.dot_q5_1(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 23:
+        return q8dot.dot_iq4_xs(raw, off, nblocks, yq, yd, ys, yblock, t)
+    elif type_id == 20:
+        return q8dot.dot_iq4_nl(raw, off, nblocks, yq, yd, ys, yblock, t)
+    return np.float32(np.nan)
+
+
+@njit(inline="always")
+def _needs(type_ids, block):
+    for t in type_ids:
+        if activation_block(t) == block:
+            return True
+    return False
+
+
+@njit(parallel=True, cache=True)
+def matvec_kernel(type_ids, raws, row_counts, row_bytes, cols, x, outs):
+    """outs[m][r] = row r of matrix m (raws[m], type type_ids[m]) . x, for every matrix m."""
+    n_small, n_big = cols // 32, cols // 256
+    q_small = np.empty(cols, np.int8)
+    d_small = np.empty(n_small, np.float32)
+    q_big = np.empty(cols, np.int8)
+    d_big = np.empty(max(n_big, 1), np.float32)
+    sums_small = np.empty(cols // 16, np.int16)
+    sums_big = np.empty(cols // 16, np.int16)
+    if _needs(type_ids, 32):
+        quantize_activations(x, 32, q_small, d_small, sums_small)
+    if _needs(type_ids, 256):
+        quantize_activations(x, 256, q_big, d_big, sums_big)
+    m_count = len(type_ids)
+    starts = np.zeros(m_count + 1, np.int64)
+    for m in range(m_count):
+        starts[m + 1] = starts[m] + row_counts[m]
+    for r in prange(starts[m_count]):
+        m = 0
+        while r >= starts[m + 1]:
+            m += 1
+        t = type_ids[m]
+        row = r - starts[m]
+        if activation_block(t) == 32:
+            outs[m][row] = dot_row(t, raws[m], row * row_bytes[m], n_small, q_small, d_small, sums_small, 0)
+        else:
+            outs[m][row] = dot_row(t, raws[m], row * row_bytes[m], n_big, q_big, d_big, sums_big, 0)
+
+
+# Rows per work item of matmul: their blocks stay in L1 while every vector of the batch
+# (its int8 bytes, in L2) passes over them.
+_MATMUL_ROWS = 8
+
+
+@njit(parallel=True, cache=True)
+def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
+    """outs[m][t, r] = row r of matrix m . X[t] for every matrix m and vector t."""
+    n = X.shape[0]
+    n_small, n_big = cols // 32, cols // 256
+    q_small = np.empty(n * cols, np.int8)
+    d_small = np.empty(n * n_small, np.float32)
+    s_small = np.empty(n * cols // 16, np.int16)
+    q_big = np.empty(n * cols, np.int8)
+    d_big = np.empty(max(n * n_big, 1), np.float32)
+    s_big = np.empty(n * cols // 16, np.int16)
+    small, big = _needs(type_ids, 32), _needs(type_ids, 256)
+    for t in prange(n):
+        c0, c1 = t * cols, (t + 1) * cols
+        if small:
+            quantize_activations(X[t], 32, q_small[c0:c1], d_small[t * n_small:(t + 1) * n_small],
+                                 s_small[c0 // 16:c1 // 16])
+        if big:
+            quantize_activations(X[t], 256, q_big[c0:c1], d_big[t * n_big:(t + 1) * n_big],
+                                 s_big[c0 // 16:c1 // 16])
+    m_count = len(type_ids)
+    starts = np.zeros(m_count + 1, np.int64)
+    for m in range(m_count):
+        starts[m + 1] = starts[m] + (row_counts[m] + _MATMUL_ROWS - 1) // _MATMUL_ROWS
+    for g in prange(starts[m_count]):
+        m = 0
+        while g >= starts[m + 1]:
+            m += 1
+        ty = type_ids[m]
+        raw = raws[m]
+        out = outs[m]
+        first = (g - starts[m]) * _MATMUL_ROWS
+        last = min(first + _MATMUL_ROWS, row_counts[m])
+        for t in range(n):
+            for row in range(first, last):
+                if activation_block(ty) == 32:
+                    out[t, row] = dot_row(ty, raw, row * row_bytes[m], n_small, q_small, d_small, s_small,
+                                          t * n_small)
+                else:
+                    out[t, row] = dot_row(ty, raw, row * row_bytes[m], n_big, q_big, d_big, s_big,
+                                          t * n_big)
