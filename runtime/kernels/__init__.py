@@ -277,3 +277,16 @@ def matmul_many(mats, cols: int, X: np.ndarray, outs=None) -> list[np.ndarray]:
     if X.ndim != 2:
         raise ValueError(f"X must be a batch of vectors [n, {cols}], got shape {X.shape}")
     return _run_many("matmul_kernel", mats, cols, X, outs)
+
+
+def quantize_activations(x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x rounded to 8-bit blocks as the integer kernels read it: (int8 q, float32 d per
+    `block` (32 or 256), int16 sums of q per 16); x ~ repeat(d, block) * q."""
+    from .q8 import quantize_activations as quantize_blocks
+
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if block not in (32, 256) or x.size % block:
+        raise ValueError(f"activations are quantized in blocks of 32 or 256, got {block} for {x.size}")
+    q, d, sums = np.empty(x.size, np.int8), np.empty(x.size // block, np.float32), np.empty(x.size // 16, np.int16)
+    quantize_blocks(x, block, q, d, sums)
+    return q, d, sums
