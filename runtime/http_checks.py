@@ -67,6 +67,11 @@ def host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def is_loopback_host(host: str) -> bool:
+    """Whether a Host header (with or without a port) names this machine's loopback."""
+    return is_loopback_name(host_name(host))
+
+
 def is_loopback_name(name: str) -> bool:
     if name in ("localhost", "localhost."):
         return True

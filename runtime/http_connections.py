@@ -160,13 +160,14 @@ class BoundedHTTPServer(HTTPServer):
     request_queue_size = 128  # the listening socket's backlog
 
     def __init__(self, address, handler_class, workers: int = DEFAULT_WORKERS):
-        super().__init__(address, handler_class)
         self.workers = workers
         self._ready: queue.Queue = queue.Queue()
         self._readers: dict[socket.socket, ConnectionReader] = {}
         self._incoming: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        super().__init__(address, handler_class)  # binds (or closes all and raises)
         self._threads = [threading.Thread(target=self._wait_for_heads, name="http heads",
                                           daemon=True)]
         self._threads += [threading.Thread(target=self._work, name=f"http {i}", daemon=True)
@@ -294,6 +295,7 @@ class BoundedHTTPServer(HTTPServer):
             self._wake_w.send(b"\0")
         except OSError:
             pass
-        self._threads[0].join(5)
+        if self._threads:
+            self._threads[0].join(5)
         self._wake_r.close()
         self._wake_w.close()
