@@ -272,16 +272,22 @@ def _limit(kind: int, soft: int, usual: tuple[int, int]) -> None:
     resource.setrlimit(kind, (soft, usual[1]))
 
 
-def main(memory_bytes: int, cpu_seconds: int) -> int:
+def main(memory_bytes: int, cpu_seconds: int, confine: bool = True) -> int:
     """The renderer's loop: framed JSON requests on stdin, answers on stdout. While a request
     is answered, the address space may grow by memory_bytes and the CPU time by cpu_seconds
     (the parent's wall-clock deadline is the tighter one; this is the backstop should the
     parent be gone). After running out of memory it answers and exits: the parent starts a
-    fresh process."""
+    fresh process. confine: give up writing files, running programs and sockets first
+    (runtime.confine; the ready message says when that was not possible)."""
+    unconfined = "--unsecure" if not confine else None
+    if confine:
+        from runtime.confine import confine_renderer
+
+        unconfined = confine_renderer()
     fd_in, fd_out = 0, os.dup(1)
     os.dup2(2, 1)  # a stray print must not corrupt the answers
     usual = {kind: resource.getrlimit(kind) for kind in (resource.RLIMIT_AS, resource.RLIMIT_CPU)}
-    _send(fd_out, {"ready": True})
+    _send(fd_out, {"ready": True, "unconfined": unconfined})
     while True:
         head = _read_exactly(fd_in, FRAME.size)
         if head is None:

@@ -25,6 +25,7 @@ one render at a time (renders take milliseconds; a bomb holds the others up to i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -35,6 +36,8 @@ import threading
 import time
 from pathlib import Path
 
+
+log = logging.getLogger(__name__)
 
 RENDER_SECONDS = 1.0  # wall clock a compile or a render may take
 RENDER_MEMORY_BYTES = 64 * 2**20  # address space a render may add to the process
@@ -69,9 +72,9 @@ def _command() -> list[str]:
     return [sys.executable, "-m", "runtime"]
 
 
-def _environment() -> dict[str, str]:
+def _environment(confine: bool) -> dict[str, str]:
     env = dict(os.environ)
-    env[ENV_VAR] = f"{RENDER_MEMORY_BYTES},{int(RENDER_SECONDS) + 1}"
+    env[ENV_VAR] = f"{RENDER_MEMORY_BYTES},{int(RENDER_SECONDS) + 1},{int(confine)}"
     if not getattr(sys, "frozen", False):  # `-m runtime` must find this checkout's package
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -86,6 +89,8 @@ class Renderer:
         self._process: subprocess.Popen | None = None
         self._ready = False  # the process said it is ready (its imports are done)
         self.starts = 0  # processes started so far (tests read it)
+        self.confine = True  # the process confines itself (runtime.confine); --unsecure: not
+        self.unconfined: str | None = None  # why it could not, as it said when it started
 
     def start(self) -> None:
         """Start the process now, if it is not running (returns at once)."""
@@ -99,7 +104,7 @@ class Renderer:
             try:
                 self._process = subprocess.Popen(
                     _command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    env=_environment(), close_fds=True, start_new_session=True)
+                    env=_environment(self.confine), close_fds=True, start_new_session=True)
             except OSError as e:
                 raise ChatTemplateError(f"the chat template renderer cannot start: "
                                         f"{e.strerror or e}") from None
@@ -121,11 +126,16 @@ class Renderer:
         try:
             process = self._ensure_started()
             if not self._ready:
-                if self._read_frame(process, START_SECONDS) is None:
+                ready = self._read_frame(process, START_SECONDS)
+                if ready is None:
                     self._kill(process)
                     raise ChatTemplateError("the chat template renderer did not start "
                                             f"(exit status {process.returncode})")
                 self._ready = True
+                if ready.get("unconfined") and ready["unconfined"] != self.unconfined:
+                    self.unconfined = ready["unconfined"]
+                    if self.confine:  # said once per reason
+                        log.warning("%s", self.unconfined)
             try:
                 process.stdin.write(FRAME.pack(len(data)) + data)
                 process.stdin.flush()
@@ -195,5 +205,5 @@ def main(setting: str) -> int:
     """The renderer process's entry (runtime/__main__.py calls it when ENV_VAR is set)."""
     from runtime import chat_sandbox
 
-    memory, cpu_seconds = (int(v) for v in setting.split(","))
-    return chat_sandbox.main(memory, cpu_seconds)
+    memory, cpu_seconds, confine = (int(v) for v in setting.split(","))
+    return chat_sandbox.main(memory, cpu_seconds, bool(confine))

@@ -1,0 +1,62 @@
+"""runtime.confine: a process that confined itself cannot write files, run programs or open
+network connections, and still reads (issue 16: the runtime confines itself)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+PROBE = r"""
+import socket, subprocess, sys
+from runtime.confine import confine_renderer
+why = confine_renderer()
+if why:
+    print("UNAVAILABLE", why)
+    sys.exit(0)
+def attempt(name, act):
+    try:
+        act()
+        print(name, "allowed")
+    except OSError as e:
+        print(name, "refused", e.errno)
+attempt("write", lambda: open(sys.argv[1], "w").write("x"))
+attempt("exec", lambda: subprocess.run(["/bin/true"]))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5))
+attempt("read", lambda: open(__import__("runtime").__file__).read())
+"""
+
+
+def test_a_confined_process_cannot_write_exec_or_connect(tmp_path):
+    import socket
+
+    with socket.socket() as listener:  # something to connect to, were it allowed
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        target = tmp_path / "written"
+        out = subprocess.run([sys.executable, "-c", PROBE, str(target), str(port)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("UNAVAILABLE"):
+        pytest.skip(out.stdout)
+    result = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert result["write"].startswith("refused") and not target.exists()
+    assert result["exec"].startswith("refused")
+    assert result["connect"].startswith("refused")
+    assert result["read"] == "allowed"
+
+
+def test_the_renderer_runs_confined():
+    from runtime.chat import ChatTemplate
+    from runtime.chat_worker import renderer
+
+    assert ChatTemplate("{{ messages[0].content }}").render([{"role": "user", "content": "hi"}]) == "hi"
+    process = renderer()._process
+    status = Path(f"/proc/{process.pid}/status").read_text()
+    if renderer().unconfined:
+        pytest.skip(renderer().unconfined)
+    assert "Seccomp:\t2" in status  # a filter is loaded
+
