@@ -329,6 +329,21 @@ def test_q8_0_cache_needs_heads_of_whole_blocks(synthetic_models):
         KVCache(model.hp, 8, "q4_0", "f16")
 
 
+def test_fused_projections_equal_each_matrix(synthetic_models):
+    """q, k, v (Q4_K, Q6_K, Q8_0 in the llama fixture) and gate, up (F16, Q4_K) in one launch
+    give each matrix's own matvec bit for bit (the same dot per row), and a batch the matmuls."""
+    model = load_model(GGUFFile(synthetic_models["llama"][0]))
+    layer = model.layers[1]
+    assert len({m.type.name for m in layer.qkv.matrices}) == 3
+    x = np.random.default_rng(3).standard_normal((1, model.hp.n_embd)).astype(np.float32)
+    for group in (layer.qkv, layer.gate_up):
+        for fused, matrix in zip(group(x), group.matrices):
+            assert np.array_equal(fused, matrix(x))
+        X = np.repeat(x, 3, axis=0)
+        for batch, matrix in zip(group(X), group.matrices):
+            assert np.array_equal(batch, matrix(X))
+
+
 def test_unknown_architecture_is_refused_by_name(tmp_path):
     import gguf
 

@@ -3,7 +3,9 @@
 Activations are float32 rows: a batch of n tokens is an [n, width] array, and a row that
 holds several heads stores them one after another (head h at columns h*head_dim..).
 These ops are cheap next to the matmuls (they touch activations, not weights), so they are
-written for clarity first; the ones that loop over many rows run in parallel (`prange`).
+written for clarity first, and run on one thread: waking the other threads for a parallel
+loop costs more than the whole op on a decoded token's row (bench/launches.py measures
+both). Attention alone runs in parallel, since its work grows with the context.
 
 The KV cache attention reads is bytes, laid out [n_kv_head, n_ctx, row bytes] per layer
 (the keys one head attends over are one contiguous slab); each head's row at a position is
@@ -21,11 +23,11 @@ from numba import njit, prange
 from .dispatch import decode_blocks, dot_blocks
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def rms_norm(x, weight, eps, out):
     """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight, for each row i of x[n, d]."""
     n, d = x.shape
-    for i in prange(n):
+    for i in range(n):
         ss = 0.0  # float64 sum, as llama.cpp does
         for j in range(d):
             ss += np.float64(x[i, j]) * x[i, j]
@@ -34,11 +36,11 @@ def rms_norm(x, weight, eps, out):
             out[i, j] = x[i, j] * scale * weight[j]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def rms_norm_heads(x, n_heads, head_dim, weight, eps):
     """In place RMSNorm of every head of every row of x[n, n_heads*head_dim] (QK-norm)."""
     n = x.shape[0]
-    for t in prange(n * n_heads):
+    for t in range(n * n_heads):
         i = t // n_heads
         base = (t % n_heads) * head_dim
         ss = 0.0
@@ -66,7 +68,7 @@ def rope_inv_freq(n_rot, freq_base, freq_scale, freq_factors):
     return inv
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
     """In place rotary embedding of x[n, n_heads*head_dim], row i at positions[i].
 
@@ -75,7 +77,7 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
     """
     n = x.shape[0]
     half = n_rot // 2
-    for t in prange(n * n_heads):
+    for t in range(n * n_heads):
         i = t // n_heads
         base = (t % n_heads) * head_dim
         pos = positions[i]
@@ -155,22 +157,22 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
         out[i, h * head_dim_v:(h + 1) * head_dim_v] = acc
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def silu_mul(gate, up):
     """gate = silu(gate) * up, in place (the SwiGLU feed-forward of llama and Qwen)."""
     n, d = gate.shape
-    for i in prange(n):
+    for i in range(n):
         for j in range(d):
             g = gate[i, j]
             gate[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i, j]
 
 
-@njit(cache=True, fastmath=True, parallel=True)
+@njit(cache=True, fastmath=True)
 def gelu_tanh_mul(gate, up):
     """gate = gelu_tanh(gate) * up, in place (the GeGLU feed-forward of Gemma)."""
     n, d = gate.shape
     c = np.float32(math.sqrt(2.0 / math.pi))
-    for i in prange(n):
+    for i in range(n):
         for j in range(d):
             g = gate[i, j]
             inner = c * (g + np.float32(0.044715) * g * g * g)

@@ -30,36 +30,64 @@ from runtime import kernels
 from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
 from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, HParams, UnsupportedModelError,  # noqa: F401
                              kv_cache_shapes)
-from runtime.kernels import ops
+from runtime.kernels import fused, ops
 
 
-class Matrix:
-    """A rows x cols weight matrix: quantized blocks on the memory map, row after row."""
+# The feed-forward's gated activations, act(gate) * up: the op in runtime.kernels.ops of each.
+GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_tanh": "gelu_tanh_mul"}
 
-    __slots__ = ("name", "raw", "qtype", "rows", "cols", "row_bytes")
+
+class Matrix(kernels.BlockMatrix):
+    """A rows x cols weight matrix: quantized blocks on the memory map, row after row,
+    checked once at load (runtime.kernels.BlockMatrix). The blocks are held read-only, as
+    the memory map gives them, so every matrix shares one compiled kernel signature."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str, raw: np.ndarray, qtype: GGMLType, rows: int, cols: int):
-        self.name, self.raw, self.qtype, self.rows, self.cols = name, raw, qtype, rows, cols
-        self.row_bytes = qtype.row_bytes(cols)
+        raw = np.asarray(raw).view()
+        raw.flags.writeable = False
+        super().__init__(raw, qtype, rows, cols)
+        self.name = name
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """X[n, cols] @ W.T -> [n, rows]: matvec for one token, matmul for a batch."""
         if X.shape[0] == 1:
             out = np.empty((1, self.rows), np.float32)
-            kernels.matvec(self.raw, self.qtype, self.rows, self.cols, X[0], out=out[0])
+            self.matvec(X[0], out=out[0])
             return out
-        return kernels.matmul(self.raw, self.qtype, self.rows, self.cols, X)
+        return self.matmul(X)
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
-        out = np.empty((len(ids), self.cols), np.float32)
-        rb = self.row_bytes
-        for i, r in enumerate(ids):
-            r = int(r)
-            if not 0 <= r < self.rows:
-                raise IndexError(f"token id {r} is outside the vocabulary of {self.rows}")
-            out[i] = kernels.dequantize(self.raw[r * rb:(r + 1) * rb], self.qtype, self.cols)
-        return out
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        bad = ids[(ids < 0) | (ids >= self.rows)]
+        if bad.size:
+            raise IndexError(f"token id {int(bad[0])} is outside the vocabulary of {self.rows}")
+        return super().rows_f32(ids)
+
+
+class Projections:
+    """Matrices that read the same input (q, k and v; gate and up): one parallel launch for
+    a token (runtime.kernels.fused), each matrix's matmul for a batch."""
+
+    def __init__(self, *matrices: Matrix):
+        self.matrices = matrices
+        self.type_ids = np.array([m.type.id for m in matrices], np.int64)
+        self.raws = tuple(m.raw for m in matrices)
+        self.row_bytes = np.array([m.row_bytes for m in matrices], np.int64)
+        self.row_blocks = np.array([m.row_blocks for m in matrices], np.int64)
+        self.ends = np.cumsum([m.rows for m in matrices]).astype(np.int64)
+        self.bounds = list(zip([0, *self.ends[:-1].tolist()], self.ends.tolist()))
+
+    def __call__(self, X: np.ndarray) -> list[np.ndarray]:
+        """[X @ W.T for each matrix W], each [n, W.rows]."""
+        if X.shape[0] != 1:
+            return [m(X) for m in self.matrices]
+        out = np.empty((1, int(self.ends[-1])), np.float32)
+        fused.matvec_many_kernel(self.type_ids, self.raws, self.row_bytes, self.row_blocks, self.ends,
+                                 np.ascontiguousarray(X[0], np.float32), out[0])
+        return [out[:, a:b] for a, b in self.bounds]
 
 
 @dataclass
@@ -68,6 +96,7 @@ class Layer:
     wq: Matrix
     wk: Matrix
     wv: Matrix
+    qkv: Projections  # wq, wk, wv in one launch
     wo: Matrix
     bq: np.ndarray | None
     bk: np.ndarray | None
@@ -78,6 +107,7 @@ class Layer:
     ffn_norm: np.ndarray | None
     w_gate: Matrix
     w_up: Matrix
+    gate_up: Projections  # w_gate, w_up in one launch
     w_down: Matrix
     post_ffn_norm: np.ndarray | None
     sliding: bool  # attends over the last `sliding_window` positions only
@@ -170,6 +200,10 @@ class Transformer:
         embd = self._tensor("token_embd.weight")
         self.hp = hp = HParams.from_metadata(md, n_vocab=int(embd.shape[1]))
         self.check_hparams()
+        if self.ffn_activation not in GATED_ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"activation {self.ffn_activation!r} (known: {', '.join(GATED_ACTIVATIONS)})")
+        self.activation_op = GATED_ACTIVATIONS[self.ffn_activation]
 
         self.token_embd = self._matrix("token_embd.weight", hp.n_vocab, hp.n_embd)
         self.output_norm = self._vector("output_norm.weight", hp.n_embd)
@@ -191,7 +225,7 @@ class Transformer:
             w_gate, w_up = self.gate_up_matrices(p)
             self.layers.append(Layer(
                 attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
-                wq=wq, wk=wk, wv=wv,
+                wq=wq, wk=wk, wv=wv, qkv=Projections(wq, wk, wv),
                 wo=self._matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
                 bq=self._vector(p + "attn_q.bias", q_dim) if has_bias else None,
                 bk=self._vector(p + "attn_k.bias", kv_dim) if has_bias else None,
@@ -201,7 +235,7 @@ class Transformer:
                 post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
                                 if self.post_norms else None),
                 ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd) if self.pre_norms else None,
-                w_gate=w_gate, w_up=w_up,
+                w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
                 w_down=self._matrix(p + "ffn_down.weight", hp.n_embd, hp.n_ff),
                 post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
                 sliding=self.is_sliding(il),
@@ -354,7 +388,7 @@ class Transformer:
     def attention(self, il: int, layer: Layer, h, positions, start_pos: int, cache: KVCache):
         hp = self.hp
         n = h.shape[0]
-        q, k, v = layer.wq(h), layer.wk(h), layer.wv(h)
+        q, k, v = layer.qkv(h)
         if layer.bq is not None:
             q += layer.bq
             k += layer.bk
@@ -381,11 +415,6 @@ class Transformer:
         return layer.wo(out)
 
     def feed_forward(self, layer: Layer, h):
-        gate, up = layer.w_gate(h), layer.w_up(h)
-        if self.ffn_activation == "silu":
-            ops.silu_mul(gate, up)
-        elif self.ffn_activation == "gelu_tanh":
-            ops.gelu_tanh_mul(gate, up)
-        else:
-            raise UnsupportedModelError(f"activation {self.ffn_activation!r}")
+        gate, up = layer.gate_up(h)
+        getattr(ops, self.activation_op)(gate, up)  # looked up here so a test may swap it
         return layer.w_down(gate)
