@@ -7,8 +7,9 @@ request, tokenizes it (pure Python), puts a Job on the queue and relays the Job'
 to its client. A client that goes away marks its Job cancelled; the engine thread checks
 that before every token, and skips queued Jobs that were cancelled before they started.
 
-Endpoints: GET / (the chat page), GET /health, GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions, POST /tokenize, POST /detokenize (the last two as llama.cpp's server).
+Endpoints: GET / (the chat page), GET /health, GET /v1/models, GET /props, POST
+/v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize (the last three
+as llama.cpp's server).
 """
 
 from __future__ import annotations
@@ -608,6 +609,15 @@ class RequestHandler(BaseHTTPRequestHandler):
             {"id": self.server.model_name, "object": "model", "created": self.server.created,
              "owned_by": "modelrun", "meta": meta}]})
 
+    def get_props(self) -> None:
+        """llama.cpp's /props, in part. chat_template is the model's own template, "" when it has
+        none (a base model: the chat page then opens in text completion)."""
+        session, info = self._session()
+        source = session.gguf.metadata.get("tokenizer.chat_template")
+        self._send_json(200, {"chat_template": source if isinstance(source, str) else "",
+                              "default_generation_settings": {"n_ctx": info.n_ctx},
+                              "total_slots": 1})
+
     def post_tokenize(self) -> None:
         body = self._json_body()
         session, _ = self._session()
@@ -861,6 +871,7 @@ ROUTES: dict[str, dict[str, Callable]] = {
     "/health": {"GET": RequestHandler.get_health},
     "/v1/models": {"GET": RequestHandler.get_models},
     "/models": {"GET": RequestHandler.get_models},
+    "/props": {"GET": RequestHandler.get_props},
     "/v1/chat/completions": {"POST": RequestHandler.post_chat},
     "/chat/completions": {"POST": RequestHandler.post_chat},
     "/v1/completions": {"POST": RequestHandler.post_completion},
