@@ -343,12 +343,29 @@ def test_model_text_cannot_run_script(page):
         const box = document.createElement('div');
         renderText(box, 'hi <img src=x onerror="window.pwned = 1"> <script>window.pwned = 2</script>\\n```html\\n<b>x</b>\\n```');
         document.body.append(box);
-        return {imgs: box.querySelectorAll('img, script, b').length, code: box.querySelector('pre code').textContent,
-                text: box.textContent};
+        const out = {imgs: box.querySelectorAll('img, script, b').length,
+                     code: box.querySelector('pre code').textContent, text: box.textContent};
+        box.remove();
+        return out;
     }""")
     page.wait_for_timeout(200)
     assert created["imgs"] == 0 and created["code"] == "<b>x</b>" and "<img" in created["text"]
     assert page.evaluate("window.pwned") is None
+
+
+def test_a_model_with_a_chat_template_opens_in_chat(page):
+    """/props of a templated model (tests/test_server.py checks the server gives it) opens chat."""
+    page.route("**/props", lambda route: route.fulfill(
+        status=200, content_type="application/json",
+        body=json.dumps({"chat_template": "{{ messages }}", "default_generation_settings": {"n_ctx": 1024}})))
+    try:
+        page.reload()
+        wait_until(page, "document.getElementById('input').placeholder === 'Message the model'", 10)
+        assert not page.is_visible("#mode-note") and "Write the beginning" not in page.inner_text("#thread")
+    finally:
+        page.unroute("**/props")
+        page.reload()
+    wait_until(page, "!document.getElementById('mode-note').hidden", 10)
 
 
 def test_phone_sized_window_fits(page):
