@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+# the read-bandwidth probe runs on the runtime's threading layer (runtime/__main__.py)
+os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import synth  # noqa: E402
 from bench.common import read_bandwidth  # noqa: E402
@@ -91,8 +93,9 @@ def model_path(name: str, type_name: str) -> Path:
 
 # ------------------------------------------------------------------------------- our engines
 
-def run_bench_entry(command: list[str], threads: int, args, cwd: Path) -> dict:
-    """Run `command` (the runtime) with the hidden MODELRUN_BENCH entry; its result."""
+def run_bench_entry(command: list[str], threads: int, args, cwd: Path, layer: str) -> dict:
+    """Run `command` (the runtime) with the hidden MODELRUN_BENCH entry and numba's threading
+    layer `layer` ("default": the runtime's own choice); its result."""
     with tempfile.TemporaryDirectory() as tmp:
         job, out = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job.write_text(json.dumps({"threads": [threads], "prompt_tokens": args.prompt_tokens,
@@ -100,6 +103,8 @@ def run_bench_entry(command: list[str], threads: int, args, cwd: Path) -> dict:
                                    "out": str(out)}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
         env["MODELRUN_BENCH"] = str(job)
+        if layer != "default":
+            env["NUMBA_THREADING_LAYER"] = layer
         done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True,
                               stdin=subprocess.DEVNULL)
         if done.returncode != 0 or not out.is_file():
@@ -108,8 +113,10 @@ def run_bench_entry(command: list[str], threads: int, args, cwd: Path) -> dict:
         return json.loads(out.read_text())
 
 
-def ours(engine: str, command: list[str], threads: int, args, cwd: Path) -> Row:
-    result = run_bench_entry(command, threads, args, cwd)
+def ours(engine: str, command: list[str], threads: int, args, cwd: Path, layer: str) -> Row:
+    result = run_bench_entry(command, threads, args, cwd, layer)
+    if layer != "default":
+        engine = f"{engine} {layer[:3]}"
     n_prompt = len(result["prompt"])
     return Row(engine, threads,
               [n_prompt / r["prefill_s"] for r in result["runs"]],
@@ -188,14 +195,14 @@ def span(values: list[float], digits: int = 1) -> str:
     return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
 
 
-HEAD = (f"{'engine':9} {'thr':>3} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'of roofline':>11} | "
+HEAD = (f"{'engine':13} {'thr':>3} | {'prefill tok/s':>13} | {'decode tok/s':>12} | {'of roofline':>11} | "
         f"{'private MB':>10}")
 
 
 def format_row(row: Row, roofline: float) -> str:
     private = f"{row.private_bytes / 1e6:10.0f}" if row.private_bytes is not None else f"{'-':>10}"
     share = "-".join(dict.fromkeys(f"{d / roofline:.0%}" for d in (min(row.decode), max(row.decode))))
-    return (f"{row.engine:9} {row.threads:>3} | {span(row.prefill):>13} | {span(row.decode):>12} | "
+    return (f"{row.engine:13} {row.threads:>3} | {span(row.prefill):>13} | {span(row.decode):>12} | "
             f"{share:>11} | {private}")
 
 
@@ -242,12 +249,14 @@ def bench_model(name: str, args, payload: Path | None, work: Path, notes: set[st
     ours_command = [sys.executable, "-m", "runtime", "-m", str(path)]
     for threads in args.threads:
         roofline = read_bandwidth_at(threads) / per_token
-        for engine in args.engines:
+        runs = [(e, layer) for e in args.engines
+                for layer in (args.threading_layers if e != "llama.cpp" else ["default"])]
+        for engine, layer in runs:
             try:
                 if engine == "runtime":
-                    row = ours("runtime", ours_command, threads, args, ROOT)
+                    row = ours("runtime", ours_command, threads, args, ROOT, layer)
                 elif engine == "model.run" and run_file is not None:
-                    row = ours("model.run", [str(run_file)], threads, args, work)
+                    row = ours("model.run", [str(run_file)], threads, args, work, layer)
                 elif engine == "llama.cpp" and llama:
                     row = llama_bench(llama, path, threads, args)
                 elif engine == "llama.cpp" and python:
@@ -255,7 +264,7 @@ def bench_model(name: str, args, payload: Path | None, work: Path, notes: set[st
                 else:
                     continue
             except EngineError as e:
-                print(f"{engine:9} {threads:>3} | could not run: {e}", flush=True)
+                print(f"{engine:13} {threads:>3} | could not run: {e}", flush=True)
                 continue
             notes.add(f"{row.engine}: {row.note}")
             print(format_row(row, roofline), flush=True)
@@ -288,7 +297,14 @@ def main() -> None:
     ap.add_argument("--runtime", type=Path, default=None,
                     help="the runtime payload for model.run (default: dist/runtime.tar.gz)")
     ap.add_argument("--llamacpp-python", default=None, help="a Python that can import llama_cpp")
+    ap.add_argument("--threading-layers", default="default",
+                    help="numba threading layers to run ours on, comma-separated: default (the "
+                         "runtime's choice), omp, workqueue")
     args = ap.parse_args()
+    args.threading_layers = [x for x in args.threading_layers.split(",") if x]
+    for layer in args.threading_layers:
+        if layer not in ("default", "omp", "workqueue"):
+            ap.error(f"unknown threading layer {layer!r}; choose from default, omp, workqueue")
     args.models = [m for m in args.models.split(",") if m]
     args.threads = [int(t) for t in args.threads.split(",") if t]
     args.engines = [e for e in args.engines.split(",") if e]

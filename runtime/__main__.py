@@ -21,10 +21,12 @@ def main() -> None:
     except cpu.CpuTierError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if getattr(sys, "frozen", False):
-        # The frozen build ships only numba's workqueue threading layer (no OpenMP/TBB
-        # library to depend on); it must not be entered from two threads at once, which
-        # the engine's single thread guarantees.
+    # One threading layer for model.run and a checkout alike: numba's workqueue. Measured on
+    # this project's 2-core machine while other work shared its cores, it decoded 3-7x faster
+    # than the OpenMP layer, at 1 and 2 threads (README). The payload ships OpenMP too, with
+    # its own libgomp: NUMBA_THREADING_LAYER=omp selects it. Workqueue must not be entered
+    # from two threads at once, which the engine's single thread guarantees.
+    if os.environ.get("NUMBA_THREADING_LAYER") not in ("omp", "workqueue"):
         os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
     job = os.environ.pop("MODELRUN_PRECOMPILE", None)
     if job:  # a hidden entry for bundler/payload.py, not a user option
