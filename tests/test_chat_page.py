@@ -379,3 +379,6 @@ def test_phone_sized_window_fits(page):
     page.screenshot(path=str(ARTIFACTS / "chat_page_phone_chats.png"))
     page.click("#conversations .conv:nth-child(3) .open")
     assert not page.is_visible("#sidebar") and page.locator(".msg.assistant h1").is_visible()
+    page.click("#toggle-chats")
+    page.keyboard.press("Escape")
+    assert not page.is_visible("#sidebar") and page.evaluate("document.activeElement.id") == "toggle-chats"
