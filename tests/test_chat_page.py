@@ -329,6 +329,7 @@ def test_keyboard_shift_enter_escape_and_focus(page):
 
 
 def test_dark_theme_follows_the_system(page):
+    page.click("#conversations .open:text-is('Baking')")  # markdown, code and a table
     page.emulate_media(color_scheme="dark")
     try:
         assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(17, 19, 23)"
