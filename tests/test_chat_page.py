@@ -168,6 +168,29 @@ def test_markdown_that_tries_to_inject_stays_text(page):
         assert shown in found["text"]
 
 
+def render(page, md: str) -> dict:
+    return page.evaluate("""(md) => {
+        const box = document.createElement('div');
+        renderText(box, md);
+        return {text: box.textContent, tags: [...box.querySelectorAll('*')].map(e => e.tagName.toLowerCase()),
+                links: [...box.querySelectorAll('a')].map(a => [a.getAttribute('href'), a.textContent]),
+                code: [...box.querySelectorAll('pre code')].map(c => c.textContent),
+                start: box.querySelector('ol')?.start};
+    }""", md)
+
+
+def test_markdown_edge_cases(page):
+    plain = render(page, "snake_case_name and 2 * 3 * 4, \\*not em\\*")
+    assert "em" not in plain["tags"] and plain["text"] == "snake_case_name and 2 * 3 * 4, *not em*"
+    streaming = render(page, "Here:\n```js\nlet a = 1;")  # a fence not closed yet is code already
+    assert streaming["code"] == ["let a = 1;"]
+    assert render(page, "3. three\n4. four")["start"] == 3
+    bare = render(page, "see https://example.com/a_b. or <https://example.org>")
+    assert bare["links"] == [["https://example.com/a_b", "https://example.com/a_b"],
+                             ["https://example.org/", "https://example.org"]]
+    assert bare["text"] == "see https://example.com/a_b. or https://example.org"
+
+
 MARKDOWN = """# Bread, in short
 
 Bread needs **flour**, *water*, `salt` and ~~patience~~ yeast. See [the guide](https://example.com/bread).
