@@ -342,6 +342,12 @@ def test_keyboard_shift_enter_escape_and_focus(page):
     assert page.input_value("#input") == "Once upon a time\nthere was" and page.locator(".msg").count() == 0
     page.keyboard.press("Enter")
     wait_until(page, "(document.querySelector('.msg.assistant .body')?.textContent || '').length > 10", 60)
+    # a reader who scrolled up to read is left there while the answer goes on
+    page.evaluate("document.querySelector('.msg.assistant .body').style.minHeight = '2000px'")
+    page.evaluate("document.getElementById('log').scrollTop = 0")
+    length = page.evaluate("document.querySelector('.msg.assistant .body').textContent.length")
+    wait_until(page, f"document.querySelector('.msg.assistant .body').textContent.length > {length}", 30)
+    assert page.evaluate("document.getElementById('log').scrollTop") == 0
     page.keyboard.press("Escape")
     wait_until(page, "document.querySelector('.msg.assistant .meta')?.textContent === 'Stopped.'", 10)
     assert page.evaluate("document.activeElement.id") == "input"
