@@ -12,27 +12,13 @@ import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass
-from typing import Any
-
 import click
-import numpy as np
 
-from runtime.container import MODEL_ENTRY, Container, ContainerError, open_container, splice_args
-from runtime.gguf import GGUFError, GGUFFile, StringArray
-from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
-
-
-class UserError(click.ClickException):
-    """Input the user can fix: one line on stderr, no traceback."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+from runtime.container import MODEL_ENTRY, ContainerError, splice_args
+from runtime.gguf import GGUFFile
+from runtime.info import describe, quantization_mix, unsupported_types
+from runtime.session import (Session, UsageError, UserError, load_session, model_name,
+                             open_container_model, open_model, open_model_run)
 
 
 class RuntimeCommand(click.Command):
@@ -100,12 +86,12 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
     """
     if verify:
         if container is None:
-            raise UserError("--verify checks the model inside a model.run; run it as "
-                            "./model.run --verify", exit_code=2)
+            raise UsageError("--verify checks the model inside a model.run; run it as "
+                             "./model.run --verify")
         verify_container(container)
         return
     if model is None and container is None:
-        raise UserError("no model given; pass -m MODEL.gguf (see --help)", exit_code=2)
+        raise UsageError("no model given; pass -m MODEL.gguf (see --help)")
     if model is None:
         model = container
         gguf, name = open_container_model(container)
@@ -130,108 +116,12 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
                                     repeat_penalty=repeat_penalty, seed=seed,
                                     max_tokens=None if n_predict < 0 else max(n_predict, 1))
         except ValueError as e:
-            raise UserError(f"{e}", exit_code=2) from None
+            raise UsageError(f"{e}") from None
         session = load_session(gguf, ctx_size, threads)
         if chat:
             run_chat(session, params)
         else:
             run_prompt(session, prompt, params, n_predict)
-
-
-@dataclass
-class Session:
-    """A loaded model: engine, tokenizer, chat template."""
-
-    engine: Any
-    tokenizer: Any
-    gguf: GGUFFile
-
-
-def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
-    """The model ready to run, or a UserError naming what this build cannot run."""
-    from runtime.engine import Engine, return_freed_memory
-    from runtime.ggml_types import UnsupportedTypeError
-    from runtime.model import UnsupportedModelError
-    from runtime.tokenizer import Tokenizer
-    from runtime.tokenizer_cache import TokenizerCache
-
-    if threads:
-        import numba
-
-        if not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-            raise UserError(f"--threads must be between 1 and {numba.config.NUMBA_NUM_THREADS} "
-                            f"(this machine's cores), got {threads}", exit_code=2)
-        numba.set_num_threads(threads)
-    warn_if_too_big(gguf, ctx_size)
-    t0 = time.perf_counter()
-    tokenizer_cache = TokenizerCache(gguf)
-    cached_tokenizer = tokenizer_cache.load()
-    try:
-        tokenizer = cached_tokenizer or Tokenizer.from_metadata(gguf.metadata)
-        engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None)
-    except (UnsupportedModelError, UnsupportedTypeError) as e:
-        raise UserError(f"this build cannot run the model: {e}") from None
-    except ValueError as e:
-        raise UserError(f"{e}", exit_code=2) from None
-    kernels_line = load_kernels(engine, tokenizer)
-    if cached_tokenizer is None:
-        tokenizer_cache.save_in_background(tokenizer)
-    start_up_done()
-    return_freed_memory()
-    click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
-               f"KV cache {engine.kv_cache_bytes / 2**20:.0f} MiB", err=True)
-    click.echo(kernels_line, err=True)
-    return Session(engine, tokenizer, gguf)
-
-
-def start_up_done() -> None:
-    """The start-up's objects are made: the garbage collector (which the entry point turned
-    off for the start-up, saving ~0.1 s of scans while they were made) comes back on, and
-    leaves them out of its scans from now on."""
-    import gc
-
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
-
-
-def warn_if_too_big(gguf: GGUFFile, ctx_size: int) -> None:
-    """Say before loading when the model will not fit this machine's available memory."""
-    from runtime import memory
-
-    try:
-        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes())
-    except (KeyError, ValueError):  # loading reports what is wrong with the model
-        return
-    if warning:
-        click.echo(warning, err=True)
-
-
-def load_kernels(engine: Any, tokenizer: Any) -> str:
-    """Run the model once (two tokens, then one decoded) so every kernel it needs is loaded
-    from the cache, or compiled, now rather than on the first request; the line says which."""
-    from runtime.kernels.cache import cache_stats, settings
-
-    if not any(settings().folder.glob("*.nbc")):
-        click.echo(f"kernels: compiling for {settings().tier} (the first run takes 1-3 "
-                   f"minutes; then they are cached)", err=True)
-    if engine.n_ctx >= 3:
-        first = tokenizer.bos_id or 0
-        engine.eval([first, first])
-        engine.decode(first)
-        engine.reset()
-        for key in engine.stats:  # the warm-up is not the user's work
-            engine.stats[key] = type(engine.stats[key])()
-    return cache_stats().line(settings().tier)
-
-
-def model_name(gguf: GGUFFile, path: str) -> str:
-    """The model's id in the API: its general.name, else the file's name without .gguf."""
-    name = gguf.get("general.name")
-    if isinstance(name, str) and name.strip():
-        return name.strip()
-    base = os.path.basename(path)
-    return base[:-5] if base.lower().endswith(".gguf") else base
 
 
 def has_display() -> bool:
@@ -244,7 +134,8 @@ def has_display() -> bool:
 def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, port: int,
           api_key: str | None, open_browser: bool, cors: str | None, parallel: int) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
-    from runtime.server import EngineWorker, ModelServer, bind_server
+    from runtime.server import ModelServer, bind_server
+    from runtime.worker import EngineWorker
 
     missing = unsupported_types(quantization_mix(gguf))
     if missing:  # known before loading: say it before serving anything
@@ -347,9 +238,9 @@ def run_perplexity(gguf: GGUFFile, text_path: str, n_ctx: int, chunks: int, thre
     from runtime.perplexity import perplexity
 
     if chunks == 0 or chunks < -1:
-        raise UserError(f"--chunks must be -1 (all) or at least 1, got {chunks}", exit_code=2)
+        raise UsageError(f"--chunks must be -1 (all) or at least 1, got {chunks}")
     if n_ctx < 4:
-        raise UserError(f"perplexity needs -c of at least 4 tokens, got {n_ctx}", exit_code=2)
+        raise UsageError(f"perplexity needs -c of at least 4 tokens, got {n_ctx}")
     text = read_text_file(text_path, "--perplexity")
     if text.endswith("\n"):  # as llama.cpp's -f: the same tokens, so the same numbers
         text = text[:-1]
@@ -369,7 +260,7 @@ def run_perplexity(gguf: GGUFFile, text_path: str, n_ctx: int, chunks: int, thre
     try:
         result = perplexity(session.engine, tokens, n_ctx, n_chunks=n_chunks, on_chunk=show)
     except ValueError as e:
-        raise UserError(f"{e}", exit_code=2) from None
+        raise UsageError(f"{e}") from None
     click.echo(err=True)
     click.echo(f"Final estimate: PPL = {result.ppl:.4f} +/- {result.ppl_stderr:.5f}")
     click.echo(f"{result.n_chunks} chunks of {n_ctx} tokens ({result.n_tokens} tokens, "
@@ -435,28 +326,6 @@ def run_chat(session: Session, params) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
-def open_model_run(path: str) -> Container:
-    """The model.run at `path`, or a UserError that says what is wrong with it."""
-    try:
-        return open_container(path)
-    except ContainerError as e:
-        raise UserError(f"{path}: {e}") from None
-
-
-def open_container_model(path: str) -> tuple[GGUFFile, str]:
-    """The model inside the model.run at `path`, parsed in place (no copy), and its name in
-    the API (the name it was built with)."""
-    container = open_model_run(path)
-    try:
-        gguf = container.model()  # its views keep the container's map alive
-        name = container.manifest().get("name")
-        return gguf, name if isinstance(name, str) and name.strip() else model_name(gguf, path)
-    except ContainerError as e:
-        raise UserError(f"{path}: {e}") from None
-    finally:
-        container.close()
-
-
 def verify_container(path: str) -> None:
     """--verify: hash the model inside (progress on stderr) and compare with the manifest."""
     with open_model_run(path) as container:
@@ -472,223 +341,3 @@ def verify_container(path: str) -> None:
                         f"(expected {expected}, got {actual}): this file is damaged — "
                         f"download it again")
     click.echo(f"ok: the model in {path} matches its sha256 ({actual})")
-
-
-def open_model(path: str) -> GGUFFile:
-    """The parsed header of the model at `path`, or a UserError that says what to do."""
-    if not os.path.exists(path):
-        raise UserError(f"{path}: no such file; pass the path of a .gguf model file")
-    if os.path.isdir(path):
-        raise UserError(f"{path} is a directory; pass the .gguf model file itself")
-    try:
-        return GGUFFile(path)
-    except GGUFError as e:
-        raise UserError(f"{path}: {e.problem}; {e.hint}") from None
-    except PermissionError:
-        raise UserError(f"cannot read {path}: permission denied") from None
-    except (OSError, ValueError) as e:  # ValueError: mmap refuses some special files
-        reason = getattr(e, "strerror", None) or str(e)
-        raise UserError(f"cannot read {path}: {reason}; pass a regular .gguf file") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# --info
-
-TOKENIZER_KINDS = {
-    "llama": "SentencePiece",
-    "gpt2": "byte-level BPE",
-    "bert": "WordPiece",
-    "t5": "Unigram",
-    "rwkv": "RWKV",
-}
-
-
-@dataclass
-class TypeShare:
-    """The tensors of one GGML type in a model."""
-
-    name: str
-    tensors: int = 0
-    weights: int = 0
-    bytes: int = 0
-
-
-def quantization_mix(gguf: GGUFFile) -> list[TypeShare]:
-    """Tensor types by the bytes they take, largest first."""
-    shares: dict[str, TypeShare] = {}
-    for t in gguf.tensors.values():
-        share = shares.setdefault(t.type.name, TypeShare(t.type.name))
-        share.tensors += 1
-        share.weights += t.n_elements
-        share.bytes += t.n_bytes
-    return sorted(shares.values(), key=lambda s: (-s.bytes, s.name))
-
-
-def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
-    # Importing runtime.kernels does not import numba, so --info stays fast.
-    from runtime.kernels import SUPPORTED_TYPES
-
-    return [s for s in mix if s.name not in SUPPORTED_TYPES]
-
-
-def describe(gguf: GGUFFile, path: str) -> str:
-    """What a user wants to know before running a model, as text."""
-    arch = gguf.get("general.architecture")
-    a = f"{arch}."
-
-    def key(name: str) -> Any:
-        return gguf.get(a + name)
-
-    mix = quantization_mix(gguf)
-    weights = sum(s.weights for s in mix)
-    tensor_bytes = sum(s.bytes for s in mix)
-
-    rows = [
-        ("architecture", _text(arch)),
-        ("name", _text(gguf.get("general.name"))),
-        ("parameters", _count(weights) if weights else "none (no tensors)"),
-        ("context length", _number(key("context_length"))),
-        ("layers", _number(key("block_count"))),
-        ("attention heads", _heads(key("attention.head_count"), key("attention.head_count_kv"),
-                                   key("attention.key_length"))),
-        ("embedding size", _number(key("embedding_length"))),
-        ("feed-forward size", _number(key("feed_forward_length"))),
-    ]
-    if key("expert_count") is not None:
-        rows.append(("experts", f"{_number(key('expert_count'))} "
-                                f"({_number(key('expert_used_count'))} used per token)"))
-    if key("attention.sliding_window") is not None:
-        rows.append(("sliding window", _number(key("attention.sliding_window"))))
-    rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))
-    template = gguf.get("tokenizer.chat_template")
-    rows.append(("chat template", "yes" if isinstance(template, str) and template else "none"))
-
-    size = gguf.size
-    lines = [f"{os.path.basename(path)}: GGUF v{gguf.version}, {_bytes(size)}"]
-    lines += [f"  {label:<18} {value}" for label, value in rows]
-    lines.append("")
-    lines.append(f"  {'quantization':<12} {'tensors':>7} {'weights':>15} {'size':>11} "
-                 f"{'share':>6} {'bits/weight':>11}")
-    for s in mix:
-        lines.append(f"  {s.name:<12} {s.tensors:>7} {s.weights:>15,} {_bytes(s.bytes):>11} "
-                     f"{_percent(s.bytes, tensor_bytes):>6} {_bpw(s.bytes, s.weights):>11}")
-    lines.append(f"  {'total':<12} {len(gguf.tensors):>7} {weights:>15,} "
-                 f"{_bytes(tensor_bytes):>11} {_percent(tensor_bytes, tensor_bytes):>6} "
-                 f"{_bpw(tensor_bytes, weights):>11}")
-    lines.append("")
-    missing = unsupported_types(mix)
-    if str(arch) not in SUPPORTED_ARCHITECTURES:
-        lines.append(f"  runs on this build: no, {unsupported_architecture_message(str(arch))}")
-    elif missing:
-        names = ", ".join(f"{s.name} ({s.tensors} tensor{'s' if s.tensors != 1 else ''})"
-                          for s in missing)
-        lines.append(f"  runs on this build: no, it has no kernels for {names}; use a "
-                     f"quantization of this model in other types (e.g. Q4_K_M or Q8_0)")
-    else:
-        lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
-    lines += kernel_lines()
-    lines.append(memory_line(gguf))
-    return "\n".join(lines)
-
-
-def memory_line(gguf: GGUFFile) -> str:
-    """--info: will the model fit in this machine's memory at the default context."""
-    from runtime import memory
-
-    try:
-        return f"  memory: {memory.fit_line(gguf, None, memory.available_bytes())}"
-    except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
-        return f"  memory: cannot estimate ({e})"
-
-
-def kernel_lines() -> list[str]:
-    """--info: the CPU tier the kernels run at (and why), and whether they are cached."""
-    from runtime import cpu, kernels
-
-    try:
-        tier = cpu.select_tier()  # already chosen by the entry point: this only reports it
-    except cpu.CpuTierError as e:
-        return [f"  CPU tier: {e}"]
-    how = {"detected": "the best this CPU runs; MODELRUN_CPU_TIER overrides",
-           cpu.OVERRIDE_VARIABLE: f"set by {cpu.OVERRIDE_VARIABLE}"}.get(tier.reason, tier.reason)
-    folder = kernels.cache_folder(tier.name)
-    cached = sum(1 for _ in folder.glob("*.nbc")) if folder.is_dir() else 0
-    if cached:
-        state = f"{cached} compiled kernels cached in {folder}: nothing to compile"
-    else:
-        state = f"none cached yet: compiled on first use (1-3 minutes), then cached in {folder}"
-    return [f"  CPU tier: {tier.name} ({how})", f"  kernels: {state}"]
-
-
-def _tokenizer(gguf: GGUFFile, vocab_size_key: Any) -> str:
-    model = gguf.get("tokenizer.ggml.model")
-    tokens = gguf.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, StringArray):
-        vocab = len(tokens)
-    elif vocab_size_key is not None:
-        vocab = vocab_size_key
-    else:
-        vocab = None
-    if model is None and vocab is None:
-        return "none in the file"
-    kind = TOKENIZER_KINDS.get(model) if isinstance(model, str) else None
-    text = _text(model) + (f" ({kind})" if kind else "")
-    pre = gguf.get("tokenizer.ggml.pre")
-    if isinstance(pre, str) and pre not in ("", "default"):
-        text += f", pre-tokenizer {pre}"
-    return f"{text}, vocabulary of {_number(vocab)} tokens"
-
-
-def _heads(heads: Any, kv_heads: Any, head_size: Any) -> str:
-    if heads is None:
-        return "unknown"
-    text = _number(heads)
-    if kv_heads is not None:
-        text += f", KV heads {_number(kv_heads)}"
-    if head_size is not None:
-        text += f", head size {_number(head_size)}"
-    return text
-
-
-def _number(value: Any) -> str:
-    """A metadata number; per-layer arrays show as a range."""
-    if value is None:
-        return "unknown"
-    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf":
-        if value.size == 0:
-            return "unknown"
-        low, high = value.min(), value.max()
-        return f"{low}" if low == high else f"{low}-{high} (varies by layer)"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return _text(value)
-
-
-def _text(value: Any) -> str:
-    if value is None:
-        return "unknown"
-    text = value if isinstance(value, str) else repr(value)
-    text = text.replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit} ({n:,})"
-    return f"{n:,}"
-
-
-def _bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
-
-def _percent(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.1f}%" if whole else "-"
-
-
-def _bpw(n_bytes: int, weights: int) -> str:
-    return f"{8 * n_bytes / weights:.2f}" if weights else "-"

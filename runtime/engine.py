@@ -8,6 +8,7 @@ follow-up turn of a chat only computes the tokens after the shared prefix.
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -32,6 +33,10 @@ class ContextOverflowError(ValueError):
     """A prompt (plus what must follow it) that does not fit the context window."""
 
 
+class ContextSizeError(ValueError):
+    """A context size the model cannot have (outside 1..its training context)."""
+
+
 class Engine:
     """Owns a model and its KV cache; evaluates tokens and generates."""
 
@@ -41,12 +46,11 @@ class Engine:
         train_ctx = model.hp.n_ctx_train
         self.n_ctx = default_n_ctx(train_ctx) if n_ctx is None else int(n_ctx)
         if not 0 < self.n_ctx <= train_ctx:
-            raise ValueError(f"n_ctx {self.n_ctx} must be between 1 and the model's context {train_ctx}")
+            raise ContextSizeError(f"n_ctx {self.n_ctx} must be between 1 and the model's context {train_ctx}")
         self.cache = KVCache(model.hp, self.n_ctx, cache_type_k, cache_type_v)
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.tokens: list[int] = []  # the tokens whose K/V fill cache positions 0..len-1
         self.n_computed = 0  # tokens run through the model since creation (prefix reuse shows here)
-        self._cancelled = False
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
     @classmethod
@@ -148,33 +152,26 @@ class Engine:
 
     # --- generation ----------------------------------------------------------------------
 
-    def cancel(self) -> None:
-        """Ask the running generation to stop before its next token (safe from any thread)."""
-        self._cancelled = True
-
-    @property
-    def cancelled(self) -> bool:
-        """Whether the last generation was asked to stop."""
-        return self._cancelled
-
     def generate(self, prompt_tokens: Iterable[int], sampler_fn: Callable[[np.ndarray], int],
-                 max_tokens: int, stop_ids: Iterable[int] = ()) -> Iterator[int]:
+                 max_tokens: int, stop_ids: Iterable[int] = (),
+                 cancel: threading.Event | None = None) -> Iterator[int]:
         """Yield up to max_tokens sampled tokens after the prompt.
 
         Stops at a token in stop_ids (not yielded), at max_tokens, at the end of the
-        context, or when cancel() is called. The prompt reuses the cached prefix.
+        context, or before the next token once `cancel` is set (from any thread). The
+        prompt reuses the cached prefix.
         """
-        self._cancelled = False
+        cancel = cancel or threading.Event()
         stop = set(int(t) for t in stop_ids)
         logits = self.eval(prompt_tokens)
         for i in range(max_tokens):
-            if self._cancelled:
+            if cancel.is_set():
                 return
             token = int(sampler_fn(logits))
             if token in stop:
                 return
             yield token
-            if i + 1 == max_tokens or self._cancelled or len(self.tokens) >= self.n_ctx:
+            if i + 1 == max_tokens or cancel.is_set() or len(self.tokens) >= self.n_ctx:
                 # the last token is not fed back: nothing will read its logits
                 return
             logits = self.decode(token)
@@ -187,14 +184,18 @@ class TextGeneration:
     "length" (max_tokens, or the context is full) and `tokens` holds what was generated.
 
     The CLI and the server both use it, so every front end stops and streams the same way.
+    `cancel`, set from any thread, ends it before the next token (and without the rest of
+    a partly decoded character or a held-back stop-string prefix).
     """
 
-    def __init__(self, engine: Engine, tokenizer, prompt_tokens: list[int], params):
+    def __init__(self, engine: Engine, tokenizer, prompt_tokens: list[int], params,
+                 cancel: threading.Event | None = None):
         from runtime.sampling import Sampler, StopMatcher
 
         engine.check_fits(len(prompt_tokens) + 1, "prompt")
         self.engine, self.tokenizer, self.params = engine, tokenizer, params
         self.prompt_tokens = list(prompt_tokens)
+        self.cancel = cancel or threading.Event()
         self.sampler = Sampler(params, engine.model.hp.n_vocab)
         self.stop_matcher = StopMatcher(params.stop)
         self.tokens: list[int] = []
@@ -210,7 +211,8 @@ class TextGeneration:
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
         decoder = self.tokenizer.stream_decoder()
         self.finish_reason = "length"
-        for token in engine.generate(self.prompt_tokens, self._next_token, limit, self.tokenizer.eog_ids):
+        for token in engine.generate(self.prompt_tokens, self._next_token, limit, self.tokenizer.eog_ids,
+                                     self.cancel):
             self.tokens.append(token)
             text = self.stop_matcher.push(decoder.feed(token))
             if text:
@@ -218,7 +220,9 @@ class TextGeneration:
             if self.stop_matcher.stopped:  # returning closes engine.generate: no more tokens
                 self.finish_reason = "stop"
                 return
-        if len(self.tokens) < limit and not engine.cancelled:
+        if self.cancel.is_set():
+            return
+        if len(self.tokens) < limit:
             self.finish_reason = "stop"  # ended by an end-of-generation token
         tail = self.stop_matcher.push(decoder.flush())
         tail += self.stop_matcher.flush()

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.hparams import DEFAULT_KV_CACHE_TYPE, PREFILL_CHUNK, HParams, default_n_ctx, kv_cache_bytes
+from runtime.units import format_bytes
 
 MEMINFO = "/proc/meminfo"
 MiB = 1 << 20
@@ -109,10 +110,10 @@ def largest_context(gguf, budget: int, step: int = 256) -> int | None:
 def fit_line(gguf, n_ctx: int | None = None, available: int | None = None) -> str:
     """--info's line: "needs ~0.6 GB at 4096 context; this machine has 23.1 GB available"."""
     est = estimate(gguf, n_ctx)
-    text = f"needs ~{human(est.total)} at {est.n_ctx} context"
+    text = f"needs ~{format_bytes(est.total)} at {est.n_ctx} context"
     if available is None:
         return text + "; this machine's available memory is unknown"
-    text += f"; this machine has {human(available)} available"
+    text += f"; this machine has {format_bytes(available)} available"
     if est.total > available:
         text += " — too little: " + _smaller(gguf, available)
     return text
@@ -125,19 +126,14 @@ def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None) ->
     est = estimate(gguf, n_ctx)
     if est.total <= available:
         return None
-    return (f"warning: the model needs ~{human(est.total)} at {est.n_ctx} context (weights "
-            f"{human(est.weights)}, KV cache {human(est.kv_cache)}) but this machine has "
-            f"{human(available)} available; it may swap or be killed. " + _smaller(gguf, available))
+    return (f"warning: the model needs ~{format_bytes(est.total)} at {est.n_ctx} context (weights "
+            f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}) but this machine has "
+            f"{format_bytes(available)} available; it may swap or be killed. " + _smaller(gguf, available))
 
 
 def _smaller(gguf, available: int) -> str:
     n = largest_context(gguf, available)
     if n is None:
         return "Use a smaller quantization of the model (fewer bits per weight) or a smaller model"
-    return (f"Use -c {n} (needs ~{human(estimate(gguf, n).total)}) or a smaller quantization "
+    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n).total)}) or a smaller quantization "
             f"of the model")
-
-
-def human(n: float) -> str:
-    """Bytes in decimal GB or MB, rounded for a person to read."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"

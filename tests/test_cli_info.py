@@ -69,6 +69,14 @@ def test_info_on_gemma(gemma_path):
     bpw = 8 * sum(t.n_bytes for t in tensors) / weights
     assert rows["total"][5] == f"{bpw:.2f}"
     assert "runs on this build: yes" in out
+    assert "iB" not in out  # one unit system on the screen: decimal (runtime.units)
+
+
+def test_sizes_read_in_decimal_units():
+    from runtime.units import format_bytes
+
+    assert [format_bytes(n) for n in (0, 999, 2_449, 24_000_000, 253_104_000, 23_100_000_000)] == \
+        ["0 B", "999 B", "2.4 kB", "24.0 MB", "253 MB", "23.1 GB"]
 
 
 def _synthetic(w, *, unsupported: bool, per_layer_kv: bool = False) -> None:
@@ -175,7 +183,7 @@ def test_bad_files_get_one_clear_line(bad_files):
 def test_without_an_action_it_serves_and_a_model_that_cannot_load_is_one_line(tmp_path, write_gguf):
     path = write_gguf(tmp_path / "ok.gguf", lambda w: _synthetic(w, unsupported=False))
     result = run("-m", str(path), "--port", "0", "--nobrowser")
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # the model is at fault, not the command line
     assert re.match(r"modelrun: serving Tiny Test at http://127\.0\.0\.1:\d+/ ", result.stdout)
     assert result.stderr == "error: BPE tokenizer without tokenizer.ggml.merges\n"
     result = run("--info")

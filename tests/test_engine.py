@@ -8,6 +8,8 @@ The real Gemma 3 270M must follow llama.cpp's greedy continuations token by toke
 near-ties that llama.cpp's own 8-bit activation rounding decides (see FIRST_TOP_TOL).
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -102,16 +104,18 @@ def test_generation_stops_at_the_end_of_the_context(synthetic_models):
 def test_cancel_stops_between_tokens(engine):
     engine.reset()
     seen = []
+    cancel = threading.Event()
 
     def sampler(logits):
         seen.append(1)
         if len(seen) == 3:
-            engine.cancel()
+            cancel.set()
         return greedy(logits)
 
-    out = list(engine.generate(TOKENS[:4], sampler, max_tokens=50))
+    out = list(engine.generate(TOKENS[:4], sampler, max_tokens=50, cancel=cancel))
     assert len(out) == 3
-    # a new generation is not affected by the old cancel
+    assert list(engine.generate(TOKENS[:4], greedy, max_tokens=4, cancel=cancel)) == []
+    # a generation with a signal of its own is not affected by another's
     assert len(list(engine.generate(TOKENS[:4], greedy, max_tokens=4))) == 4
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from runtime import memory
 from runtime.gguf import GGUFFile
+from runtime.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
@@ -115,7 +116,7 @@ def test_info_says_whether_it_fits(gemma_path, gemma, tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "MEMINFO", fake_meminfo(tmp_path, 23_000_000_000))
     out = CliRunner().invoke(main, ["-m", str(gemma_path), "--info"])
     assert out.exit_code == 0, out.output
-    line = f"  memory: needs ~{memory.human(need)} at 4096 context; this machine has 23.0 GB available"
+    line = f"  memory: needs ~{format_bytes(need)} at 4096 context; this machine has 23.0 GB available"
     assert line in out.stdout.splitlines()
 
     monkeypatch.setattr(memory, "MEMINFO", fake_meminfo(tmp_path, need - 60_000_000))
@@ -138,7 +139,7 @@ def test_warns_before_loading_a_model_that_will_not_fit(gemma_path, gemma, tmp_p
     assert out.exit_code == 0, out.output
     warning = next(line for line in out.stderr.splitlines() if line.startswith("warning:"))
     assert "needs ~" in warning and "at 4096 context" in warning
-    assert f"this machine has {memory.human(available)} available" in warning
+    assert f"this machine has {format_bytes(available)} available" in warning
     assert "Use -c 1024 (needs ~" in warning and "or a smaller quantization" in warning
     assert out.stderr.index("warning:") < out.stderr.index("loaded in")  # before loading
 

@@ -26,9 +26,10 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from conftest import READY_LIMIT_S, wait_until_serving  # noqa: E402
-from runtime.cli import load_session  # noqa: E402
 from runtime.gguf import GGUFFile  # noqa: E402
-from runtime.server import EngineWorker, ModelServer, bind_server, is_loopback_host  # noqa: E402
+from runtime.server import ModelServer, bind_server, is_loopback_host  # noqa: E402
+from runtime.session import load_session  # noqa: E402
+from runtime.worker import EngineWorker  # noqa: E402
 
 N_CTX = 512
 MODEL_NAME = "tiny-test"

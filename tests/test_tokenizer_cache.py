@@ -128,11 +128,11 @@ def test_saving_while_the_tokenizer_is_in_use(tmp_path):
 def test_load_session_builds_once_then_loads(tmp_path, monkeypatch):
     """The runtime's own path: the first load writes the entry (on its own thread), the next
     one does not build at all."""
-    from runtime import cli
+    from runtime import session
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     gguf = write_model(tmp_path / "m.gguf")
-    first = cli.load_session(gguf, 32, 0)
+    first = session.load_session(gguf, 32, 0)
     entry = TokenizerCache(gguf).path
     assert entry.parent == tmp_path / "xdg" / "modelrun" / "tokenizers"
     for thread in threading.enumerate():
@@ -144,7 +144,7 @@ def test_load_session_builds_once_then_loads(tmp_path, monkeypatch):
         raise AssertionError("the tokenizer was built again")
 
     monkeypatch.setattr(Tokenizer, "from_metadata", staticmethod(no_building))
-    second = cli.load_session(gguf, 32, 0)
+    second = session.load_session(gguf, 32, 0)
     assert encodings(second.tokenizer) == encodings(first.tokenizer)
 
 
@@ -153,17 +153,17 @@ def test_the_collector_is_back_on_after_start_up(tmp_path, monkeypatch):
     ends the start-up and must turn it back on (with the start-up's objects frozen)."""
     import gc
 
-    from runtime import cli
+    from runtime import session
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     gguf = write_model(tmp_path / "m.gguf")
     frozen_before = gc.get_freeze_count()
     gc.disable()
     try:
-        cli.load_session(gguf, 32, 0)
+        session.load_session(gguf, 32, 0)
         assert gc.isenabled() and gc.get_freeze_count() > frozen_before
     finally:
         gc.unfreeze()
         gc.enable()
-    cli.load_session(gguf, 32, 0)  # with the collector on, nothing is frozen
+    session.load_session(gguf, 32, 0)  # with the collector on, nothing is frozen
     assert gc.get_freeze_count() == 0

@@ -1,0 +1,210 @@
+"""--info: what a user wants to know about a model before running it, as text.
+
+Reads only the GGUF header (and the CPU tier and kernel cache it would run with): no model
+is loaded and Numba is not imported, so it answers in a moment on any model, even one this
+build cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runtime.gguf import GGUFFile, StringArray
+from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
+from runtime.units import format_bytes
+
+TOKENIZER_KINDS = {
+    "llama": "SentencePiece",
+    "gpt2": "byte-level BPE",
+    "bert": "WordPiece",
+    "t5": "Unigram",
+    "rwkv": "RWKV",
+}
+
+
+@dataclass
+class TypeShare:
+    """The tensors of one GGML type in a model."""
+
+    name: str
+    tensors: int = 0
+    weights: int = 0
+    bytes: int = 0
+
+
+def quantization_mix(gguf: GGUFFile) -> list[TypeShare]:
+    """Tensor types by the bytes they take, largest first."""
+    shares: dict[str, TypeShare] = {}
+    for t in gguf.tensors.values():
+        share = shares.setdefault(t.type.name, TypeShare(t.type.name))
+        share.tensors += 1
+        share.weights += t.n_elements
+        share.bytes += t.n_bytes
+    return sorted(shares.values(), key=lambda s: (-s.bytes, s.name))
+
+
+def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
+    # Importing runtime.kernels does not import numba, so --info stays fast.
+    from runtime.kernels import SUPPORTED_TYPES
+
+    return [s for s in mix if s.name not in SUPPORTED_TYPES]
+
+
+def describe(gguf: GGUFFile, path: str) -> str:
+    """What a user wants to know before running a model, as text."""
+    arch = gguf.get("general.architecture")
+    a = f"{arch}."
+
+    def key(name: str) -> Any:
+        return gguf.get(a + name)
+
+    mix = quantization_mix(gguf)
+    weights = sum(s.weights for s in mix)
+    tensor_bytes = sum(s.bytes for s in mix)
+
+    rows = [
+        ("architecture", _text(arch)),
+        ("name", _text(gguf.get("general.name"))),
+        ("parameters", _count(weights) if weights else "none (no tensors)"),
+        ("context length", _number(key("context_length"))),
+        ("layers", _number(key("block_count"))),
+        ("attention heads", _heads(key("attention.head_count"), key("attention.head_count_kv"),
+                                   key("attention.key_length"))),
+        ("embedding size", _number(key("embedding_length"))),
+        ("feed-forward size", _number(key("feed_forward_length"))),
+    ]
+    if key("expert_count") is not None:
+        rows.append(("experts", f"{_number(key('expert_count'))} "
+                                f"({_number(key('expert_used_count'))} used per token)"))
+    if key("attention.sliding_window") is not None:
+        rows.append(("sliding window", _number(key("attention.sliding_window"))))
+    rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))
+    template = gguf.get("tokenizer.chat_template")
+    rows.append(("chat template", "yes" if isinstance(template, str) and template else "none"))
+
+    size = gguf.size
+    lines = [f"{os.path.basename(path)}: GGUF v{gguf.version}, {format_bytes(size)}"]
+    lines += [f"  {label:<18} {value}" for label, value in rows]
+    lines.append("")
+    lines.append(f"  {'quantization':<12} {'tensors':>7} {'weights':>15} {'size':>11} "
+                 f"{'share':>6} {'bits/weight':>11}")
+    for s in mix:
+        lines.append(f"  {s.name:<12} {s.tensors:>7} {s.weights:>15,} {format_bytes(s.bytes):>11} "
+                     f"{_percent(s.bytes, tensor_bytes):>6} {_bpw(s.bytes, s.weights):>11}")
+    lines.append(f"  {'total':<12} {len(gguf.tensors):>7} {weights:>15,} "
+                 f"{format_bytes(tensor_bytes):>11} {_percent(tensor_bytes, tensor_bytes):>6} "
+                 f"{_bpw(tensor_bytes, weights):>11}")
+    lines.append("")
+    missing = unsupported_types(mix)
+    if str(arch) not in SUPPORTED_ARCHITECTURES:
+        lines.append(f"  runs on this build: no, {unsupported_architecture_message(str(arch))}")
+    elif missing:
+        names = ", ".join(f"{s.name} ({s.tensors} tensor{'s' if s.tensors != 1 else ''})"
+                          for s in missing)
+        lines.append(f"  runs on this build: no, it has no kernels for {names}; use a "
+                     f"quantization of this model in other types (e.g. Q4_K_M or Q8_0)")
+    else:
+        lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
+    lines += kernel_lines()
+    lines.append(memory_line(gguf))
+    return "\n".join(lines)
+
+
+def memory_line(gguf: GGUFFile) -> str:
+    """--info: will the model fit in this machine's memory at the default context."""
+    from runtime import memory
+
+    try:
+        return f"  memory: {memory.fit_line(gguf, None, memory.availableformat_bytes())}"
+    except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
+        return f"  memory: cannot estimate ({e})"
+
+
+def kernel_lines() -> list[str]:
+    """--info: the CPU tier the kernels run at (and why), and whether they are cached."""
+    from runtime import cpu, kernels
+
+    try:
+        tier = cpu.select_tier()  # already chosen by the entry point: this only reports it
+    except cpu.CpuTierError as e:
+        return [f"  CPU tier: {e}"]
+    how = {"detected": "the best this CPU runs; MODELRUN_CPU_TIER overrides",
+           cpu.OVERRIDE_VARIABLE: f"set by {cpu.OVERRIDE_VARIABLE}"}.get(tier.reason, tier.reason)
+    folder = kernels.cache_folder(tier.name)
+    cached = sum(1 for _ in folder.glob("*.nbc")) if folder.is_dir() else 0
+    if cached:
+        state = f"{cached} compiled kernels cached in {folder}: nothing to compile"
+    else:
+        state = f"none cached yet: compiled on first use (1-3 minutes), then cached in {folder}"
+    return [f"  CPU tier: {tier.name} ({how})", f"  kernels: {state}"]
+
+
+def _tokenizer(gguf: GGUFFile, vocab_size_key: Any) -> str:
+    model = gguf.get("tokenizer.ggml.model")
+    tokens = gguf.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, StringArray):
+        vocab = len(tokens)
+    elif vocab_size_key is not None:
+        vocab = vocab_size_key
+    else:
+        vocab = None
+    if model is None and vocab is None:
+        return "none in the file"
+    kind = TOKENIZER_KINDS.get(model) if isinstance(model, str) else None
+    text = _text(model) + (f" ({kind})" if kind else "")
+    pre = gguf.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre not in ("", "default"):
+        text += f", pre-tokenizer {pre}"
+    return f"{text}, vocabulary of {_number(vocab)} tokens"
+
+
+def _heads(heads: Any, kv_heads: Any, head_size: Any) -> str:
+    if heads is None:
+        return "unknown"
+    text = _number(heads)
+    if kv_heads is not None:
+        text += f", KV heads {_number(kv_heads)}"
+    if head_size is not None:
+        text += f", head size {_number(head_size)}"
+    return text
+
+
+def _number(value: Any) -> str:
+    """A metadata number; per-layer arrays show as a range."""
+    if value is None:
+        return "unknown"
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.dtype.kind in "iuf":
+        if value.size == 0:
+            return "unknown"
+        low, high = value.min(), value.max()
+        return f"{low}" if low == high else f"{low}-{high} (varies by layer)"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _text(value)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "unknown"
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def _bpw(n_bytes: int, weights: int) -> str:
+    return f"{8 * n_bytes / weights:.2f}" if weights else "-"
