@@ -2,7 +2,7 @@
 
 build / inspect / extract / verify / upgrade work on the container (bundler/container.py
 writes it, runtime/container.py reads it); run runs the runtime on a plain GGUF; quantize
-and compare are in bundler/quantize.py. Every failure is one line (runtime.cli.UserError).
+and compare are in bundler/quantize.py and bundler/compare.py. Every failure is one line (runtime.session.UserError).
 """
 
 import sys
@@ -12,11 +12,13 @@ from pathlib import Path
 import click
 
 from bundler import container as model_run
-from bundler.quantize import compare, quantize, quantize_with_progress
-from runtime.cli import UserError, describe
-from runtime.cli import main as runtime_main
+from bundler.compare import compare
+from bundler.quantize import quantize, quantize_with_progress
 from runtime.container import HEADER_SIZE, MODEL_ALIGNMENT, MODEL_ENTRY
+from runtime.info import describe
+from runtime.session import UserError, open_model_run
 from runtime.terminal import printable
+from runtime.units import format_bytes
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +31,8 @@ def main() -> None:
 @click.argument("runtime_args", nargs=-1, type=click.UNPROCESSED)
 def run(model: str, runtime_args: tuple[str, ...]) -> None:
     """Run MODEL (a .gguf file) with the runtime's options, e.g. `modelrun run m.gguf --info`."""
+    from runtime.cli import main as runtime_main  # the runtime's own command line, only here
+
     runtime_main.main(["-m", model, *runtime_args], prog_name="modelrun run")
 
 
@@ -39,10 +43,6 @@ def _bar(label: str):
         with click.progressbar(length=max(total, 1), label=label, file=sys.stderr) as bar:
             yield bar.update
     return factory
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n:,} bytes"
 
 
 OUTPUT = click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -82,17 +82,17 @@ def build(model: Path, output: Path, name: str | None, args: tuple[str, ...],
                                      progress_factory=_bar(f"writing {output.name}"))
         finally:
             quantized.unlink(missing_ok=True)
-    click.echo(f"wrote {output}: {_mb(result.size)}, runtime {result.manifest['runtime']['build_id']}")
+    click.echo(f"wrote {output}: {format_bytes(result.size)}, runtime {result.manifest['runtime']['build_id']}")
 
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), metavar="MODEL.run")
 def inspect(path: Path) -> None:
     """Show what is inside a model.run: manifest, entries, runtime, and the model."""
-    with model_run.open_run(path) as run:
+    with open_model_run(path) as run:
         manifest = run.manifest()
         header = run.header
-        lines = [f"{path}: model.run, {_mb(run.size)}"]
+        lines = [f"{path}: model.run, {format_bytes(run.size)}"]
         for key in ("name", "created", "upgraded", "modelrun_version", "format"):
             if key in manifest:
                 lines.append(f"  {key.replace('_', ' '):<17} {printable(manifest[key])}")
@@ -101,7 +101,7 @@ def inspect(path: Path) -> None:
         lines.append(f"  {'runtime':<17} build {printable(rt.get('build_id', '?'))}, "
                      f"CPU tiers: {printable(tiers)}")
         if header is not None:
-            lines.append(f"  {'':<17} {_mb(header.payload_size or 0)} payload at offset "
+            lines.append(f"  {'':<17} {format_bytes(header.payload_size or 0)} payload at offset "
                          f"{header.payload_offset} after a {HEADER_SIZE}-byte sh header")
         args = run.default_args()
         lines.append(f"  {'default args':<17} {printable(' '.join(args)) if args else '(none)'}")
@@ -138,7 +138,7 @@ def extract(path: Path, output: Path, force: bool) -> None:
 def verify(path: Path) -> None:
     """Check MODEL.run's model and runtime against the sha256s it was made with."""
     problems = []
-    with model_run.open_run(path) as run:
+    with open_model_run(path) as run:
         manifest = run.manifest()
         expected = run.expected_model_sha256()
         with _bar("verifying model.gguf")(run.entries[MODEL_ENTRY].size) as progress:
@@ -166,7 +166,7 @@ def verify(path: Path) -> None:
 def upgrade(path: Path, output: Path, runtime_path: Path | None) -> None:
     """Write OLD.run's model and default args with another runtime to OUT."""
     result = model_run.upgrade(path, output, runtime_path, progress_factory=_bar(f"writing {output.name}"))
-    click.echo(f"wrote {output}: {_mb(result.size)}, runtime {result.manifest['runtime']['build_id']}")
+    click.echo(f"wrote {output}: {format_bytes(result.size)}, runtime {result.manifest['runtime']['build_id']}")
 
 
 main.add_command(quantize)

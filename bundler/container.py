@@ -12,46 +12,35 @@ Layout (runtime/container.py reads it; DESIGN.md "The container"):
     [ZIP central directory, end record; ZIP64 records when an offset or size needs them]
 
 Every ZIP offset counts from the start of the file, so `unzip -l` and Python's zipfile read
-a model.run as an ordinary archive. Everything is streamed: the kernel copies the payload and
-the weights (copy_file_range, as `cp` does) while sha256 reads the same pages on another
-thread, and the few values known only at the end (the model's CRC, the header's fields) are
-patched in place. Output goes to `OUT.partial`, renamed over OUT only when complete.
+a model.run as an ordinary archive (bundler/zip_writer.py writes those records). Everything
+is streamed: the kernel copies the payload and the weights while sha256 reads the same pages
+on another thread (bundler/copying.py), and the few values known only at the end (the
+model's CRC, the header's fields) are patched in place. Output goes to `OUT.partial`,
+renamed over OUT only when complete.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import mmap
 import os
 import shutil
-import struct
 import tarfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from isal import isal_zlib
+from bundler.copying import Progress, copy_region, digesting
+from bundler.zip_writer import ZipWriter
+from runtime.container import (ARGS_ENTRY, BUILD_ID_PATTERN, CENTRAL_HEADER, HEADER_SIZE,
+                               LOCAL_HEADER, MANIFEST_ENTRY, MAX32, MODEL_ALIGNMENT, MODEL_ENTRY,
+                               SHA256_PATTERN)
+from runtime.session import UserError, model_name, open_model, open_model_run
+from runtime.units import format_bytes
 
-from runtime.cli import UserError, model_name, open_model
-from runtime.container import (ARGS_ENTRY, BUILD_ID_PATTERN, SHA256_PATTERN, CENTRAL_HEADER,
-                               CENTRAL_SIG, EOCD, EOCD_SIG, HEADER_SIZE, LOCAL_HEADER, LOCAL_SIG,
-                               MANIFEST_ENTRY, MAX16, MAX32, MODEL_ALIGNMENT, MODEL_ENTRY,
-                               ZIP64_EOCD, ZIP64_EOCD_SIG, ZIP64_EXTRA_ID, ZIP64_LOCATOR,
-                               ZIP64_LOCATOR_SIG, Container, ContainerError, open_container)
-
-COPY_CHUNK = 1 << 23  # bytes per copy step (a progress bar tick) and per sha256 update
 FORMAT = "model.run/1"
-ZIP_VERSION, ZIP64_VERSION = 20, 45  # "version needed to extract": plain, with ZIP64 records
-MADE_BY = (3 << 8) | ZIP64_VERSION  # Unix, spec 4.5 (so unzip shows the Unix file modes)
-FILE_MODE = 0o100644 << 16  # external attributes: a regular file, rw-r--r--
-
-Progress = Callable[[int], None]
 
 
 # ------------------------------------------------------------------------------ the sh header
@@ -314,208 +303,6 @@ def _runtime_json(payload: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) else None
 
 
-# ------------------------------------------------------------------------------ streaming
-
-@dataclass
-class Digests:
-    sha256: str | None = None
-    crc32: int | None = None
-
-
-@contextmanager
-def digesting(src: BinaryIO, offset: int, size: int, *, sha256: bool,
-              crc32: bool) -> Iterator[Digests]:
-    """The digests of `size` bytes of src at `offset`, filled in when the block ends.
-
-    sha256 (~1.3 GB/s with SHA-NI, one core) is the slow part of a build, so it starts first,
-    on a second thread reading an mmap of the bytes, and runs beside whatever the block does:
-    the kernel copying those bytes and the payload (copy_region). CRC-32 (ISA-L's, ~10 GB/s
-    against zlib's ~2-3) runs at the end, on pages that are hot. Nothing is read into
-    Python's memory: the mapping is the page cache's."""
-    digests = Digests()
-    with _mapped(src, offset, size) as data:
-        stop = threading.Event()
-        hasher = None
-        if sha256:
-            hasher = threading.Thread(target=_sha256_into, args=(data, digests, stop),
-                                      name="sha256")
-            hasher.start()
-        try:
-            yield digests
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            if hasher is not None:
-                hasher.join()
-        if crc32:
-            digests.crc32 = isal_zlib.crc32(data)
-
-
-def _sha256_into(data: memoryview, digests: Digests, stop: threading.Event) -> None:
-    h = hashlib.sha256()
-    for at in range(0, len(data), COPY_CHUNK):
-        if stop.is_set():
-            return
-        h.update(data[at:at + COPY_CHUNK])  # releases the GIL
-    digests.sha256 = h.hexdigest()
-
-
-def copy_region(src: BinaryIO, offset: int, size: int, out: BinaryIO,
-                progress: Progress | None) -> None:
-    """Copy `size` bytes of src from `offset` to out's current position, leaving out after
-    them. The kernel copies (copy_file_range: page cache to page cache, as `cp` does), in
-    COPY_CHUNK steps for the progress bar; plain reads and writes where it cannot (another
-    OS, a file system that refuses)."""
-    out.flush()
-    start = out.tell()
-    done = 0
-    while done < size:
-        want = min(COPY_CHUNK, size - done)
-        try:
-            n = _copy_file_range(src.fileno(), out.fileno(), want, offset + done, start + done)
-        except OSError as e:
-            if e.errno not in _NO_KERNEL_COPY:
-                raise
-            n = _user_copy(src, offset + done, want, out, start + done)
-        if n == 0:
-            raise UserError(f"{getattr(src, 'name', 'the input')} ended {size - done} bytes "
-                            f"early (was it changed while being read?)")
-        done += n
-        if progress:
-            progress(n)
-    out.seek(start + size)
-
-
-@contextmanager
-def _mapped(src: BinaryIO, offset: int, size: int) -> Iterator[memoryview]:
-    """A read-only view of `size` bytes of src at `offset`, through mmap (whose offset must
-    be a multiple of the allocation granularity, hence the `skip`)."""
-    if size == 0:
-        yield memoryview(b"")
-        return
-    end = os.fstat(src.fileno()).st_size
-    if offset + size > end:  # an mmap past the end would fault on reading, not raise
-        raise UserError(f"{getattr(src, 'name', 'the input')} ended {offset + size - end} "
-                        f"bytes early (was it changed while being read?)")
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY
-    skip = offset - base
-    with mmap.mmap(src.fileno(), skip + size, offset=base, access=mmap.ACCESS_READ) as mapping:
-        whole = memoryview(mapping)
-        view = whole[skip:]
-        try:
-            yield view
-        finally:  # the mapping closes only once no view of it is left
-            view.release()
-            whole.release()
-
-
-_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
-
-
-def _no_copy_file_range(*args) -> int:
-    raise OSError(errno.ENOSYS, "no copy_file_range on this system")
-
-
-_copy_file_range = getattr(os, "copy_file_range", _no_copy_file_range)
-
-
-def _user_copy(src: BinaryIO, at: int, size: int, out: BinaryIO, to: int) -> int:
-    data = os.pread(src.fileno(), size, at)
-    written = 0
-    while written < len(data):
-        written += os.pwrite(out.fileno(), memoryview(data)[written:], to + written)
-    return len(data)
-
-
-# ------------------------------------------------------------------------------ the ZIP part
-
-@dataclass
-class _ZipEntry:
-    name: bytes
-    header_offset: int
-    size: int
-    crc: int = 0
-
-
-@dataclass
-class ZipWriter:
-    """The ZIP records after the payload; offsets are absolute (from the file's start).
-    `zip64_limit`: sizes and offsets at or above it are stored in ZIP64 records (the ZIP
-    maximum 0xFFFFFFFF by default; tests lower it to exercise ZIP64 on small files)."""
-
-    out: BinaryIO
-    mtime: float
-    zip64_limit: int = MAX32
-    entries: list[_ZipEntry] = field(default_factory=list)
-
-    def _dos_time(self) -> tuple[int, int]:
-        t = time.localtime(self.mtime)
-        year = min(max(t.tm_year, 1980), 2107)
-        dos_time = (t.tm_hour << 11) | (t.tm_min << 5) | (t.tm_sec // 2)
-        return dos_time, ((year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
-
-    def local_header_size(self, name: str, size: int) -> int:
-        return LOCAL_HEADER.size + len(name.encode()) + (20 if size >= self.zip64_limit else 0)
-
-    def begin(self, name: str, size: int, crc: int = 0, align: int = 1) -> int:
-        """Pad (zeros) so the entry's data lands on a multiple of `align`, write its local
-        header, and return the data's offset; the data is written next by the caller."""
-        pos = self.out.tell()
-        header_size = self.local_header_size(name, size)
-        data_offset = -(-(pos + header_size) // align) * align
-        if data_offset - header_size > pos:
-            self.out.write(bytes(data_offset - header_size - pos))
-        entry = _ZipEntry(name.encode(), data_offset - header_size, size, crc)
-        self.entries.append(entry)
-        big = size >= self.zip64_limit
-        extra = struct.pack("<HHQQ", ZIP64_EXTRA_ID, 16, size, size) if big else b""
-        dos_time, dos_date = self._dos_time()
-        self.out.write(LOCAL_HEADER.pack(
-            LOCAL_SIG, ZIP64_VERSION if big else ZIP_VERSION, 0, 0, dos_time, dos_date, crc,
-            MAX32 if big else size, MAX32 if big else size, len(entry.name), len(extra)))
-        self.out.write(entry.name + extra)
-        return data_offset
-
-    def set_crc(self, crc: int) -> None:
-        """Patch the CRC-32 of the last entry begun (known once its data is written)."""
-        entry = self.entries[-1]
-        entry.crc = crc
-        here = self.out.tell()
-        self.out.seek(entry.header_offset + 14)  # the crc32 field of the local header
-        self.out.write(struct.pack("<I", crc))
-        self.out.seek(here)
-
-    def add(self, name: str, data: bytes) -> None:
-        self.begin(name, len(data), isal_zlib.crc32(data))
-        self.out.write(data)
-
-    def finish(self) -> int:
-        """Write the central directory and the end record(s); return the file's size."""
-        limit = self.zip64_limit
-        cd_offset = self.out.tell()
-        dos_time, dos_date = self._dos_time()
-        for e in self.entries:
-            big = [v for v in (e.size, e.size, e.header_offset) if v >= limit]
-            extra = struct.pack(f"<HH{len(big)}Q", ZIP64_EXTRA_ID, 8 * len(big), *big) if big else b""
-            self.out.write(CENTRAL_HEADER.pack(
-                CENTRAL_SIG, MADE_BY, ZIP64_VERSION if big else ZIP_VERSION, 0, 0, dos_time,
-                dos_date, e.crc, *(MAX32 if v >= limit else v for v in (e.size, e.size)),
-                len(e.name), len(extra), 0, 0, 0, FILE_MODE,
-                MAX32 if e.header_offset >= limit else e.header_offset))
-            self.out.write(e.name + extra)
-        cd_end = self.out.tell()
-        cd_size, n = cd_end - cd_offset, len(self.entries)
-        if cd_offset >= limit or cd_size >= limit or n >= MAX16:
-            self.out.write(ZIP64_EOCD.pack(ZIP64_EOCD_SIG, ZIP64_EOCD.size - 12, MADE_BY,
-                                           ZIP64_VERSION, 0, 0, n, n, cd_size, cd_offset))
-            self.out.write(ZIP64_LOCATOR.pack(ZIP64_LOCATOR_SIG, 0, cd_end, 1))
-        self.out.write(EOCD.pack(EOCD_SIG, 0, 0, min(n, MAX16), min(n, MAX16),
-                                 MAX32 if cd_size >= limit else cd_size,
-                                 MAX32 if cd_offset >= limit else cd_offset, 0))
-        return self.out.tell()
-
-
 # ------------------------------------------------------------------------------ model.run
 
 @dataclass(frozen=True)
@@ -579,7 +366,7 @@ def check_room(out: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < need:
         raise UserError(f"not enough disk space in {folder}: {out.name} needs "
-                        f"{need / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free")
+                        f"{format_bytes(need)}, {format_bytes(free)} free")
 
 
 @contextmanager
@@ -699,7 +486,7 @@ def upgrade(old_path: Path, out: Path, payload_path: Path | None = None, *, prog
             zip64_limit: int = MAX32) -> BuildResult:
     """`modelrun upgrade`: the same weights and .args with another runtime. The weights are
     hashed once, while being copied, against the old manifest's sha256."""
-    with open_run(old_path) as old:
+    with open_model_run(old_path) as old:
         manifest = old.manifest()
         expected = old.expected_model_sha256()
         entry = old.entries[MODEL_ENTRY]
@@ -718,7 +505,7 @@ def upgrade(old_path: Path, out: Path, payload_path: Path | None = None, *, prog
 def extract(run_path: Path, out: Path, *, force: bool = False, progress_factory=None) -> str:
     """`modelrun extract`: model.gguf byte for byte, checked against the manifest's sha256
     while it is copied. Returns the sha256."""
-    with open_run(run_path) as run:
+    with open_model_run(run_path) as run:
         expected = run.expected_model_sha256()
         entry = run.entries[MODEL_ENTRY]
     _check_output(out, run_path)
@@ -734,14 +521,6 @@ def extract(run_path: Path, out: Path, *, force: bool = False, progress_factory=
             raise UserError(f"{run_path}: the model does not match the sha256 it was made with: "
                             f"the file is damaged — download it again ({out} was not written)")
     return expected
-
-
-def open_run(path: Path) -> Container:
-    """The model.run at `path`, or a UserError saying what is wrong with it."""
-    try:
-        return open_container(path)
-    except ContainerError as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 @contextmanager

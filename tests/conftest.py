@@ -308,7 +308,8 @@ def gemma_f16_path(gemma_path) -> Path:
     --allow-requantize`: an unquantized input for the quantize and compare tests.
 
     Cached in tests/artifacts/, keyed on the source file's size and mtime and on the code that
-    writes it (bundler/quantize.py, the GGUF reader, the kernels); stale copies are removed.
+    writes it (bundler's quantizer, mixes and GGUF writer, the GGUF reader, the kernels); stale
+    copies are removed.
     """
     import hashlib
 
@@ -317,7 +318,8 @@ def gemma_f16_path(gemma_path) -> Path:
     root = Path(__file__).resolve().parent.parent
     stat = gemma_path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for source in [root / "bundler" / "quantize.py", root / "runtime" / "gguf.py",
+    for source in [*(root / "bundler" / f for f in ("quantize.py", "mixes.py", "gguf_writer.py")),
+                   root / "runtime" / "gguf.py",
                    *sorted((root / "runtime" / "kernels").glob("*.py"))]:
         key.update(source.read_bytes())
     folder = root / "tests" / "artifacts"

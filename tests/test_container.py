@@ -31,6 +31,7 @@ import pytest
 from click.testing import CliRunner
 
 from bundler import container as bc
+from bundler import copying
 from bundler.cli import main as modelrun
 from conftest import run_in_group, write_synthetic_model, write_synthetic_model_with_tokenizer
 from runtime.container import HEADER_SIZE, ContainerError, open_container, splice_args
@@ -784,7 +785,7 @@ def test_a_file_system_without_kernel_copy_gets_the_same_bytes(files, tmp_path, 
     def refuse(*args):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
-    monkeypatch.setattr(bc, "_copy_file_range", refuse)
+    monkeypatch.setattr(copying, "_copy_file_range", refuse)
     out = tmp_path / "user-copy.run"
     build(files.model, out, files.payload, "--arg=-n", "--arg=2")
     with zipfile.ZipFile(out) as z, zipfile.ZipFile(files.run) as ref:

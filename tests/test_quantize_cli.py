@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
+from bundler import mixes
 from bundler import quantize as q
 from bundler.cli import main
 from conftest import write_synthetic_model_with_tokenizer
@@ -34,20 +35,20 @@ def test_q4_k_m_plan_reproduces_llamacpp_on_gemma(gemma_path):
     """llama.cpp made this file with Q4_K_M: our rules must give every tensor the same type
     (use_more_bits layers, tied output Q8_0 by row length, 640-wide rows falling back)."""
     with GGUFFile(gemma_path) as f:
-        plans = q.plan(f, q.MIXES["Q4_K_M"])
+        plans = mixes.plan(f, mixes.MIXES["Q4_K_M"])
         assert {p.info.name: p.type.name for p in plans} == \
                {t.name: t.type.name for t in f.tensors.values()}
-        assert f.get("general.file_type") == q.MIXES["Q4_K_M"].file_type == 15
+        assert f.get("general.file_type") == mixes.MIXES["Q4_K_M"].file_type == 15
 
 
 def facts(n_layer=16, n_gqa=4, n_expert=0, tied=False, arch="llama"):
-    return q.ModelFacts(arch=arch, n_layer=n_layer, n_gqa=n_gqa, n_expert=n_expert, tied_output=tied)
+    return mixes.ModelFacts(arch=arch, n_layer=n_layer, n_gqa=n_gqa, n_expert=n_expert, tied_output=tied)
 
 
 def typed(mix, name, ncols=4096, model=None):
     """The final type of a 2-D tensor with rows of ncols under mix."""
     model = model or facts()
-    return q.fit_rows(q.mix_type(q.MIXES[mix], name, (ncols, 64), model), ncols)
+    return mixes.fit_rows(mixes.mix_type(mixes.MIXES[mix], name, (ncols, 64), model), ncols)
 
 
 # Expectations read off llama.cpp's llama_tensor_get_type for a 16-layer model with 4 query
@@ -133,12 +134,12 @@ def test_short_rows_fall_back_as_in_llamacpp(mix, name, ncols, expected):
     ("blk.0.ffn_up_exps.weight", (256, 512, 8), True),
 ])
 def test_which_tensors_are_quantized(name, shape, expected):
-    assert q.is_quantizable(name, shape) is expected
+    assert mixes.is_quantizable(name, shape) is expected
 
 
 def test_use_more_bits_layers():
-    assert [i for i in range(16) if q.use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
-    assert [i for i in range(18) if q.use_more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
+    assert [i for i in range(16) if mixes.use_more_bits(i, 16)] == [0, 1, 4, 7, 10, 13, 14, 15]
+    assert [i for i in range(18) if mixes.use_more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
 
 
 # ------------------------------------------------------------------ synthetic models, end to end
@@ -248,11 +249,11 @@ def check_output(src, out, mix):
             assert _field_bytes(new, key) == _field_bytes(ref, key), key
     added = sum(k not in ref.fields for k in own)
     assert new.fields["GGUF.kv_count"].contents() == ref.fields["GGUF.kv_count"].contents() + added
-    assert new.fields["general.file_type"].contents() == q.MIXES[mix].file_type
+    assert new.fields["general.file_type"].contents() == mixes.MIXES[mix].file_type
     assert new.fields["general.quantization_version"].contents() == 2
     alignment = int(ref.fields["general.alignment"].contents()) if "general.alignment" in ref.fields else 32
     with GGUFFile(src) as f:
-        planned = {p.info.name: p.type.name for p in q.plan(f, q.MIXES[mix])}
+        planned = {p.info.name: p.type.name for p in mixes.plan(f, mixes.MIXES[mix])}
     # every tensor, in llama.cpp's order: outside the blocks first, then block by block, by name
     def order(name):
         return (int(name.split(".")[1]) if name.startswith("blk.") else -1, name)
