@@ -96,17 +96,18 @@ def model_from_argv(argv: list[str]) -> str:
 def main(job_path: str, argv: list[str]) -> int:
     import numba
 
-    from runtime import cli, cpu
+    from runtime import cpu
+    from runtime.session import load_session, open_container_model, open_model
 
     with open(job_path) as f:
         job = json.load(f)
     path = model_from_argv(argv)
     if "--container" in argv and "-m" not in argv and "--model" not in argv:
-        gguf, _ = cli.open_container_model(path)
+        gguf, _ = open_container_model(path)
     else:
-        gguf = cli.open_model(path)
+        gguf = open_model(path)
     n_prompt, n_gen = int(job["prompt_tokens"]), int(job["gen_tokens"])
-    session = cli.load_session(gguf, n_prompt + n_gen + 8, threads=0)
+    session = load_session(gguf, n_prompt + n_gen + 8, threads=0)
     engine = session.engine
     prompt = prompt_tokens(session.tokenizer, n_prompt)
     prefill_and_decode(engine, prompt[:16], 2)  # load every kernel before timing
