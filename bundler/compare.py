@@ -104,7 +104,7 @@ def format_table(rows: list[Measurement]) -> list[str]:
 def compare(model: Path, types: str, text_path: Path, ctx_size: int, chunks: int, n_decode: int,
             threads: int) -> None:
     """Quantize MODEL.gguf to each type and compare size, perplexity and decode speed."""
-    from runtime.tokenizer import Tokenizer
+    from runtime.tokenizer import Tokenizer, TokenizerError
 
     mixes = [mix_by_name(t.strip()) for t in types.split(",") if t.strip()]
     if not mixes:
@@ -125,7 +125,7 @@ def compare(model: Path, types: str, text_path: Path, ctx_size: int, chunks: int
         gguf = source.gguf
         try:
             tokenizer = Tokenizer.from_metadata(gguf.metadata)
-        except ValueError as e:
+        except TokenizerError as e:
             raise UserError(f"{model}: cannot read its tokenizer: {e}") from None
         quantized = [t.name for t in gguf.tensors.values() if t.type.name not in FLOAT_TYPES
                      and is_quantizable(t.name, t.shape)]

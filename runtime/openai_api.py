@@ -143,7 +143,7 @@ class Reply:
         h.send_header("Cache-Control", "no-cache")
         h.send_header("X-Accel-Buffering", "no")
         h.send_header("Transfer-Encoding", "chunked")
-        h._cors_headers()
+        h.send_cors_headers()
         h.end_headers()
         if self.kind == "chat":
             self._event(self._chunk({"role": "assistant", "content": ""}, None))
@@ -203,7 +203,7 @@ class Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": self._text_logprobs(self.entries, 0),
                       "finish_reason": finish_reason}
-        self.h._send_json(200, {"id": self.id, "object": self.object, "created": self.created,
+        self.h.send_json(200, {"id": self.id, "object": self.object, "created": self.created,
                                 "model": self.model, "system_fingerprint": "modelrun",
                                 "choices": [choice], "usage": usage, "timings": timings})
 
@@ -213,7 +213,7 @@ class Reply:
             self._event("[DONE]")
             self._write_chunk(b"")
         else:
-            self.h._send_json(500, error_body(500, message))
+            self.h.send_json(500, error_body(500, message))
 
     # logprobs in OpenAI's two shapes
 
