@@ -119,7 +119,7 @@ def memory_line(gguf: GGUFFile) -> str:
     from runtime import memory
 
     try:
-        return f"  memory: {memory.fit_line(gguf, None, memory.availableformat_bytes())}"
+        return f"  memory: {memory.fit_line(gguf, None, memory.available_bytes())}"
     except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
         return f"  memory: cannot estimate ({e})"
 
