@@ -318,7 +318,8 @@ def gemma_f16_path(gemma_path) -> Path:
     root = Path(__file__).resolve().parent.parent
     stat = gemma_path.stat()
     key = hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    for source in [*(root / "bundler" / f for f in ("quantize.py", "mixes.py", "gguf_writer.py")),
+    for source in [*(root / "bundler" / f for f in ("quantize.py", "quantizers.py", "mixes.py",
+                                                     "gguf_writer.py")),
                    root / "runtime" / "gguf.py",
                    *sorted((root / "runtime" / "kernels").glob("*.py"))]:
         key.update(source.read_bytes())
