@@ -354,11 +354,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def get_props(self) -> None:
         """llama.cpp's /props, in part. chat_template is the model's own template, "" when it has
         none (a base model: the chat page then opens in text completion)."""
-        session, info = self._session()
-        source = session.gguf.metadata.get("tokenizer.chat_template")
-        self._send_json(200, {"chat_template": source if isinstance(source, str) else "",
-                              "default_generation_settings": {"n_ctx": info.n_ctx},
-                              "total_slots": 1})
+        worker, info = self._loaded()
+        self.send_json(200, {"chat_template": worker.model_chat_template(),
+                             "default_generation_settings": {"n_ctx": info.n_ctx},
+                             "total_slots": 1})
 
     def post_tokenize(self) -> None:
         body = self._json_body()

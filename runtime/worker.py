@@ -106,6 +106,11 @@ class EngineWorker:
         """The bytes of one token, special tokens spelled out."""
         return self.session.tokenizer.token_to_piece(token, special=True)
 
+    def model_chat_template(self) -> str:
+        """The chat template the model file carries, "" when it has none (a base model)."""
+        source = self.session.gguf.metadata.get("tokenizer.chat_template")
+        return source if isinstance(source, str) else ""
+
     def chat_tokens(self, messages: Any) -> list[int]:
         """The prompt's tokens for a conversation, ready for the assistant's turn (raises
         ChatTemplateError, or ValueError naming a malformed message)."""
