@@ -68,6 +68,14 @@ SPECS: dict[str, dict] = {
     "olmo2": dict(vocab="gpt-2", n_embd=128, n_layer=4, n_head=4, n_head_kv=4, head_dim=32,
                   n_ff=512, untied=True, pre_norms=False, qk_norm="whole", post_norms=True,
                   keys={"rope.freq_base": (F32, 5e5), "attention.sliding_window": (U32, 16)}),
+    # Qwen3-30B-A3B's layout scaled down: 8 experts, 2 used per token, experts of 256 (so
+    # their down rows are K-quants in Q4_K_M); three layers, so Q4_K_M gives the last one's
+    # ffn_down_exps Q6_K and the others Q4_K. feed_forward_length is present, as in the real
+    # files, but no tensor has it.
+    "qwen3moe": dict(vocab="qwen2", n_embd=64, n_layer=3, n_head=4, n_head_kv=2, head_dim=64,
+                     n_ff=512, qk_norm=True, n_expert=8, n_expert_used=2, n_ff_exp=256,
+                     keys={"rope.freq_base": (F32, 1e6), "expert_count": (U32, 8),
+                           "expert_used_count": (U32, 2), "expert_feed_forward_length": (U32, 256)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -157,9 +165,16 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
             norm(p + "post_attention_norm.weight", d)
         if pre_norms:
             norm(p + "ffn_norm.weight", d)
-        matrix(p + "ffn_gate.weight", n_ff, d)
-        matrix(p + "ffn_up.weight", n_ff, d)
-        matrix(p + "ffn_down.weight", d, n_ff)
+        if spec.get("n_expert"):  # a router and 3-D expert tensors [expert, rows, cols]
+            n_exp, n_ff_exp = spec["n_expert"], spec["n_ff_exp"]
+            matrix(p + "ffn_gate_inp.weight", n_exp, d)
+            out.append((p + "ffn_gate_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
+            out.append((p + "ffn_up_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
+            out.append((p + "ffn_down_exps.weight", (n_exp, d, n_ff_exp), n_ff_exp ** -0.5, 0.0))
+        else:
+            matrix(p + "ffn_gate.weight", n_ff, d)
+            matrix(p + "ffn_up.weight", n_ff, d)
+            matrix(p + "ffn_down.weight", d, n_ff)
         if spec.get("post_norms"):
             norm(p + "post_ffw_norm.weight", d)
     return out

@@ -10,10 +10,11 @@ from .llama import Llama
 from .olmo2 import Olmo2
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
+from .qwen3moe import Qwen3Moe
 from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
-    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Gemma3, Gemma, Granite, Olmo2, SmolLM3)
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Gemma3, Gemma, Granite, Olmo2, SmolLM3)
 }
 
 

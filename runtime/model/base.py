@@ -105,13 +105,14 @@ class Layer:
     k_norm: np.ndarray | None
     post_attn_norm: np.ndarray | None
     ffn_norm: np.ndarray | None
-    w_gate: Matrix
-    w_up: Matrix
-    gate_up: Projections  # w_gate, w_up in one launch
-    w_down: Matrix
+    w_gate: Matrix | None  # None: a mixture of experts in place of the dense FFN
+    w_up: Matrix | None
+    gate_up: Projections | None  # w_gate, w_up in one launch
+    w_down: Matrix | None
     post_ffn_norm: np.ndarray | None
     sliding: bool  # attends over the last `sliding_window` positions only
     rope_inv_freq: np.ndarray  # radians per position of each rotated pair; empty: no RoPE
+    experts: object = None  # the family's mixture of experts (its feed_forward runs it)
 
 
 class KVCache:
@@ -222,7 +223,6 @@ class Transformer:
             has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
             base, scale = self.rope_for_layer(il)
             wq, wk, wv = self.attention_matrices(p, q_dim, kv_dim, v_dim)
-            w_gate, w_up = self.gate_up_matrices(p)
             self.layers.append(Layer(
                 attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
                 wq=wq, wk=wk, wv=wv, qkv=Projections(wq, wk, wv),
@@ -235,8 +235,7 @@ class Transformer:
                 post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
                                 if self.post_norms else None),
                 ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd) if self.pre_norms else None,
-                w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
-                w_down=self._matrix(p + "ffn_down.weight", hp.n_embd, hp.n_ff),
+                **self.feed_forward_weights(p),
                 post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
                 sliding=self.is_sliding(il),
                 rope_inv_freq=(ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors)
@@ -294,6 +293,13 @@ class Transformer:
         hp = self.hp
         return (self._matrix(p + "ffn_gate.weight", hp.n_ff, hp.n_embd),
                 self._matrix(p + "ffn_up.weight", hp.n_ff, hp.n_embd))
+
+    def feed_forward_weights(self, p: str) -> dict:
+        """The Layer fields of the FFN of the layer whose tensor names start with p: the dense
+        gate, up and down matrices (a mixture of experts sets `experts` instead)."""
+        w_gate, w_up = self.gate_up_matrices(p)
+        return dict(w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
+                    w_down=self._matrix(p + "ffn_down.weight", self.hp.n_embd, self.hp.n_ff))
 
     @staticmethod
     def attention_scale_for(hp: HParams) -> float:
