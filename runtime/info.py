@@ -47,6 +47,20 @@ def quantization_mix(gguf: GGUFFile) -> list[TypeShare]:
     return sorted(shares.values(), key=lambda s: (-s.bytes, s.name))
 
 
+def active_weights(gguf: GGUFFile, n_expert: Any, n_used: Any) -> int | None:
+    """Weights a token reads in a mixture-of-experts model: every tensor but the experts'
+    (3-D, named *_exps), of which only n_used of n_expert; None when the counts are unusable."""
+    try:
+        n_expert, n_used = int(np.max(n_expert)), int(np.max(n_used))
+    except (TypeError, ValueError):
+        return None
+    if not 0 < n_used <= n_expert:
+        return None
+    total = sum(t.n_elements for t in gguf.tensors.values())
+    experts = sum(t.n_elements for t in gguf.tensors.values() if "_exps." in t.name)
+    return total - experts + experts * n_used // n_expert
+
+
 def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
     # Importing runtime.kernels does not import numba, so --info stays fast.
     from runtime.kernels import SUPPORTED_TYPES
@@ -80,6 +94,12 @@ def describe(gguf: GGUFFile, path: str) -> str:
     if key("expert_count") is not None:
         rows.append(("experts", f"{_number(key('expert_count'))} "
                                 f"({_number(key('expert_used_count'))} used per token)"))
+        if key("expert_feed_forward_length") is not None:
+            rows.append(("expert FFN size", _number(key("expert_feed_forward_length"))))
+        active = active_weights(gguf, key("expert_count"), key("expert_used_count"))
+        if active is not None:
+            rows.append(("active per token", f"{_count(active)}, {_percent(active, weights)} of the "
+                                             f"parameters (a token reads only its experts')"))
     if key("attention.sliding_window") is not None:
         rows.append(("sliding window", _number(key("attention.sliding_window"))))
     rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))

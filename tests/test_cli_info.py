@@ -128,6 +128,24 @@ def test_info_on_a_fully_supported_synthetic_model(tmp_path, write_gguf):
     assert "runs on this build: yes" in out
 
 
+def test_info_explains_the_experts_and_the_parameters_a_token_reads(tmp_path, write_gguf):
+    def build(w):
+        w.add_block_count(1)
+        w.add_expert_count(8)
+        w.add_expert_used_count(2)
+        w.add_expert_feed_forward_length(32)
+        w.add_tensor("token_embd.weight", np.zeros((4, 64), np.float32))  # 256 weights
+        w.add_tensor("blk.0.ffn_gate_inp.weight", np.zeros((8, 64), np.float32))  # 512
+        for name, shape in (("gate", (8, 32, 64)), ("up", (8, 32, 64)), ("down", (8, 64, 32))):
+            w.add_tensor(f"blk.0.ffn_{name}_exps.weight", np.zeros(shape, np.float32))  # 3 x 16384
+
+    out = run("-m", str(write_gguf(tmp_path / "moe.gguf", build, arch="qwen3moe")), "--info").stdout
+    assert row(out, "experts") == "8 (2 used per token)"
+    assert row(out, "expert FFN size") == "32"
+    # every weight but the experts', and 2 of the 8 experts: 768 + 49152 * 2 / 8
+    assert row(out, "active per token").startswith("13.06 K (13,056), 26.2% of the parameters")
+
+
 def test_info_on_a_model_with_no_architecture_keys(tmp_path, write_gguf):
     path = write_gguf(tmp_path / "bare.gguf",
                       lambda w: w.add_tensor("x", np.zeros(32, np.float32)), arch="mystery")
