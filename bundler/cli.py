@@ -120,7 +120,7 @@ def inspect(path: Path) -> None:
         lines.append("")
         with run.model() as gguf:
             lines.append(describe(gguf, MODEL_ENTRY))
-    click.echo(printable("\n".join(lines), keep_newlines=True))  # the model's text too
+    click.echo("\n".join(lines))
 
 
 @main.command()

@@ -98,6 +98,19 @@ class Prompt:
     message_spans: list[tuple[int, int]] | None
     message_strings: list[str]  # every string the messages held (roles aside)
 
+    def tokens(self, tokenizer) -> list[int]:
+        """The prompt's token ids (BOS as the tokenizer adds it): the template's markers
+        as special tokens, the messages' text as plain text."""
+        if self.message_spans is not None:
+            return tokenizer.encode(self.text, literal_spans=self.message_spans)
+        for text in self.message_strings:
+            if tokenizer.encode(text, False, True) != tokenizer.encode(text, False, False):
+                raise ChatTemplateError(
+                    "a message holds the text of one of the model's control tokens, and this "
+                    "model's chat template rewrites messages in a way that cannot keep it "
+                    "apart from its own markers; remove it from the message")
+        return tokenizer.encode(self.text)
+
 
 def _message_strings(value: Any) -> list[str]:
     if isinstance(value, Mapping):
@@ -175,21 +188,6 @@ class ChatTemplate:
         if spans is not None:
             spans = [(max(start, cut) - cut, end - cut) for start, end in spans if end > cut]
         return Prompt(text[cut:], spans, _message_strings(validate_messages(messages)))
-
-    def tokens(self, tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-               **extra: Any) -> list[int]:
-        """The prompt's token ids (BOS as the tokenizer adds it): the template's markers
-        as special tokens, the messages' text as plain text."""
-        prompt = self.prompt(messages, add_generation_prompt, **extra)
-        if prompt.message_spans is not None:
-            return tokenizer.encode(prompt.text, literal_spans=prompt.message_spans)
-        for i, text in enumerate(prompt.message_strings):
-            if tokenizer.encode(text, False, True) != tokenizer.encode(text, False, False):
-                raise ChatTemplateError(
-                    "a message holds the text of one of the model's control tokens, and this "
-                    "model's chat template rewrites messages in a way that cannot keep it "
-                    "apart from its own markers; remove it from the message")
-        return tokenizer.encode(prompt.text)
 
     def drop_leading_bos(self, text: str) -> str:
         """text without the BOS the template wrote at its start: for a tokenizer that adds

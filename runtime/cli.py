@@ -16,9 +16,11 @@ import click
 
 from runtime.container import MODEL_ENTRY, ContainerError, splice_args
 from runtime.gguf import GGUFFile
+from runtime.http_connections import DEFAULT_WORKERS
 from runtime.info import describe, quantization_mix, unsupported_types
 from runtime.session import (Session, UsageError, UserError, load_session, model_name,
                              open_container_model, open_model, open_model_run)
+from runtime.terminal import printable
 
 
 class RuntimeCommand(click.Command):
@@ -71,6 +73,12 @@ class RuntimeCommand(click.Command):
 @click.option("--nobrowser", is_flag=True, help="Do not open the chat page in a browser.")
 @click.option("--cors", metavar="ORIGIN", default=None,
               help="Let web pages from ORIGIN (e.g. http://localhost:3000, or *) call the API.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests that name the server NAME (its Host header), e.g. a "
+                   "name in your local DNS; repeatable. Others are refused (DNS rebinding).")
+@click.option("--threads-http", type=click.IntRange(1, 256), default=DEFAULT_WORKERS, show_default=True,
+              metavar="N", help="Requests answered at once; slow or idle connections wait "
+                                "without holding one.")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
                    "in the order they come (the others wait in a queue).")
@@ -78,7 +86,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          chat: bool, perplexity_file: str | None, chunks: int, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
-         cors: str | None, parallel: int) -> None:
+         cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int,
+         parallel: int) -> None:
     """Run a GGUF language model on this computer, offline.
 
     Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
@@ -107,7 +116,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             return
         if prompt is None and not chat:
             serve(gguf, name, ctx_size, threads, host=host, port=port, api_key=api_key,
-                  open_browser=not nobrowser, cors=cors, parallel=parallel)
+                  open_browser=not nobrowser, cors=cors, parallel=parallel,
+                  allowed_hosts=allowed_hosts, threads_http=threads_http)
             return
         from runtime.sampling import SamplingParams
 
@@ -132,7 +142,8 @@ def has_display() -> bool:
 
 
 def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, port: int,
-          api_key: str | None, open_browser: bool, cors: str | None, parallel: int) -> None:
+          api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
+          allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
     from runtime.server import ModelServer, bind_server
     from runtime.worker import EngineWorker
@@ -156,7 +167,8 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, 
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     try:
         server = bind_server(host, port, lambda address: ModelServer(
-            address, worker, name, api_key=api_key, cors_origin=cors), say=say)
+            address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
+            allowed_hosts=allowed_hosts), say=say)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)
@@ -167,7 +179,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, 
         shown_host = f"[{shown_host}]"
     url = f"http://{shown_host}:{server.port}/"
     worker.start()
-    click.echo(f"modelrun: serving {name} at {url} (Ctrl-C to stop)")
+    click.echo(f"modelrun: serving {printable(name)} at {url} (Ctrl-C to stop)")
     sys.stdout.flush()
     if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
         say(f"warning: listening on {host}: other machines can reach this server"
@@ -309,7 +321,7 @@ def run_chat(session: Session, params) -> None:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            tokens = template.tokens(session.tokenizer, messages, add_generation_prompt=True)
+            tokens = template.prompt(messages, add_generation_prompt=True).tokens(session.tokenizer)
         except ChatTemplateError as e:
             messages.pop()
             click.echo(f"error: {e}", err=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from runtime.gguf import GGUFFile, StringArray
 from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
+from runtime.terminal import printable
 from runtime.units import format_bytes
 
 TOKENIZER_KINDS = {
@@ -131,7 +132,7 @@ def describe(gguf: GGUFFile, path: str) -> str:
         lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
     lines += kernel_lines()
     lines.append(memory_line(gguf))
-    return "\n".join(lines)
+    return printable("\n".join(lines), keep_newlines=True)  # the file's text may hold escapes
 
 
 def memory_line(gguf: GGUFFile) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hmac
-import ipaddress
 import json
 import queue
 import select
@@ -25,11 +24,16 @@ import sys
 import time
 import traceback
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from runtime.http_checks import (check_json_depth, content_length, host_allowed,
+                                 is_json_content_type, is_loopback_host, machine_names,
+                                 origin_allowed)
+from runtime.http_connections import (DEFAULT_WORKERS, BoundedHTTPServer, BoundedRequestHandler,
+                                      RequestDeadline)
 from runtime.openai_api import (MAX_TOP_LOGPROBS, Reply, RequestError, bool_field, error_body,
                                 int_field, refuse_unsupported, sampling_params)
+from runtime.terminal import printable
 from runtime.worker import EngineWorker, Job, ModelInfo
 
 MAX_BODY_BYTES = 8 * 2**20
@@ -40,38 +44,24 @@ WSAEADDRINUSE = 10048  # Windows' "address in use"
 
 # --- the HTTP server ---------------------------------------------------------------------------
 
-def is_loopback_host(host: str) -> bool:
-    """Whether a Host header (with or without a port) names this machine's loopback."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        name = host[1:host.find("]")] if "]" in host else host[1:]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name in ("localhost", "localhost."):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def _is_loopback_bind(host: str) -> bool:
     return is_loopback_host(host if ":" not in host else f"[{host}]")
 
 
-class ModelServer(ThreadingHTTPServer):
-    """The HTTP server: holds the worker, the settings and the chat page."""
+class ModelServer(BoundedHTTPServer):
+    """The HTTP server: holds the worker, the settings and the chat page. `workers`
+    requests are answered at once (llama.cpp's --threads-http); allowed_hosts: names
+    the Host header may give besides this machine's own (--allowed-host)."""
 
-    daemon_threads = True
     allow_reuse_address = True
-    block_on_close = False
 
     def __init__(self, address: tuple[str, int], worker: EngineWorker, model_name: str, *,
                  api_key: str | None = None, cors_origin: str | None = None,
-                 max_body: int = MAX_BODY_BYTES, log: bool = True):
+                 max_body: int = MAX_BODY_BYTES, log: bool = True,
+                 workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = ()):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, RequestHandler)
+        super().__init__(address, RequestHandler, workers)
         self.worker = worker
         self.model_name = model_name
         self.api_key = api_key
@@ -79,13 +69,17 @@ class ModelServer(ThreadingHTTPServer):
         self.max_body = max_body
         self.log = log
         self.loopback_only = _is_loopback_bind(address[0])
+        # a loopback server answers to loopback names only (and --allowed-host); one on the
+        # network also to this machine's own names and addresses
+        extra = {h.strip().lower().rstrip(".") for h in allowed_hosts}
+        self.allowed_hosts = extra if self.loopback_only else extra | machine_names(address[0])
         self.created = int(time.time())
         self._page: bytes | None = None
 
     def handle_error(self, request, client_address) -> None:
         """A client that vanished is routine; anything else is logged, briefly."""
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, TimeoutError)):
+        if isinstance(error, (ConnectionError, TimeoutError)):  # RequestDeadline too
             return
         sys.stderr.write(f"error on a connection from {client_address[0]}:\n{traceback.format_exc()}")
 
@@ -122,7 +116,7 @@ class ClientGone(Exception):
     """The client closed its connection."""
 
 
-class RequestHandler(BaseHTTPRequestHandler):
+class RequestHandler(BoundedRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 300  # seconds a connection may sit idle between requests (or stall mid-body)
     server_version = "modelrun"
@@ -134,7 +128,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         """One line per request on stderr, except the page's /health polling."""
         if self.server.log and not getattr(self, "path", "").startswith("/health"):
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+            sys.stderr.write(f"{self.address_string()} - {printable(format % args)}\n")
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The standard library's own refusals (malformed request line, bad headers...) in
@@ -195,12 +189,17 @@ class RequestHandler(BaseHTTPRequestHandler):
                 e.allow = ", ".join(sorted(route))
                 raise e
             if path not in PUBLIC_PATHS:
+                self._check_origin()
                 self._check_key()
+            if method == "POST" and not is_json_content_type(self.headers.get("Content-Type")):
+                raise RequestError(415, f"{path} takes a JSON body: send it with Content-Type: "
+                                        "application/json", code="unsupported_media_type")
             handler(self)
         except RequestError as e:
             self._discard_body()
             self._send_request_error(e, close=self.close_connection)
-        except (BrokenPipeError, ConnectionResetError, ClientGone, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, ClientGone, socket.timeout,
+                RequestDeadline):
             self.close_connection = True
         except Exception:
             sys.stderr.write(f"error while serving {method} {self.path}:\n{traceback.format_exc()}")
@@ -235,14 +234,22 @@ class RequestHandler(BaseHTTPRequestHandler):
     # --- checks ---
 
     def _check_host(self) -> None:
-        """DNS-rebinding protection: a loopback server answers only to loopback names."""
-        if not self.server.loopback_only:
-            return
+        """DNS-rebinding protection: the Host header must name this server (runtime.http_checks)."""
         host = self.headers.get("Host")
-        if not host or not is_loopback_host(host):
-            raise RequestError(403, f"Host {host!r} is not allowed: this server listens on "
-                                    "loopback only and answers to localhost / 127.0.0.1 / [::1]",
+        if not host_allowed(host, self.server.allowed_hosts):
+            names = ("localhost / 127.0.0.1 / [::1]" if self.server.loopback_only
+                     else "this machine's names and addresses")
+            raise RequestError(403, f"Host {printable(host)!r} is not allowed: this server answers "
+                                    f"to {names} (add a name with --allowed-host NAME)",
                                code="host_not_allowed")
+
+    def _check_origin(self) -> None:
+        """A web page from elsewhere may not use the API (unless --cors names it)."""
+        origin = self.headers.get("Origin")
+        if not origin_allowed(origin, self.headers.get("Host"), self.server.cors_origin):
+            raise RequestError(403, f"requests from the web page at {printable(origin)!r} are not "
+                                    "allowed (start the server with --cors ORIGIN to allow them)",
+                               code="origin_not_allowed")
 
     def _check_key(self) -> None:
         key = self.server.api_key
@@ -271,34 +278,48 @@ class RequestHandler(BaseHTTPRequestHandler):
         it instead when the body is large or its length unknown."""
         if getattr(self, "_body_read", False) or self.command in ("GET", "HEAD", "OPTIONS"):
             return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > self.server.max_body:
-            if length not in (None, "0"):
+        try:
+            length = content_length(self.headers.get("Content-Length"))
+        except ValueError:
+            length = None
+            self.close_connection = True
+        if length is None or length > self.server.max_body:
+            if length:
                 self.close_connection = True
             return
         self._body_read = True
-        self.rfile.read(int(length))
+        self.read_body(length)
 
     def _json_body(self) -> dict:
         if self.headers.get("Transfer-Encoding", "").lower() not in ("", "identity"):
             self.close_connection = True
             raise RequestError(411, "send the body with a Content-Length (chunked uploads are "
                                     "not supported)")
-        length = self.headers.get("Content-Length")
-        if length is None or not length.strip().isdigit():
+        try:
+            length = content_length(self.headers.get("Content-Length"))
+        except ValueError as e:
+            self.close_connection = True
+            raise RequestError(400, str(e)) from None
+        if length is None:
             self.close_connection = True
             raise RequestError(411, "a Content-Length header is required")
-        length = int(length)
         if length > self.server.max_body:
             self.close_connection = True  # the body stays unread: this connection is done
             raise RequestError(413, f"the request body has {length} bytes; the limit is "
                                     f"{self.server.max_body}", code="request_too_large")
-        data = self.rfile.read(length)
+        data = self.read_body(length)
         self._body_read = True
+        if len(data) < length:
+            self.close_connection = True
+            raise RequestError(400, f"the body ended after {len(data)} of {length} bytes")
         try:
             body = json.loads(data)
+            check_json_depth(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RequestError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except (ValueError, RecursionError) as e:
+            message = str(e) if isinstance(e, ValueError) else "the JSON body nests too deeply"
+            raise RequestError(400, message, code="invalid_json") from None
         if not isinstance(body, dict):
             raise RequestError(400, f"the body must be a JSON object, got {type(body).__name__}")
         return body
@@ -395,7 +416,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         if "messages" not in body:
             raise RequestError(400, "messages is required", "messages")
         try:
-            tokens = worker.chat_tokens(body["messages"])
+            prompt = worker.chat_prompt(body["messages"])
+            self._refuse_beyond_context(prompt.text, info, "messages")
+            tokens = worker.prompt_tokens(prompt)
         except ChatTemplateError as e:
             raise RequestError(400, f"{e}", "messages") from None
         except ValueError as e:  # validate_messages names the message and what is wrong
@@ -414,6 +437,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            self._refuse_beyond_context(prompt, info, "prompt")
             tokens = worker.encode(prompt)
         elif isinstance(prompt, list) and prompt and all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < info.n_vocab for t in prompt):
@@ -425,6 +449,16 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise RequestError(400, "prompt is empty", "prompt")
         job = Job(tokens, params, top_n)
         self._run_job(job, info, "text", stream, body)
+
+    def _refuse_beyond_context(self, text: str, info: ModelInfo, param: str) -> None:
+        """A 400 for text too long to fit the context whatever its tokens, before
+        tokenizing it (which costs time and memory in proportion)."""
+        at_least = self.server.worker.fewest_tokens(text)
+        if at_least + 1 > info.n_ctx:
+            raise RequestError(400, f"the prompt has at least {at_least} tokens ({len(text)} "
+                                    f"characters) but the context holds only {info.n_ctx}; "
+                                    "shorten it or restart the server with a larger -c",
+                               param, "context_length_exceeded")
 
     # --- generation ---
 

@@ -18,6 +18,7 @@ import click
 
 from runtime.container import Container, ContainerError, open_container
 from runtime.gguf import GGUFError, GGUFFile
+from runtime.terminal import printable
 from runtime.units import format_bytes
 
 
@@ -28,7 +29,7 @@ class UserError(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
+        click.echo(f"error: {printable(self.format_message())}", err=True)
 
 
 class UsageError(UserError):

@@ -1041,6 +1041,14 @@ class Tokenizer(_PickledWithoutCaches):
     def vocab_size(self) -> int:
         return len(self._vocab)
 
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of text (no token spells more bytes than the
+        longest piece): refuses text that cannot fit a context before tokenizing it."""
+        longest = getattr(self, "_longest_piece", None)
+        if longest is None:
+            longest = self._longest_piece = max(map(len, self._vocab.pieces), default=1) or 1
+        return len(text.encode("utf-8", "surrogatepass")) // (longest + 1)
+
     @property
     def bos_id(self) -> int | None:
         return self._bos_id

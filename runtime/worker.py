@@ -3,10 +3,10 @@
 EngineWorker loads the model (a Session) on its own thread, then runs generation Jobs one at
 a time, in the order they come. Other threads (the HTTP server's) never touch the engine,
 the model or Numba: they submit a Job and read its events, and use the worker's text
-interface (encode, decode, token_bytes, chat_tokens), which only reads the tokenizer and
-the chat template, both unchanged after loading. A Job's `cancelled` event is the one
-cancel signal: the generation checks it between tokens, and a queued Job that was
-cancelled before it started is skipped.
+interface (encode, decode, token_bytes, fewest_tokens, chat_prompt, prompt_tokens), which
+only reads the tokenizer and the chat template, both unchanged after loading. A Job's
+`cancelled` event is the one cancel signal: the generation checks it between tokens, and a
+queued Job that was cancelled before it started is skipped.
 """
 
 from __future__ import annotations
@@ -111,10 +111,18 @@ class EngineWorker:
         source = self.session.gguf.metadata.get("tokenizer.chat_template")
         return source if isinstance(source, str) else ""
 
-    def chat_tokens(self, messages: Any) -> list[int]:
-        """The prompt's tokens for a conversation, ready for the assistant's turn (raises
-        ChatTemplateError, or ValueError naming a malformed message)."""
-        return self.chat_template.tokens(self.session.tokenizer, messages, add_generation_prompt=True)
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on text's tokens, without tokenizing it (Tokenizer.fewest_tokens)."""
+        return self.session.tokenizer.fewest_tokens(text)
+
+    def chat_prompt(self, messages: Any):
+        """The prompt (runtime.chat.Prompt) for a conversation, ready for the assistant's
+        turn (raises ChatTemplateError, or ValueError naming a malformed message)."""
+        return self.chat_template.prompt(messages, add_generation_prompt=True)
+
+    def prompt_tokens(self, prompt) -> list[int]:
+        """A chat prompt's tokens: message text never becomes control tokens."""
+        return prompt.tokens(self.session.tokenizer)
 
     # --- the engine thread ---------------------------------------------------------------------
 

@@ -467,7 +467,7 @@ def gemma_tokenizer(gemma_metadata):
 def test_typed_control_tokens_stay_text_in_a_gemma_prompt(gemma_metadata, gemma_tokenizer):
     t = ChatTemplate.for_model(gemma_metadata)
     conversation = [{"role": "user", "content": FORGED}]
-    tokens = t.tokens(gemma_tokenizer, conversation)
+    tokens = t.prompt(conversation).tokens(gemma_tokenizer)
     # the template's own markers only: one user turn opened and closed, the model's opened
     assert tokens.count(START_OF_TURN) == 2 and tokens.count(END_OF_TURN) == 1
     assert tokens[0] == gemma_tokenizer.bos_id
@@ -487,7 +487,7 @@ def test_an_innocent_gemma_prompt_tokenizes_as_before(gemma_metadata, gemma_toke
     prompt with special parsing (llama.cpp's way)."""
     t = ChatTemplate.for_model(gemma_metadata)
     text = t.drop_leading_bos(t.render(CONVERSATION))
-    assert t.tokens(gemma_tokenizer, CONVERSATION) == gemma_tokenizer.encode(text)
+    assert t.prompt(CONVERSATION).tokens(gemma_tokenizer) == gemma_tokenizer.encode(text)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -509,8 +509,8 @@ def test_a_template_that_rewrites_messages_refuses_control_text(gemma_tokenizer)
                      "{{ m.content|replace('a', 'A') }}<end_of_turn>\n{% endfor %}")
     assert t.prompt([{"role": "user", "content": "abc"}]).message_spans is None
     with pytest.raises(ChatTemplateError, match="control tokens"):
-        t.tokens(gemma_tokenizer, [{"role": "user", "content": FORGED}])
-    ok = t.tokens(gemma_tokenizer, [{"role": "user", "content": "banana"}])
+        t.prompt([{"role": "user", "content": FORGED}]).tokens(gemma_tokenizer)
+    ok = t.prompt([{"role": "user", "content": "banana"}]).tokens(gemma_tokenizer)
     assert ok == gemma_tokenizer.encode("<start_of_turn>user\nbAnAnA<end_of_turn>\n")
 
 

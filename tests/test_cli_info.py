@@ -294,3 +294,23 @@ def test_bad_hyperparameters_get_one_clear_line(tmp_path, write_gguf, key, value
     assert result.exit_code != 0 and "Traceback" not in result.output
     lines = result.stderr.splitlines()
     assert lines[-1].startswith("error: ") and phrase in lines[-1], result.stderr
+
+
+def test_info_and_errors_show_escapes_for_terminal_controls(tmp_path, write_gguf):
+    """Issue 16, finding 11: metadata was printed raw (a name could clear the screen or set
+    the window title)."""
+
+    def evil(w):
+        _synthetic(w, unsupported=False)
+        w.kv_data[0].pop("general.name", None)
+        w.add_name("Nice\x1b[2J\x1b]0;pwned\x07\u202e")
+
+    path = write_gguf(tmp_path / "evil.gguf", evil)
+    result = run("-m", str(path), "--info")
+    assert result.exit_code == 0, result.output
+    assert not any(c in result.output for c in "\x1b\x07\u202e")
+    assert row(result.stdout, "name") == "Nice\\x1b[2J\\x1b]0;pwned\\x07\\u202e"
+    bad = write_gguf(tmp_path / "arch.gguf", lambda w: w.add_tensor("x", np.zeros(32, np.float32)),
+                     arch="evil\x1b[31m")
+    result = run("-m", str(bad), "-p", "hi")
+    assert result.exit_code != 0 and "\x1b" not in result.output

@@ -339,7 +339,8 @@ def test_a_body_over_the_limit_gets_413_without_being_read(server):
 def test_keep_alive_carries_several_requests(server):
     with closing(http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)) as conn:
         for body in (b"{not json", json.dumps({"prompt": "hi", "max_tokens": 2}).encode(), None):
-            conn.request("POST" if body else "GET", "/v1/completions" if body else "/health", body=body)
+            conn.request("POST" if body else "GET", "/v1/completions" if body else "/health", body=body,
+                         headers={"Content-Type": "application/json"})
             response = conn.getresponse()
             response.read()
             assert response.status in (200, 400)
@@ -433,7 +434,7 @@ def test_a_queued_request_whose_client_left_is_skipped(gemma_server):
     busy = open_stream(server, {"prompt": "Once upon a time", "max_tokens": 200, "temperature": 0})
     queued = socket.create_connection(("127.0.0.1", server.port), timeout=30)
     data = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
-    queued.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+    queued.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     deadline = time.monotonic() + 10
     while worker.jobs.qsize() == 0:  # it waits behind the running one
@@ -650,3 +651,121 @@ def test_props_give_the_models_own_chat_template(server, tmp_path):
         assert status == 200 and body["chat_template"] == template
     finally:
         worker.stop()
+
+
+# --- issue 16, findings 6-11: the HTTP server's edges ------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+
+
+def test_a_cross_site_simple_post_starts_nothing(server, worker):
+    """Finding 7: a web page could POST text/plain (no CORS preflight) and start a generation."""
+    wait_idle(worker)
+    before = dict(worker.counts)
+    status, _, body = request(server, "POST", "/v1/chat/completions", raw=json.dumps(CHAT).encode(),
+                              headers={"Content-Type": "text/plain",
+                                       "Origin": "http://evil.example"})
+    assert status in (403, 415), body
+    status, _, body = request(server, "POST", "/v1/chat/completions", raw=json.dumps(CHAT).encode(),
+                              headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in body["error"]["message"]
+    status, _, body = request(server, "POST", "/v1/chat/completions", CHAT,
+                              headers={"Origin": "http://evil.example"})
+    assert status == 403 and body["error"]["code"] == "origin_not_allowed"
+    assert worker.counts == before and worker.idle
+    # the server's own page (same origin) is served
+    status, _, _ = request(server, "POST", "/v1/chat/completions", CHAT,
+                           headers={"Origin": f"http://127.0.0.1:{server.port}",
+                                    "Host": f"127.0.0.1:{server.port}"})
+    assert status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/no/such/route"])
+def test_a_content_length_of_unicode_digits_gets_an_answer(server, path):
+    """Finding 8: 'Content-Length: ²' passed str.isdigit(), then int() failed; on unknown
+    routes the connection just dropped."""
+    with closing(socket.create_connection(("127.0.0.1", server.port), timeout=10)) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     "Content-Length: ²\r\n\r\n{}".encode())
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 400" if path.startswith("/v1") else b"HTTP/1.1 404"), reply
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
+                                  json.dumps({"messages": json.loads("[" * 200 + "]" * 200)}).encode()])
+def test_json_nested_thousands_deep_is_a_400(server, body):
+    """Finding 8: RecursionError -> 500 with a traceback."""
+    status, _, answer = request(server, "POST", "/v1/chat/completions", raw=body)
+    assert status == 400 and "nest" in answer["error"]["message"]
+
+
+def test_an_over_long_prompt_is_refused_before_it_is_tokenized(server, worker, monkeypatch):
+    """Finding 9: text was tokenized (time and memory in proportion) before the length check."""
+    tokenizer = worker.session.tokenizer
+    calls = []
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: calls.append(a) or [1])
+    for path, body in [("/v1/completions", {"prompt": "hello world " * 200_000, "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [
+                           {"role": "user", "content": "hello world " * 200_000}], "max_tokens": 1})]:
+        status, _, answer = request(server, "POST", path, body)
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded", answer
+    assert calls == []
+
+
+def test_allowed_host_names_and_a_network_bind(worker):
+    """Finding 10: with a non-loopback --host, the Host check was off (DNS rebinding)."""
+    from runtime.http_checks import machine_names
+
+    with running_server(worker, allowed_hosts=("model.lan",)) as loopback:
+        assert request(loopback, "GET", "/health", headers={"Host": "model.lan:8080"})[0] == 200
+        assert request(loopback, "GET", "/health", headers={"Host": "evil.example"})[0] == 403
+    with running_server(worker) as network:
+        # as a server bound to 0.0.0.0 sets itself up (the test itself stays on loopback)
+        network.loopback_only = False
+        network.allowed_hosts = machine_names("0.0.0.0")
+        status, _, body = request(network, "GET", "/health", headers={"Host": "evil.example"})
+        assert status == 403 and "this machine's names" in body["error"]["message"]
+        host = socket.gethostname()
+        assert request(network, "GET", "/health", headers={"Host": f"{host}:8080"})[0] == 200
+
+
+def test_three_hundred_slow_sockets_leave_health_quick(server):
+    """Finding 6: every connection got a thread; 300 sockets trickling a byte each kept 300
+    threads, and at 1024 descriptors /health stopped answering."""
+    slow = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(s)
+        threads = threading.active_count()
+        for _ in range(5):
+            for s in slow[::10]:
+                try:
+                    s.sendall(b"a")
+                except OSError:
+                    pass
+            t0 = time.perf_counter()
+            status, _, _ = request(server, "GET", "/health")
+            assert status == 200 and time.perf_counter() - t0 < 1.0
+        assert threads < 100  # no thread per socket
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_the_request_log_escapes_terminal_controls(worker, capfd):
+    """Finding 11: the request line was printed raw."""
+    server = ModelServer(("127.0.0.1", 0), worker, MODEL_NAME, log=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with closing(socket.create_connection(("127.0.0.1", server.port), timeout=10)) as sock:
+            sock.sendall(b"GET /\x1b]0;pwned\x07\x1b[2J HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Connection: close\r\n\r\n")
+            sock.makefile("rb").read()
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capfd.readouterr().err
+    assert "\\x1b]0;pwned\\x07\\x1b[2J" in err and "\x1b" not in err
