@@ -79,6 +79,9 @@ class RuntimeCommand(click.Command):
 @click.option("--threads-http", type=click.IntRange(1, 256), default=DEFAULT_WORKERS, show_default=True,
               metavar="N", help="Requests answered at once; slow or idle connections wait "
                                 "without holding one.")
+@click.option("--unsecure", is_flag=True,
+              help="Run the chat template renderer without confining it (no Landlock or "
+                   "seccomp; its time and memory limits stay).")
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
                    "in the order they come (the others wait in a queue).")
@@ -86,7 +89,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          chat: bool, perplexity_file: str | None, chunks: int, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
-         cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int,
+         cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
          parallel: int) -> None:
     """Run a GGUF language model on this computer, offline.
 
@@ -109,8 +112,16 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         name = model_name(gguf, model)
     with gguf:
         if info:
+            from runtime.confine import availability
+
             click.echo(describe(gguf, model))
+            click.echo(f"  confinement: the chat template renderer, "
+                       f"{'off (--unsecure)' if unsecure else 'with ' + availability()}")
             return
+        if unsecure:
+            from runtime.chat_worker import renderer
+
+            renderer().confine = False
         if perplexity_file is not None:
             run_perplexity(gguf, perplexity_file, ctx_size or PERPLEXITY_N_CTX, chunks, threads)
             return

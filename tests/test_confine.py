@@ -1,6 +1,7 @@
 """runtime.confine: a process that confined itself cannot write files, run programs or open
 network connections, and still reads (issue 16: the runtime confines itself)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,24 @@ def test_the_renderer_runs_confined():
         pytest.skip(renderer().unconfined)
     assert "Seccomp:\t2" in status  # a filter is loaded
 
+
+def test_unsecure_turns_it_off_and_info_says_which(gemma_path):
+    from click.testing import CliRunner
+
+    from runtime.chat import ChatTemplate
+    from runtime.chat_worker import renderer
+    from runtime.cli import main
+
+    r = renderer()
+    r.close()
+    r.confine = False
+    try:
+        assert ChatTemplate("{{ 'ok' }}").render([{"role": "user", "content": "x"}]) == "ok"
+        assert "Seccomp:\t0" in Path(f"/proc/{r._process.pid}/status").read_text()
+    finally:
+        r.close()
+        r.confine = True
+    out = CliRunner().invoke(main, ["-m", str(gemma_path), "--info"]).stdout
+    assert re.search(r"confinement: the chat template renderer, with (Landlock|nothing)", out)
+    out = CliRunner().invoke(main, ["-m", str(gemma_path), "--info", "--unsecure"]).stdout
+    assert "confinement: the chat template renderer, off (--unsecure)" in out
