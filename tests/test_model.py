@@ -55,13 +55,17 @@ def reference_logits(md: dict, tensors: dict, tokens, kv_round=None, rounded_inp
     def project(h, name):
         """h @ W.T, with h first rounded to 8-bit blocks when W is a quantized format: the
         model computes those products on activations rounded as llama.cpp rounds them
-        (blocks of 32, or 256 for the k-quants; d = max|h| / 127, q = round(h / d))."""
+        (blocks of 32, or 256 for the k-quants; d = max|h| / 127, q = round(h / d), d kept as
+        f16 for blocks of 32)."""
         qtype = tensors[name][1]
         if rounded_inputs and qtype in ROUNDED_INPUTS:
             block = ROUNDED_INPUTS[qtype]
             blocks = h.reshape(-1, block)
             d = np.abs(blocks).max(axis=1, keepdims=True) / 127
-            h = (np.rint(blocks / np.where(d == 0, 1, d)) * d).reshape(h.shape)
+            q = np.rint(blocks / np.where(d == 0, 1, d))
+            if block == 32:  # ggml stores a Q8_0 block's d as f16
+                d = d.astype(np.float16).astype(np.float64)
+            h = (q * d).reshape(h.shape)
         return h @ weight(name).T
 
     n_embd, n_layer = int(hp("embedding_length")), int(hp("block_count"))

@@ -10,7 +10,9 @@ and compute sum(w * d * q) with integer products. Two bounds, both derived:
   Q5_1, Q2_K, Q4_K, Q5_K) add their scale part and minimum part apart, whose magnitudes are
   at most |w| + 2 |minimum| each (`part_magnitude`).
 - against x itself: rounding moves each x_i by at most d_b/2 (d_b its block's scale), so
-  the result moves by at most sum_i |w_i| * d_b(i) / 2 more.
+  the result moves by at most sum_i |w_i| * d_b(i) / 2 more. Blocks of 32 store d as f16,
+  as ggml does (q is rounded with the exact d): |d - d16| <= 2^-11 d16, so there
+  |x - d16 q| <= d/2 + 127 |d - d16| <= (0.5 + 128 * 2^-11) d16 (`step_fraction`).
 A wrong weight, scale or activation byte moves a result by ~|w * x|, far beyond either.
 """
 
@@ -32,16 +34,21 @@ INTEGER_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "Q5_K", "Q3_K", "Q2_K",
 K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # activations in blocks of 256
 
 
+def step_fraction(block):
+    """|x - d q| <= step_fraction * d (see the module docstring)."""
+    return 0.5 + 128 * 2.0 ** -11 if block == 32 else 0.5
+
+
 def activation_block(name):
     return 256 if name in K_QUANTS else 32
 
 
 def quantized(x, name):
-    """(x rounded as the kernels round it, the scale of each element's block)."""
+    """(x rounded as the kernels round it, the most that rounding moves each element)."""
     block = activation_block(name)
     q, d, _ = kernels.quantize_activations(x, block)
     scale = np.repeat(d.astype(np.float64), block)
-    return scale * q, scale
+    return scale * q, scale * step_fraction(block)
 
 
 # Formats with a minimum: (offset of its f16 factor in the block, largest sub-block
@@ -71,7 +78,7 @@ def check(got, raw, name, rows, cols, X):
         float32_bound = (cols + 8) * 2.0 ** -24 * (mag @ np.abs(xq)) + 1e-30
         err_q = np.abs(got[t].astype(np.float64) - w64 @ xq)
         assert np.all(err_q <= float32_bound), f"{name}: {np.max(err_q / float32_bound):.3g} x the float32 bound"
-        rounding_bound = np.abs(w64) @ (scale / 2) + float32_bound
+        rounding_bound = np.abs(w64) @ scale + float32_bound
         err = np.abs(got[t].astype(np.float64) - w64 @ x.astype(np.float64))
         assert np.all(err <= rounding_bound), f"{name}: {np.max(err / rounding_bound):.3g} x the rounding bound"
 
@@ -84,11 +91,15 @@ def test_activation_rounding_is_within_half_a_step(block):
     q, d, sums = kernels.quantize_activations(x, block)
     assert q.dtype == np.int8 and np.all(np.abs(q.astype(np.int32)) <= 127)
     step = np.repeat(d.astype(np.float64), block)
-    # |x - d q| <= d/2, plus the float32 rounding of x * (127 / max|x|) (a few ulps of 127)
-    assert np.all(np.abs(x - step * q) <= step * (0.5 + 2.0 ** -16))
+    # |x - d q| <= d/2 (or the f16 bound), plus the float32 rounding of x / d (ulps of 127)
+    assert np.all(np.abs(x - step * q) <= step * (step_fraction(block) + 2.0 ** -16))
     assert np.all(q[:block] == 0) and d[0] == 0
     np.testing.assert_array_equal(sums, q.astype(np.int32).reshape(-1, 16).sum(1))
-    np.testing.assert_allclose(d, np.abs(x).reshape(-1, block).max(1) / 127, rtol=2.0 ** -22)
+    exact = (np.abs(x).reshape(-1, block).max(1) / np.float32(127)).astype(np.float32)
+    if block == 32:
+        np.testing.assert_array_equal(d, exact.astype(np.float16).astype(np.float32))
+    else:
+        np.testing.assert_allclose(d, exact, rtol=2.0 ** -22)
 
 
 @pytest.mark.parametrize("name", INTEGER_TYPES)

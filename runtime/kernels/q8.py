@@ -31,10 +31,23 @@ def activation_block(type_id):
     return 256 if 10 <= type_id <= 14 or type_id == 23 else 32
 
 
+@njit(inline="always")
+def _round_to_f16(d):
+    """The float32 d (>= 0) rounded to the nearest f16 value (ties to even), subnormals
+    included: how ggml stores a Q8_0 block's scale."""
+    if d < np.float32(2.0 ** -14):  # f16 subnormals: multiples of 2^-24
+        return np.float32(np.rint(d * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24))
+    bits = np.array([d]).view(np.uint32)[0]
+    bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return np.array([bits]).view(np.float32)[0]
+
+
 @njit(fastmath=False, cache=True)
 def quantize_activations(x, block, yq, yd, ys):
-    """x (float32, length a multiple of `block`) -> yq int8 with |yq| <= 127, yd = max|x| / 127
-    per block (0 for an all-zero block), ys = sums of yq per 16."""
+    """x (float32, length a multiple of `block`) -> yq int8 with |yq| <= 127 and yd per block,
+    as ggml's quantize_row_q8_0 (block 32: d = max|x| / 127 stored as f16, q = round(x / d)
+    with the unrounded d) and quantize_row_q8_K (block 256: d in float32); ys = sums of yq
+    per 16."""
     n = x.size
     for b in range(n // block):
         xs = x[b * block:(b + 1) * block]
@@ -42,8 +55,8 @@ def quantize_activations(x, block, yq, yd, ys):
         for i in range(block):
             amax = max(amax, abs(xs[i]))
         d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        yd[b] = d
+        inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+        yd[b] = _round_to_f16(d) if block == 32 else d
         q = yq[b * block:(b + 1) * block]
         for i in range(block):
             q[i] = np.int8(np.rint(xs[i] * inv))
@@ -54,35 +67,83 @@ def quantize_activations(x, block, yq, yd, ys):
         ys[g] = np.int16(s)
 
 
+# The row dots by type id, as globals (Numba calls functions it finds by name).
+_dot_2, _dot4_2 = q8dot.ROW_DOT[2], q8dot.ROW_DOT_BLOCKED[2]  # Q4_0
+_dot_3, _dot4_3 = q8dot.ROW_DOT[3], q8dot.ROW_DOT_BLOCKED[3]  # Q4_1
+_dot_6, _dot4_6 = q8dot.ROW_DOT[6], q8dot.ROW_DOT_BLOCKED[6]  # Q5_0
+_dot_7, _dot4_7 = q8dot.ROW_DOT[7], q8dot.ROW_DOT_BLOCKED[7]  # Q5_1
+_dot_8, _dot4_8 = q8dot.ROW_DOT[8], q8dot.ROW_DOT_BLOCKED[8]  # Q8_0
+_dot_10, _dot4_10 = q8dot.ROW_DOT[10], q8dot.ROW_DOT_BLOCKED[10]  # Q2_K
+_dot_11, _dot4_11 = q8dot.ROW_DOT[11], q8dot.ROW_DOT_BLOCKED[11]  # Q3_K
+_dot_12, _dot4_12 = q8dot.ROW_DOT[12], q8dot.ROW_DOT_BLOCKED[12]  # Q4_K
+_dot_13, _dot4_13 = q8dot.ROW_DOT[13], q8dot.ROW_DOT_BLOCKED[13]  # Q5_K
+_dot_14, _dot4_14 = q8dot.ROW_DOT[14], q8dot.ROW_DOT_BLOCKED[14]  # Q6_K
+_dot_20, _dot4_20 = q8dot.ROW_DOT[20], q8dot.ROW_DOT_BLOCKED[20]  # IQ4_NL
+_dot_23, _dot4_23 = q8dot.ROW_DOT[23], q8dot.ROW_DOT_BLOCKED[23]  # IQ4_XS
+
+
 @njit(cache=True)
 def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
     """The integer dot of one weight row (type `type_id`) with activations from block `yblock`."""
     t = F16_TO_F32
     if type_id == 12:
-        return q8dot.dot_q4_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_12(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 14:
-        return q8dot.dot_q6_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_14(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 8:
-        return q8dot.dot_q8_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_8(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 6:
-        return q8dot.dot_q5_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_6(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 2:
-        return q8dot.dot_q4_0(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_2(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 13:
-        return q8dot.dot_q5_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_13(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 11:
-        return q8dot.dot_q3_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_11(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 10:
-        return q8dot.dot_q2_k(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_10(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 3:
-        return q8dot.dot_q4_1(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_3(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 7:
-        return q8dot.dot_q5_1(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_7(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 23:
-        return q8dot.dot_iq4_xs(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_23(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 20:
-        return q8dot.dot_iq4_nl(raw, off, nblocks, yq, yd, ys, yblock, t)
+        return _dot_20(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     return np.float32(np.nan)
+
+
+@njit(cache=True)
+def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
+    """The integer dots of one weight row with q8dot.MATMUL_TOKENS activation vectors, the
+    first from block `yblock` on, the next ones `ystride` blocks apart."""
+    t = F16_TO_F32
+    if type_id == 12:
+        return _dot4_12(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 14:
+        return _dot4_14(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 8:
+        return _dot4_8(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 6:
+        return _dot4_6(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 2:
+        return _dot4_2(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 13:
+        return _dot4_13(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 11:
+        return _dot4_11(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 10:
+        return _dot4_10(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 3:
+        return _dot4_3(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 7:
+        return _dot4_7(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 23:
+        return _dot4_23(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 20:
+        return _dot4_20(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    nan = np.float32(np.nan)
+    return nan, nan, nan, nan
 
 
 @njit(inline="always")
@@ -161,11 +222,24 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         out = outs[m]
         first = (g - starts[m]) * _MATMUL_ROWS
         last = min(first + _MATMUL_ROWS, row_counts[m])
-        for t in range(n):
-            for row in range(first, last):
-                if activation_block(ty) == 32:
-                    out[t, row] = dot_row(ty, raw, row * row_bytes[m], n_small, q_small, d_small, s_small,
-                                          t * n_small)
+        small_blocks = activation_block(ty) == 32
+        nb = n_small if small_blocks else n_big
+        for row in range(first, last):
+            off = row * row_bytes[m]
+            t = 0
+            while t + 4 <= n:  # q8dot.MATMUL_TOKENS
+                if small_blocks:
+                    a, b, c, d = dot_row_blocked(ty, raw, off, nb, q_small, d_small, s_small, t * nb, nb)
                 else:
-                    out[t, row] = dot_row(ty, raw, row * row_bytes[m], n_big, q_big, d_big, s_big,
-                                          t * n_big)
+                    a, b, c, d = dot_row_blocked(ty, raw, off, nb, q_big, d_big, s_big, t * nb, nb)
+                out[t, row] = a
+                out[t + 1, row] = b
+                out[t + 2, row] = c
+                out[t + 3, row] = d
+                t += 4
+            while t < n:
+                if small_blocks:
+                    out[t, row] = dot_row(ty, raw, off, nb, q_small, d_small, s_small, t * nb)
+                else:
+                    out[t, row] = dot_row(ty, raw, off, nb, q_big, d_big, s_big, t * nb)
+                t += 1

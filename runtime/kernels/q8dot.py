@@ -135,30 +135,36 @@ class _Emit:
                                      ir.Constant(_v(4 * n, _I32), [i // 4 if i % 4 == 0 else n for i in range(4 * n)]))
 
 
-def _row_dot(block_bytes, y_per_block, step, body):
-    """An intrinsic f(raw, off, nblocks, yq, yd, ys, yblock, f16_table) -> float32: the dot
-    of the `nblocks` weight blocks at raw[off] with the activations from block `yblock` on.
+def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
+    """An intrinsic f(raw, off, nblocks, yq, yd, ys, yblock, ystride, f16_table): the dot of
+    the `nblocks` weight blocks at raw[off] with the activations of `tokens` vectors, the
+    first from block `yblock` on and each next one `ystride` blocks further; a float32, or a
+    tuple of `tokens` float32s.
 
     body(e, k, blk, y, ys, dy) emits k (= step, or 1 for a last odd block) blocks at pointer
     blk against activation bytes y, sums ys and scales dy (k floats), and returns terms:
     (int vector, float or float vector) adds int * float, (None, float) adds a float.
+    For several tokens the body is emitted once per token; the weight loads and their
+    unpacking are the same values each time, and LLVM computes them once (GVN), so a block
+    of weights is decoded once for all the tokens (register blocking for matmul).
     """
 
     @intrinsic
-    def row_dot(typingctx, raw, off, nblocks, yq, yd, ys, yblock, table):
-        sig = types.float32(raw, types.int64, types.int64, yq, yd, ys, types.int64, table)
+    def row_dot(typingctx, raw, off, nblocks, yq, yd, ys, yblock, ystride, table):
+        result = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
+        sig = result(raw, types.int64, types.int64, yq, yd, ys, types.int64, types.int64, table)
 
         def codegen(context, builder, sig, args):
-            raw_, off_, nblocks_, yq_, yd_, ys_, yblock_, table_ = args
+            raw_, off_, nblocks_, yq_, yd_, ys_, yblock_, ystride_, table_ = args
 
             def data(i):
                 return context.make_array(sig.args[i])(context, builder, args[i]).data
 
             rawp, yqp, ydp, ysp = data(0), data(3), data(4), data(5)
-            e = _Emit(builder, data(7))
-            accumulators = {}
+            e = _Emit(builder, data(8))
+            accumulators = [{} for _ in range(tokens)]
 
-            def accumulate(terms):
+            def accumulate(terms, slots):
                 for ivec, scale in terms:
                     if ivec is None:
                         key, value = "scalar", scale
@@ -169,18 +175,20 @@ def _row_dot(block_bytes, y_per_block, step, body):
                             scale = e.per_block([scale], ivec.type.count)
                         value = builder.fmul(builder.sitofp(ivec, t), scale, flags=("fast",))
                         key = ivec.type.count
-                    if key not in accumulators:
-                        accumulators[key] = cgutils.alloca_once(builder, t)  # zeroed in the entry block
-                    slot = accumulators[key]
+                    if key not in slots:
+                        slots[key] = cgutils.alloca_once(builder, t)  # zeroed in the entry block
+                    slot = slots[key]
                     builder.store(builder.fadd(builder.load(slot), value, flags=("fast",)), slot)
 
             def emit(k, index):
                 blk = e.at(rawp, builder.add(off_, builder.mul(index, ir.Constant(_I64, block_bytes))))
-                yb = builder.add(yblock_, index)
-                y = e.at(yqp, builder.mul(yb, ir.Constant(_I64, y_per_block)))
-                ysb = e.at(ysp, builder.mul(yb, ir.Constant(_I64, y_per_block // 16)))
-                dy = [builder.load(e.at(ydp, builder.add(yb, ir.Constant(_I64, i)))) for i in range(k)]
-                accumulate(body(e, k, blk, y, ysb, dy))
+                for j in range(tokens):
+                    first = builder.add(yblock_, builder.mul(ystride_, ir.Constant(_I64, j)))
+                    yb = builder.add(first, index)
+                    y = e.at(yqp, builder.mul(yb, ir.Constant(_I64, y_per_block)))
+                    ysb = e.at(ysp, builder.mul(yb, ir.Constant(_I64, y_per_block // 16)))
+                    dy = [builder.load(e.at(ydp, builder.add(yb, ir.Constant(_I64, i)))) for i in range(k)]
+                    accumulate(body(e, k, blk, y, ysb, dy), accumulators[j])
 
             steps = builder.udiv(nblocks_, ir.Constant(_I64, step))
             with cgutils.for_range(builder, steps) as loop:
@@ -190,16 +198,39 @@ def _row_dot(block_bytes, y_per_block, step, body):
                                             ir.Constant(_I64, 0))
                 with builder.if_then(odd):
                     emit(1, builder.sub(nblocks_, ir.Constant(_I64, 1)))
-            total = ir.Constant(_F32, 0.0)
-            for key, slot in accumulators.items():
-                value = builder.load(slot)
-                part = value if key == "scalar" else _horizontal_sum(builder, value)
-                total = builder.fadd(total, part, flags=("fast",))
-            return total
+            totals = []
+            for slots in accumulators:
+                total = ir.Constant(_F32, 0.0)
+                for key, slot in slots.items():
+                    value = builder.load(slot)
+                    part = value if key == "scalar" else _horizontal_sum(builder, value)
+                    total = builder.fadd(total, part, flags=("fast",))
+                totals.append(total)
+            if tokens == 1:
+                return totals[0]
+            return context.make_tuple(builder, sig.return_type, totals)
 
         return sig, codegen
 
     return row_dot
+
+
+def _formats(tokens):
+    """{type id: row dot intrinsic} for `tokens` activation vectors at once."""
+    return {
+        2: _row_dot(18, 32, 2, _legacy_body(18, 2, bias=8), tokens),  # Q4_0
+        3: _row_dot(20, 32, 2, _legacy_body(20, 4, has_min=True), tokens),  # Q4_1
+        6: _row_dot(22, 32, 2, _legacy_body(22, 6, qh_off=2, bias=16), tokens),  # Q5_0
+        7: _row_dot(24, 32, 2, _legacy_body(24, 8, qh_off=4, has_min=True), tokens),  # Q5_1
+        8: _row_dot(34, 32, 2, _q8_0_body, tokens),  # Q8_0
+        10: _row_dot(84, 256, 1, _low2_body(16, None), tokens),  # Q2_K
+        11: _row_dot(110, 256, 1, _low2_body(32, 0), tokens),  # Q3_K
+        12: _row_dot(144, 256, 1, _k4_body(16), tokens),  # Q4_K
+        13: _row_dot(176, 256, 1, _k4_body(48, qh_off=16), tokens),  # Q5_K
+        14: _row_dot(210, 256, 1, _q6_k_body, tokens),  # Q6_K
+        20: _row_dot(18, 32, 2, _iq4_nl_body, tokens),  # IQ4_NL
+        23: _row_dot(136, 256, 1, _iq4_xs_body, tokens),  # IQ4_XS
+    }
 
 
 # ------------------------------------------------------------------------ legacy formats
@@ -246,12 +277,6 @@ def _q8_0_body(e, k, blk, y, ys, dy):
     return [(sums, e.per_block(scales, 8) if k > 1 else scales[0])]
 
 
-# Powers of two only, for the shift in _legacy_body.
-dot_q4_0 = _row_dot(18, 32, 2, _legacy_body(18, 2, bias=8))
-dot_q4_1 = _row_dot(20, 32, 2, _legacy_body(20, 4, has_min=True))
-dot_q5_0 = _row_dot(22, 32, 2, _legacy_body(22, 6, qh_off=2, bias=16))
-dot_q5_1 = _row_dot(24, 32, 2, _legacy_body(24, 8, qh_off=4, has_min=True))
-dot_q8_0 = _row_dot(34, 32, 2, _q8_0_body)
 
 
 # ----------------------------------------------------------------------------- k-quants
@@ -359,11 +384,6 @@ def _low2_body(qs_off, hmask_off):
     return body
 
 
-dot_q2_k = _row_dot(84, 256, 1, _low2_body(16, None))
-dot_q3_k = _row_dot(110, 256, 1, _low2_body(32, 0))
-dot_q4_k = _row_dot(144, 256, 1, _k4_body(16))
-dot_q5_k = _row_dot(176, 256, 1, _k4_body(48, qh_off=16))
-dot_q6_k = _row_dot(210, 256, 1, _q6_k_body)
 
 
 # ------------------------------------------------------------------------ IQ4_NL, IQ4_XS
@@ -395,5 +415,8 @@ def _iq4_xs_body(e, k, blk, y, ys, dy):
     return [(total, b.fmul(e.f16(blk, 0), dy[0]))]
 
 
-dot_iq4_nl = _row_dot(18, 32, 2, _iq4_nl_body)
-dot_iq4_xs = _row_dot(136, 256, 1, _iq4_xs_body)
+# Tokens per call of the blocked row dots (matmul): each block of weights is unpacked once
+# for this many activation vectors.
+MATMUL_TOKENS = 4
+ROW_DOT = _formats(1)
+ROW_DOT_BLOCKED = _formats(MATMUL_TOKENS)
