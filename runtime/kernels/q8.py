@@ -55,7 +55,7 @@ def quantize_activations(x, block, yq, yd, ys):
         for i in range(block):
             amax = max(amax, abs(xs[i]))
         d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if amax > 0 else np.float32(0.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)  # as ggml: not 1 / d
         yd[b] = _round_to_f16(d) if block == 32 else d
         q = yq[b * block:(b + 1) * block]
         for i in range(block):
