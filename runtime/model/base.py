@@ -30,7 +30,7 @@ from runtime import kernels
 from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
 from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, HParams, UnsupportedModelError,  # noqa: F401
                              kv_cache_shapes)
-from runtime.kernels import fused, ops
+from runtime.kernels import ops
 
 
 # The feed-forward's gated activations, act(gate) * up: the op in runtime.kernels.ops of each.
@@ -68,8 +68,8 @@ class Matrix(kernels.BlockMatrix):
 
 
 class Projections:
-    """Matrices that read the same input (q, k and v; gate and up): one parallel launch for
-    a token (runtime.kernels.fused), each matrix's matmul for a batch."""
+    """Matrices that read the same input (q, k and v; gate and up): one parallel launch and
+    one 8-bit rounding of the input (runtime.kernels.matvec_many / matmul_many)."""
 
     def __init__(self, *matrices: Matrix):
         self.matrices = matrices
@@ -82,11 +82,11 @@ class Projections:
 
     def __call__(self, X: np.ndarray) -> list[np.ndarray]:
         """[X @ W.T for each matrix W], each [n, W.rows]."""
+        cols = self.matrices[0].cols
         if X.shape[0] != 1:
-            return [m(X) for m in self.matrices]
+            return kernels.matmul_many(self.matrices, cols, X)
         out = np.empty((1, int(self.ends[-1])), np.float32)
-        fused.matvec_many_kernel(self.type_ids, self.raws, self.row_bytes, self.row_blocks, self.ends,
-                                 np.ascontiguousarray(X[0], np.float32), out[0])
+        kernels.matvec_many(self.matrices, cols, X[0], [out[0, a:b] for a, b in self.bounds])
         return [out[:, a:b] for a, b in self.bounds]
 
 
