@@ -54,6 +54,12 @@ SPECS: dict[str, dict] = {
     # still (rms 0.16 once scaled) and the output norm larger
     "gemma": dict(vocab="llama-spm", n_embd=256, n_layer=2, n_head=4, n_head_kv=1, head_dim=64,
                   n_ff=512, scale_embedding=True, embd_std=0.01, output_norm=12.0),
+    # Four layers: 0 and 2 slide over 16 positions, 1 and 3 are global. Attention scores
+    # capped at 2 (Gemma 2's 50 would not bite on these scores), final logits at 30.
+    "gemma2": dict(vocab="llama-spm", n_embd=256, n_layer=4, n_head=4, n_head_kv=2, head_dim=64,
+                   n_ff=512, post_norms=True, scale_embedding=True, embd_std=0.025, output_norm=7.5,
+                   keys={"attention.sliding_window": (U32, 16), "attn_logit_softcapping": (F32, 2.0),
+                         "final_logit_softcapping": (F32, 30.0)}),
     # Granite 3 uses the refact pre-tokenizer's vocabulary; its multipliers scaled to the
     # size: logits divided by 8 (hence the larger output norm), residual branches by ~0.22.
     # Untied: tied, the embedding (x12) would outweigh the scaled-down residual branches.
@@ -76,6 +82,14 @@ SPECS: dict[str, dict] = {
                      n_ff=512, qk_norm=True, n_expert=8, n_expert_used=2, n_ff_exp=256,
                      keys={"rope.freq_base": (F32, 1e6), "expert_count": (U32, 8),
                            "expert_used_count": (U32, 2), "expert_feed_forward_length": (U32, 256)}),
+    # Phi-4-mini's layout scaled down: fused QKV and gate/up, GQA, RoPE over 3/4 of each
+    # head, LongRoPE factors with an original context of 32, so the 64-token run (llama.cpp
+    # pads its context to 256) takes the long factors, and Phi-3.5's attn_factor
+    "phi3": dict(vocab="phi-3", n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
+                 n_ff=512, fused=True, rope_factors=("long", "short"),
+                 keys={"rope.dimension_count": (U32, 48), "rope.freq_base": (F32, 1e4),
+                       "rope.scaling.attn_factor": (F32, 1.19),
+                       "rope.scaling.original_context_length": (U32, 32)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -145,14 +159,21 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
     def norm(name, n):
         out.append((name, (n,), 0.1, 1.0))
 
+    for which in spec.get("rope_factors", ()):  # LongRoPE: per-pair factors near 1..4
+        n_rot = spec["keys"]["rope.dimension_count"][1]
+        out.append((f"rope_factors_{which}.weight", (n_rot // 2,), 0.2, 2.0 if which == "long" else 1.2))
+
     pre_norms = spec.get("pre_norms", True)
     for il in range(spec["n_layer"]):
         p = f"blk.{il}."
         if pre_norms:
             norm(p + "attn_norm.weight", d)
-        matrix(p + "attn_q.weight", q_dim, d)
-        matrix(p + "attn_k.weight", kv_dim, d)
-        matrix(p + "attn_v.weight", kv_dim, d)
+        if spec.get("fused"):
+            matrix(p + "attn_qkv.weight", q_dim + 2 * kv_dim, d)
+        else:
+            matrix(p + "attn_q.weight", q_dim, d)
+            matrix(p + "attn_k.weight", kv_dim, d)
+            matrix(p + "attn_v.weight", kv_dim, d)
         if spec.get("bias"):
             for c, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 out.append((f"{p}attn_{c}.bias", (n,), 0.5, 0.0))
@@ -171,6 +192,9 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
             out.append((p + "ffn_gate_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
             out.append((p + "ffn_up_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
             out.append((p + "ffn_down_exps.weight", (n_exp, d, n_ff_exp), n_ff_exp ** -0.5, 0.0))
+        elif spec.get("fused"):
+            matrix(p + "ffn_up.weight", 2 * n_ff, d)  # gate rows, then up rows
+            matrix(p + "ffn_down.weight", d, n_ff)
         else:
             matrix(p + "ffn_gate.weight", n_ff, d)
             matrix(p + "ffn_up.weight", n_ff, d)

@@ -16,7 +16,10 @@ largest |logit| on llama.cpp's top 32, and the same arg-max everywhere. One deli
 difference is emulated: llama.cpp's CPU GELU (the GeGLU families) rounds its input to f16 and
 looks the answer up in an f16 table (GGML_GELU_FP16 in ggml-cpu/vec.h), which moves the
 logits by ~3e-4 relative; the F32 check of those families runs our model with that rounding
-(llamacpp_gelu below), so the rest of the network is held to 1e-4.
+(llamacpp_gelu below). That cannot be exact: where our GELU input and llama.cpp's differ in
+the last float32 bits and straddle an f16 rounding boundary, the two round apart by one f16
+step (2^-11 relative). Measured with the emulation, those families stay within 1.3e-4 of the
+largest logit (median 5e-5; without it 2.7e-4..4.3e-4), so they are held to F32_RTOL_GELU.
 
 Q8_0 and Q4_K_M: both sides read the same quantized weights (our quantizer's file is checked
 to be byte for byte llama.cpp's), but llama.cpp also quantizes the activations to 8 bits (Q8_0
@@ -43,10 +46,11 @@ import pytest
 
 import parity_models as pm
 from runtime.gguf import GGUFFile
-from runtime.model import KVCache, load_model
+from runtime.model import ARCHITECTURES, KVCache, load_model
 
 ARCHS = sorted(pm.SPECS)
 F32_RTOL = 1e-4
+F32_RTOL_GELU = 2.5e-4  # GeGLU families: llama.cpp's f16 GELU, emulated but not bit for bit
 ARGMAX_AGREEMENT = 0.95
 TIE = 0.1  # llama.cpp logits this close to its maximum count as its arg-max (see above)
 KL_BOUND = {"Q8_0": 5e-3, "Q4_K_M": 1e-2}  # mean nats per position: ~5x the largest measured
@@ -151,11 +155,12 @@ def test_f32_logits_match_llamacpp(parity_file, arch, monkeypatch):
     ref = reference["files"]["F32"]
     monkeypatch.setattr(ops, "gelu_tanh_mul", llamacpp_gelu)
     ours = our_logits(path, reference["tokens"])
+    rtol = F32_RTOL_GELU if ARCHITECTURES[arch].ffn_activation == "gelu_tanh" else F32_RTOL
     ids, values = np.array(ref["top_ids"]), np.array(ref["top_values"])
     scale = np.abs(values).max(axis=1)
     err = np.abs(np.take_along_axis(ours, ids, axis=1) - values).max(axis=1)
     worst = int(np.argmax(err / scale))
-    assert np.all(err <= F32_RTOL * scale), (
+    assert np.all(err <= rtol * scale), (
         f"position {worst}: max |diff| {err[worst]:.3g} vs largest |logit| {scale[worst]:.3g}")
     mismatched = np.flatnonzero(ours.argmax(axis=1) != ids[:, 0])
     assert mismatched.size == 0, f"arg-max differs from llama.cpp's at positions {mismatched.tolist()}"

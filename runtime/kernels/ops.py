@@ -116,7 +116,7 @@ def softmax_inplace(x, n):
 
 @njit(cache=True, fastmath=True, parallel=True)
 def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos, n_heads,
-              scale, window, out):
+              scale, window, out, softcap=0.0):
     """Causal multi-head attention of n new queries over the cache.
 
     q[n, n_heads*head_dim] holds the queries of the tokens at positions start_pos+i, whose
@@ -124,7 +124,8 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
     k_blocks blocks of GGML type k_type (v_blocks of v_type), read in their stored type.
     Query head h reads KV head h // (n_heads // n_kv_heads) (grouped-query attention). With
     window > 0 the query at position p sees only keys at positions > p - window (sliding
-    window). Writes out[n, n_heads*head_dim_v].
+    window). With softcap > 0 each scaled score s becomes softcap * tanh(s / softcap) before
+    the softmax (Gemma 2's attention soft-capping). Writes out[n, n_heads*head_dim_v].
     """
     n = q.shape[0]
     n_kv_heads = k_cache.shape[0]
@@ -146,6 +147,9 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
         scores = np.empty(n_keys, np.float32)
         for j in range(n_keys):
             scores[j] = dot_blocks(k_type, keys[first + j], 0, k_blocks, qh, 0) * scale
+        if softcap > 0:
+            for j in range(n_keys):
+                scores[j] = np.float32(softcap * math.tanh(scores[j] / softcap))
         softmax_inplace(scores, n_keys)
         acc = np.zeros(head_dim_v, np.float32)
         value = np.empty(head_dim_v, np.float32)

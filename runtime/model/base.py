@@ -190,6 +190,7 @@ class Transformer:
     residual_scale: float = 1.0  # multiplies the attention and FFN outputs (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / its logit_scale)
     rope_attn_factor: float = 1.0  # multiplies the rotated dimensions of q and k (LongRoPE)
+    attn_softcap: float = 0.0  # > 0: attention scores soft-capped at this (Gemma 2)
 
     def __init__(self, gguf_file):
         self.gguf = gguf_file
@@ -199,7 +200,7 @@ class Transformer:
             raise UnsupportedModelError(f"{type(self).__name__} runs {self.architecture!r}, not {arch!r}")
         self._tensors = gguf_file.tensors
         embd = self._tensor("token_embd.weight")
-        self.hp = hp = HParams.from_metadata(md, n_vocab=int(embd.shape[1]))
+        self.hp = hp = self.adjust_hparams(HParams.from_metadata(md, n_vocab=int(embd.shape[1])))
         self.check_hparams()
         if self.ffn_activation not in GATED_ACTIVATIONS:
             raise UnsupportedModelError(
@@ -244,6 +245,10 @@ class Transformer:
         self.attention_scale = self.attention_scale_for(hp)
 
     # --- what a family may override -------------------------------------------------------
+
+    def adjust_hparams(self, hp: HParams) -> HParams:
+        """The family's defaults for what its files may leave out (llama.cpp's loader's)."""
+        return hp
 
     def check_hparams(self) -> None:
         hp = self.hp
@@ -417,7 +422,8 @@ class Transformer:
         out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
         window = hp.sliding_window if layer.sliding else 0
         ops.attention(q, cache.k[il], cache.k_ggml.id, cache.k_blocks, cache.v[il], cache.v_ggml.id,
-                      cache.v_blocks, start_pos, hp.n_head, np.float32(self.attention_scale), window, out)
+                      cache.v_blocks, start_pos, hp.n_head, np.float32(self.attention_scale), window, out,
+                      np.float32(self.attn_softcap))
         return layer.wo(out)
 
     def feed_forward(self, layer: Layer, h):

@@ -40,6 +40,12 @@ class Gemma3(Transformer):
 
     @staticmethod
     def attention_scale_for(hp: HParams) -> float:
-        if hp.n_layer == 62:  # Gemma 3 27B
-            return 1.0 / math.sqrt(hp.n_embd / hp.n_head)
-        return 1.0 / math.sqrt(hp.head_dim)
+        return gemma_attention_scale(hp, n_layer_27b=62)
+
+
+def gemma_attention_scale(hp: HParams, n_layer_27b: int) -> float:
+    """1/sqrt(head_dim), except on the 27B models (told apart by their layer count), whose
+    query_pre_attn_scalar is n_embd / n_head (Gemma 2 and 3 alike)."""
+    if hp.n_layer == n_layer_27b:
+        return 1.0 / math.sqrt(hp.n_embd / hp.n_head)
+    return 1.0 / math.sqrt(hp.head_dim)
