@@ -29,7 +29,7 @@ def default_n_ctx(n_ctx_train: int) -> int:
 
 # general.architecture values runtime.model runs (its ARCHITECTURES, which imports the
 # kernels); here so --info can name them without loading Numba
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "granite", "llama", "olmo2", "phi3",
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "granite", "llama", "mistral3", "olmo2", "phi3",
                            "qwen2", "qwen3", "qwen3moe", "smollm3")
 
 
@@ -65,6 +65,8 @@ class HParams:
     rope_scale: float  # multiplies every rotation speed: 1 / rope.scaling.factor when linear
     sliding_window: int  # 0: none
     final_logit_softcap: float  # 0: none
+    rope_scaling: str = "none"  # rope.scaling.type: none, linear or yarn
+    n_ctx_orig: int = 0  # rope.scaling.original_context_length (YaRN, LongRoPE), else n_ctx_train
 
     @classmethod
     def from_metadata(cls, md: dict, n_vocab: int) -> "HParams":
@@ -85,13 +87,14 @@ class HParams:
         scaling = str(get("rope.scaling.type", "none"))
         factor = float(get("rope.scaling.factor", 1.0))
         # llama3-style scaling needs no type: it comes as the rope_freqs tensor
-        if scaling not in ("none", "linear"):
+        if scaling not in ("none", "linear", "yarn"):
             raise UnsupportedModelError(f"RoPE scaling type {scaling!r} is not supported")
-        rope_scale = 1.0 / factor if scaling == "linear" and factor > 0 else 1.0
+        rope_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
+        n_ctx_train = int(get("context_length"))
         return check_hparams(cls(
             arch=arch,
             n_vocab=n_vocab,
-            n_ctx_train=int(get("context_length")),
+            n_ctx_train=n_ctx_train,
             n_embd=n_embd,
             n_layer=int(get("block_count")),
             n_ff=int(_scalar(get("feed_forward_length"))),
@@ -105,6 +108,8 @@ class HParams:
             rope_scale=rope_scale,
             sliding_window=int(get("attention.sliding_window", 0)),
             final_logit_softcap=float(get("final_logit_softcapping", 0.0)),
+            rope_scaling=scaling,
+            n_ctx_orig=int(get("rope.scaling.original_context_length", n_ctx_train)),
         ))
 
 

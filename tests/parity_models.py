@@ -82,6 +82,16 @@ SPECS: dict[str, dict] = {
                      n_ff=512, qk_norm=True, n_expert=8, n_expert_used=2, n_ff_exp=256,
                      keys={"rope.freq_base": (F32, 1e6), "expert_count": (U32, 8),
                            "expert_used_count": (U32, 2), "expert_feed_forward_length": (U32, 256)}),
+    # Ministral 3 uses the tekken vocabulary, not among the test vocabularies; llama-bpe's
+    # is the nearest. YaRN (factor 4 over an original context of 16, a log multiplier that
+    # makes its magnitude factor non-trivial) and Llama 4's attention temperature, so both
+    # change the logits within 64 positions.
+    "mistral3": dict(vocab="llama-bpe", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, head_dim=32,
+                     n_ff=512, keys={"rope.freq_base": (F32, 1e6), "rope.scaling.type": (STR, "yarn"),
+                                     "rope.scaling.factor": (F32, 4.0),
+                                     "rope.scaling.original_context_length": (U32, 16),
+                                     "rope.scaling.yarn_log_multiplier": (F32, 0.5),
+                                     "attention.temperature_scale": (F32, 0.1)}),
     # Phi-4-mini's layout scaled down: fused QKV and gate/up, GQA, RoPE over 3/4 of each
     # head, LongRoPE factors with an original context of 32, so the 64-token run (llama.cpp
     # pads its context to 256) takes the long factors, and Phi-3.5's attn_factor

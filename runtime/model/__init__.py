@@ -8,6 +8,7 @@ from .gemma2 import Gemma2
 from .gemma3 import Gemma3
 from .granite import Granite
 from .llama import Llama
+from .mistral3 import Mistral3
 from .olmo2 import Olmo2
 from .phi3 import Phi3
 from .qwen2 import Qwen2
@@ -16,8 +17,8 @@ from .qwen3moe import Qwen3Moe
 from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
-    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Gemma3, Gemma, Gemma2, Granite, Olmo2, Phi3,
-                                       SmolLM3)
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Gemma3, Gemma, Gemma2, Granite, Mistral3,
+                                       Olmo2, Phi3, SmolLM3)
 }
 
 

@@ -112,6 +112,7 @@ class Layer:
     post_ffn_norm: np.ndarray | None
     sliding: bool  # attends over the last `sliding_window` positions only
     rope_inv_freq: np.ndarray  # radians per position of each rotated pair; empty: no RoPE
+    rope_mscale: float  # multiplies the rotated dimensions of q and k (ggml's mscale)
     experts: object = None  # the family's mixture of experts (its feed_forward runs it)
 
 
@@ -189,8 +190,10 @@ class Transformer:
     embedding_scale: float = 1.0  # multiplies token embeddings (Granite)
     residual_scale: float = 1.0  # multiplies the attention and FFN outputs (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / its logit_scale)
-    rope_attn_factor: float = 1.0  # multiplies the rotated dimensions of q and k (LongRoPE)
     attn_softcap: float = 0.0  # > 0: attention scores soft-capped at this (Gemma 2)
+    # layer tensors (after "blk.N.") the family's files may have but this build does not run:
+    # refused by name rather than ignored
+    unsupported_tensors: tuple[str, ...] = ()
 
     def __init__(self, gguf_file):
         self.gguf = gguf_file
@@ -199,6 +202,11 @@ class Transformer:
         if arch != self.architecture:
             raise UnsupportedModelError(f"{type(self).__name__} runs {self.architecture!r}, not {arch!r}")
         self._tensors = gguf_file.tensors
+        for name in self.unsupported_tensors:
+            if f"blk.0.{name}" in self._tensors:
+                raise UnsupportedModelError(f"{arch} models with a {name} tensor are not supported")
+        # rope.scaling.attn_factor multiplies the rotated dimensions (llama.cpp, every family)
+        self.rope_attn_factor = float(md.get(f"{arch}.rope.scaling.attn_factor", 1.0))
         embd = self._tensor("token_embd.weight")
         self.hp = hp = self.adjust_hparams(HParams.from_metadata(md, n_vocab=int(embd.shape[1])))
         self.check_hparams()
@@ -223,6 +231,7 @@ class Transformer:
             p = f"blk.{il}."
             has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
             base, scale = self.rope_for_layer(il)
+            yarn = hp.rope_scaling == "yarn" and (base, scale) == (hp.rope_base, hp.rope_scale)
             wq, wk, wv = self.attention_matrices(p, q_dim, kv_dim, v_dim)
             self.layers.append(Layer(
                 attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
@@ -239,8 +248,10 @@ class Transformer:
                 **self.feed_forward_weights(p),
                 post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
                 sliding=self.is_sliding(il),
-                rope_inv_freq=(ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors)
-                               if self.has_rope(il) else np.zeros(0, np.float64)),
+                rope_inv_freq=(np.zeros(0, np.float64) if not self.has_rope(il)
+                               else self.yarn_inv_freq(rope_factors) if yarn
+                               else ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors)),
+                rope_mscale=self.rope_attn_factor * (self.yarn_mscale() if yarn else 1.0),
             ))
         self.attention_scale = self.attention_scale_for(hp)
 
@@ -286,6 +297,35 @@ class Transformer:
     def rope_frequencies(self, layer: Layer, cache: KVCache) -> np.ndarray:
         """The rotation speeds layer uses with this cache (LongRoPE picks by context size)."""
         return layer.rope_inv_freq
+
+    def scale_queries(self, q: np.ndarray, positions: np.ndarray) -> None:
+        """Scale the queries q[n, n_head*head_dim] in place by position (none by default)."""
+
+    def yarn_inv_freq(self, factors: np.ndarray) -> np.ndarray:
+        """YaRN's rotation speeds (ggml's rope_yarn with ext_factor 1): each pair's speed is
+        blended between the scaled one and the original by a ramp over the pairs, from the
+        correction dimensions of yarn_beta_fast (32) and yarn_beta_slow (1) rotations over
+        the original context."""
+        hp, md, a = self.hp, self.gguf.metadata, self.architecture + "."
+        beta_fast = float(md.get(a + "rope.scaling.yarn_beta_fast", 32.0))
+        beta_slow = float(md.get(a + "rope.scaling.yarn_beta_slow", 1.0))
+
+        def corr_dim(n_rotations):
+            return hp.n_rot * math.log(hp.n_ctx_orig / (n_rotations * 2 * math.pi)) / (2 * math.log(hp.rope_base))
+
+        low = max(0.0, math.floor(corr_dim(beta_fast)))
+        high = min(hp.n_rot - 1.0, math.ceil(corr_dim(beta_slow)))
+        extrap = ops.rope_inv_freq(hp.n_rot, hp.rope_base, 1.0, factors)
+        k = np.arange(hp.n_rot // 2)
+        ramp = 1.0 - np.clip((k - low) / max(0.001, high - low), 0.0, 1.0)
+        return extrap * (hp.rope_scale * (1.0 - ramp) + ramp)
+
+    def yarn_mscale(self) -> float:
+        """YaRN's magnitude factor as llama.cpp ends up applying it: (1 + 0.1 ln s) /
+        (1 + 0.1 m ln s) for scaling factor s and rope.scaling.yarn_log_multiplier m."""
+        log_mul = float(self.gguf.metadata.get(f"{self.architecture}.rope.scaling.yarn_log_multiplier", 0.0))
+        ln_s = math.log(1.0 / self.hp.rope_scale)
+        return (1.0 + 0.1 * ln_s) / (1.0 + 0.1 * log_mul * ln_s)
 
     def attention_matrices(self, p: str, q_dim: int, kv_dim: int, v_dim: int) -> tuple[Matrix, Matrix, Matrix]:
         """The q, k, v projections of the layer whose tensor names start with p."""
@@ -414,10 +454,11 @@ class Transformer:
         if inv_freq.size:
             ops.rope(q, positions, hp.n_head, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
             ops.rope(k, positions, hp.n_head_kv, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
-            if self.rope_attn_factor != 1.0:  # ggml scales the rotated dimensions only
-                m = np.float32(self.rope_attn_factor)
+            if layer.rope_mscale != 1.0:  # ggml scales the rotated dimensions only
+                m = np.float32(layer.rope_mscale)
                 q.reshape(n, hp.n_head, hp.head_dim)[:, :, :hp.n_rot] *= m
                 k.reshape(n, hp.n_head_kv, hp.head_dim)[:, :, :hp.n_rot] *= m
+        self.scale_queries(q, positions)
         cache.store(il, start_pos, k, v)
         out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
         window = hp.sliding_window if layer.sliding else 0

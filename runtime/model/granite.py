@@ -13,6 +13,8 @@ from .base import HParams, Transformer, UnsupportedModelError
 
 class Granite(Transformer):
     architecture = "granite"
+    unsupported_tensors = ("attn_output.bias", "ffn_up.bias", "ffn_gate.bias", "ffn_down.bias",
+                           "ffn_gate_inp.weight")
 
     def __init__(self, gguf_file):
         md, a = gguf_file.metadata, self.architecture + "."
@@ -24,11 +26,6 @@ class Granite(Transformer):
         self.logit_scale = 1.0 / float(md[a + "logit_scale"])
         self._attention_scale = float(md.get(a + "attention.scale", 0.0))
         self._rope = bool(md.get(a + "rope.scaling.finetuned", True))
-        for name in ("blk.0.attn_output.bias", "blk.0.ffn_up.bias", "blk.0.ffn_gate.bias",
-                     "blk.0.ffn_down.bias", "blk.0.ffn_gate_inp.weight"):
-            if name in gguf_file.tensors:
-                raise UnsupportedModelError(f"granite models with a {name.split('.', 2)[2]} tensor "
-                                            f"are not supported")
         super().__init__(gguf_file)
 
     def has_rope(self, il: int) -> bool:

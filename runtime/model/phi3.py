@@ -8,8 +8,8 @@
   rotary: 3/4 of them on Phi-4-mini).
 - LongRoPE: per-pair frequency factors rope_factors_short / rope_factors_long; llama.cpp
   takes the long ones when the context it runs with exceeds
-  rope.scaling.original_context_length, and rope.scaling.attn_factor multiplies the rotated
-  dimensions of q and k (ggml's mscale) whatever the context.
+  rope.scaling.original_context_length (rope.scaling.attn_factor, which multiplies the
+  rotated dimensions whatever the context, is the skeleton's, as in llama.cpp).
 - llama.cpp ignores Phi's sliding window (attention.sliding_window): so do we.
 """
 
@@ -34,11 +34,8 @@ class Phi3(Transformer):
     rope_neox = True
 
     def __init__(self, gguf_file):
-        md, a = gguf_file.metadata, self.architecture + "."
-        self.rope_attn_factor = float(md.get(a + "rope.scaling.attn_factor", 1.0))
         super().__init__(gguf_file)
         hp = self.hp
-        self.n_ctx_orig = int(md.get(a + "rope.scaling.original_context_length", hp.n_ctx_train))
         self.long_rope_inv_freq = None
         if "rope_freqs.weight" in self._tensors:  # llama.cpp prefers these when present
             return
@@ -52,7 +49,7 @@ class Phi3(Transformer):
             self.long_rope_inv_freq = ops.rope_inv_freq(hp.n_rot, hp.rope_base, hp.rope_scale, factors["long"])
 
     def rope_frequencies(self, layer: Layer, cache: KVCache) -> np.ndarray:
-        if self.long_rope_inv_freq is not None and cache.n_ctx > self.n_ctx_orig:
+        if self.long_rope_inv_freq is not None and cache.n_ctx > self.hp.n_ctx_orig:
             return self.long_rope_inv_freq
         return layer.rope_inv_freq
 
