@@ -6,7 +6,7 @@
 Every model of SHAPES (Llama 3.2 1B/3B, Llama 3.1 8B, Qwen2.5 1.5B/7B, Qwen3 1.7B/8B, Gemma 3
 1B/4B) is written with its real layer count, widths, heads, head size, vocabulary size, RoPE
 base and scaling, tied or untied output, in llama.cpp's Q4_K_M mix (the tensor types its
-quantizer picks: bundler.quantize's rules, which mirror llama.cpp's) or "pure" in one type
+quantizer picks: bundler.mixes' rules, which mirror llama.cpp's) or "pure" in one type
 (Q8_0, Q4_0, Q6_K, IQ4_XS; llama.cpp's --pure: every matrix that type, rows too short for it
 falling back as llama.cpp does). The weights are random but valid blocks: random quants and
 sub-block scales, with the f16 super-block scales chosen so that every matrix's weights have a
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bundler.quantize import Mix, ModelFacts, fit_rows, is_quantizable, mix_by_name, mix_type  # noqa: E402
+from bundler.mixes import Mix, ModelFacts, fit_rows, is_quantizable, mix_by_name, mix_type  # noqa: E402
 from runtime import user_cache_home  # noqa: E402
 from runtime.ggml_types import ggml_type  # noqa: E402
 from runtime.gguf import GGUFFile, StringArray, ValueType  # noqa: E402

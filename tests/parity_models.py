@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bundler.quantize import header_bytes
+from bundler.gguf_writer import header_bytes
 from runtime.ggml_types import ggml_type
 from runtime.gguf import GGUFFile, ValueType
 

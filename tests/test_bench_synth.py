@@ -15,7 +15,7 @@ import pytest
 from conftest import run_in_group
 
 from bench import synth
-from bundler.quantize import mix_by_name, plan
+from bundler.mixes import mix_by_name, plan
 from runtime.gguf import GGUFFile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_written_model_is_llamacpps_q4_k_m_mix_and_reads_back(tiny_model):
     reader = gguf.GGUFReader(tiny_model)
     names = [t.name for t in reader.tensors]
     assert len(names) == 2 + 2 * 13  # token_embd (tied), output_norm, 13 per gemma3 layer
-    # every tensor has the type llama.cpp's Q4_K_M rules give it (bundler.quantize.plan)
+    # every tensor has the type llama.cpp's Q4_K_M rules give it (bundler.mixes.plan)
     with GGUFFile(tiny_model) as parsed:
         wanted = {p.info.name: p.type.name for p in plan(parsed, mix_by_name("Q4_K_M"))}
     got = {t.name: t.tensor_type.name for t in reader.tensors}
