@@ -334,8 +334,9 @@ def test_q8_0_cache_needs_heads_of_whole_blocks(synthetic_models):
 
 
 def test_fused_projections_equal_each_matrix(synthetic_models):
-    """q, k, v (Q4_K, Q6_K, Q8_0 in the llama fixture) and gate, up (F16, Q4_K) in one launch
-    give each matrix's own matvec bit for bit (the same dot per row), and a batch the matmuls."""
+    """q, k, v (Q4_K, Q6_K, Q8_0 in the llama fixture) and gate, up (F16, Q4_K) together give
+    each matrix's own matvec bit for bit (the same rounding of x, the same dot per row), and
+    a batch each matrix's matmul."""
     model = load_model(GGUFFile(synthetic_models["llama"][0]))
     layer = model.layers[1]
     assert len({m.type.name for m in layer.qkv.matrices}) == 3
