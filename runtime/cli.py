@@ -18,6 +18,7 @@ from runtime.container import MODEL_ENTRY, ContainerError, splice_args
 from runtime.gguf import GGUFFile
 from runtime.http_connections import DEFAULT_WORKERS
 from runtime.info import describe, quantization_mix, unsupported_types
+from runtime.hparams import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES
 from runtime.session import (Session, UsageError, UserError, load_session, model_name,
                              open_container_model, open_model, open_model_run)
 from runtime.terminal import printable
@@ -63,6 +64,10 @@ class RuntimeCommand(click.Command):
 @click.option("--seed", type=int, default=-1, show_default=True, help="Random seed (-1: random).")
 @click.option("-c", "--ctx-size", type=int, default=0, show_default=True, metavar="N",
               help="Context size in tokens (0: the model's, at most 4096).")
+@click.option("-ctk", "--cache-type-k", type=click.Choice(list(KV_CACHE_TYPES)), default=DEFAULT_KV_CACHE_TYPE,
+              show_default=True, help="KV cache type of the keys (f32: twice f16's memory; q8_0: about half).")
+@click.option("-ctv", "--cache-type-v", type=click.Choice(list(KV_CACHE_TYPES)), default=DEFAULT_KV_CACHE_TYPE,
+              show_default=True, help="KV cache type of the values.")
 @click.option("-t", "--threads", type=int, default=0, metavar="N", help="CPU threads (default: all cores).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to serve on. Anything but loopback exposes the model to your network.")
@@ -90,7 +95,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
-         parallel: int) -> None:
+         parallel: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+         cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> None:
     """Run a GGUF language model on this computer, offline.
 
     Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
@@ -126,8 +132,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             run_perplexity(gguf, perplexity_file, ctx_size or PERPLEXITY_N_CTX, chunks, threads)
             return
         if prompt is None and not chat:
-            serve(gguf, name, ctx_size, threads, host=host, port=port, api_key=api_key,
-                  open_browser=not nobrowser, cors=cors, parallel=parallel,
+            serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
+                  api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
                   allowed_hosts=allowed_hosts, threads_http=threads_http)
             return
         from runtime.sampling import SamplingParams
@@ -138,7 +144,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
                                     max_tokens=None if n_predict < 0 else max(n_predict, 1))
         except ValueError as e:
             raise UsageError(f"{e}") from None
-        session = load_session(gguf, ctx_size, threads)
+        session = load_session(gguf, ctx_size, threads, (cache_type_k, cache_type_v))
         if chat:
             run_chat(session, params)
         else:
@@ -152,8 +158,8 @@ def has_display() -> bool:
     return True
 
 
-def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, port: int,
-          api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
+def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: tuple[str, str], *,
+          host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
     from runtime.server import ModelServer, bind_server
@@ -167,7 +173,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, *, host: str, 
     server_box: list[ModelServer] = []
 
     def load() -> Session:
-        return load_session(gguf, ctx_size, threads)
+        return load_session(gguf, ctx_size, threads, cache_types)
 
     def on_failure(error: BaseException) -> None:
         failure.append(error)

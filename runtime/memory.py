@@ -94,15 +94,15 @@ def available_bytes(meminfo: str | None = None) -> int | None:
     return None
 
 
-def largest_context(gguf, budget: int, step: int = 256) -> int | None:
+def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> int | None:
     """The largest context (a multiple of `step`, at most the model's) whose estimate fits
     `budget` bytes, or None when not even `step` tokens fit."""
     hp = model_hparams(gguf)
     step = min(step, hp.n_ctx_train)
-    base = estimate(gguf, step)
+    base = estimate(gguf, step, cache_type_k, cache_type_v)
     if base.total > budget:
         return None
-    per_token = kv_cache_bytes(hp, step) / step
+    per_token = kv_cache_bytes(hp, step, cache_type_k, cache_type_v) / step
     n = int((budget - base.weights - base.working) // per_token) // step * step
     return max(step, min(n, hp.n_ctx_train))
 
@@ -119,21 +119,22 @@ def fit_line(gguf, n_ctx: int | None = None, available: int | None = None) -> st
     return text
 
 
-def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None) -> str | None:
+def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None,
+                cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> str | None:
     """The warning to print before loading a model that will not fit, else None."""
     if available is None:
         return None
-    est = estimate(gguf, n_ctx)
+    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v)
     if est.total <= available:
         return None
     return (f"warning: the model needs ~{format_bytes(est.total)} at {est.n_ctx} context (weights "
             f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}) but this machine has "
-            f"{format_bytes(available)} available; it may swap or be killed. " + _smaller(gguf, available))
+            f"{format_bytes(available)} available; it may swap or be killed. " + _smaller(gguf, available, cache_type_k, cache_type_v))
 
 
-def _smaller(gguf, available: int) -> str:
-    n = largest_context(gguf, available)
+def _smaller(gguf, available: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> str:
+    n = largest_context(gguf, available, 256, cache_type_k, cache_type_v)
     if n is None:
         return "Use a smaller quantization of the model (fewer bits per weight) or a smaller model"
-    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n).total)}) or a smaller quantization "
+    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n, cache_type_k, cache_type_v).total)}) or a smaller quantization "
             f"of the model")

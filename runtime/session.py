@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from runtime.hparams import DEFAULT_KV_CACHE_TYPE
 from runtime.container import Container, ContainerError, open_container
 from runtime.gguf import GGUFError, GGUFFile
 from runtime.terminal import printable
@@ -112,8 +113,10 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(threads)
 
 
-def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
-    """The model ready to run, or a UserError naming what this build cannot run."""
+def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
+                 cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE)) -> Session:
+    """The model ready to run, with its KV cache in cache_types (-ctk, -ctv), or a UserError
+    naming what this build cannot run."""
     from runtime.engine import ContextSizeError, Engine, return_freed_memory
     from runtime.ggml_types import UnsupportedTypeError
     from runtime.model import UnsupportedModelError
@@ -121,13 +124,14 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int) -> Session:
     from runtime.tokenizer_cache import TokenizerCache
 
     set_threads(threads)
-    warn_if_too_big(gguf, ctx_size)
+    warn_if_too_big(gguf, ctx_size, cache_types)
     t0 = time.perf_counter()
     tokenizer_cache = TokenizerCache(gguf)
     cached_tokenizer = tokenizer_cache.load()
     try:
         tokenizer = cached_tokenizer or Tokenizer.from_metadata(gguf.metadata)
-        engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None)
+        engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None, cache_type_k=cache_types[0],
+                                  cache_type_v=cache_types[1])
     except (UnsupportedModelError, UnsupportedTypeError) as e:
         raise UserError(f"this build cannot run the model: {e}") from None
     except ContextSizeError as e:
@@ -156,12 +160,13 @@ def start_up_done() -> None:
         gc.enable()
 
 
-def warn_if_too_big(gguf: GGUFFile, ctx_size: int) -> None:
+def warn_if_too_big(gguf: GGUFFile, ctx_size: int,
+                    cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE)) -> None:
     """Say before loading when the model will not fit this machine's available memory."""
     from runtime import memory
 
     try:
-        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes())
+        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes(), *cache_types)
     except (KeyError, ValueError):  # loading reports what is wrong with the model
         return
     if warning:

@@ -151,3 +151,20 @@ def test_warns_before_loading_a_model_that_will_not_fit(gemma_path, gemma, tmp_p
     monkeypatch.setattr(memory, "MEMINFO", fake_meminfo(tmp_path, 50_000_000))
     out = CliRunner().invoke(main, ["-m", str(gemma_path), "-p", "Hello", "-n", "1", "-c", "64"])
     assert "Use a smaller quantization of the model" in out.stderr and "Use -c" not in out.stderr
+
+
+def test_cache_type_flags_size_the_cache(gemma_path, gemma):
+    """-ctk/-ctv reach the engine (the size it reports) and the memory warning's estimate."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+    from runtime.units import format_bytes
+
+    out = CliRunner().invoke(main, ["-m", str(gemma_path), "-p", "Hello", "-n", "1", "--temp", "0",
+                                    "-c", "512", "-ctk", "q8_0", "-ctv", "f32"])
+    assert out.exit_code == 0, out.output
+    kv = memory.estimate(gemma, 512, "q8_0", "f32").kv_cache
+    assert kv == 18 * 512 * (256 // 32 * 34 + 256 * 4)
+    assert f"KV cache {format_bytes(kv)}" in out.stderr
+    out = CliRunner().invoke(main, ["-m", str(gemma_path), "-p", "Hello", "-ctk", "q4_0"])
+    assert out.exit_code == 2 and "q4_0" in out.output
