@@ -203,6 +203,8 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
             + ("" if api_key else " (no --api-key set)"))
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+        # Ctrl-C stops it even when started from a shell that ignores SIGINT in background jobs
+        signal.signal(signal.SIGINT, _interrupt)
     if open_browser and has_display():
         import webbrowser
 

@@ -523,20 +523,27 @@ def free_port_run(count: int) -> int:
     pytest.skip("no run of free ports")
 
 
-def cli(spawn, *args) -> subprocess.Popen:
+def cli(spawn, *args, **popen_args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("DISPLAY", None)
     env.pop("WAYLAND_DISPLAY", None)
     return spawn([sys.executable, "-m", "runtime", *args], stdout=subprocess.PIPE,
-                 stderr=subprocess.PIPE, text=True, env=env)
+                 stderr=subprocess.PIPE, text=True, env=env, **popen_args)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def test_serving_from_the_command_line(model_path, spawn):
+    """Started as a non-interactive shell starts a background job (SIGINT ignored), Ctrl-C
+    still stops the server cleanly."""
     port = free_port_run(3)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        proc = cli(spawn, "-m", str(model_path), "--port", str(port), "-c", "128")
+        proc = cli(spawn, "-m", str(model_path), "--port", str(port), "-c", "128",
+                   preexec_fn=_ignore_sigint)
         wait_until_serving(proc, port + 1)
         line = proc.stdout.readline()  # printed before serving starts
         assert f"http://127.0.0.1:{port + 1}/" in line, line
