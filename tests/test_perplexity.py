@@ -18,7 +18,14 @@ REF_CHUNKS = 4  # 4 x 512 tokens of Gemma prefill: the run stays short
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return json.loads((DATA / "gemma3_270m_perplexity_llamacpp.json").read_text())
+    """llama.cpp's run on a CPU of this machine's class: its AVX2 and AVX512-VNNI kernels round
+    differently, which moves the first chunks' running perplexity by ~1% (46.33 vs 46.83
+    after 3 chunks) though the 25-chunk estimates agree within 0.1% (35.45 vs 35.49)."""
+    from runtime.cpu import host_features
+
+    vnni = host_features().get("avx512vnni", False)
+    name = "gemma3_270m_perplexity_llamacpp" + ("_avx512vnni" if vnni else "") + ".json"
+    return json.loads((DATA / name).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +66,12 @@ def test_tokenization_equals_llamacpp(gemma, reference, gemma_path):
 
 
 def test_gemma_perplexity_within_1_percent_of_llamacpp(gemma, reference):
-    """The issue asks for agreement within 1%. llama.cpp's CPU path quantizes activations to
-    8 bits for the K-quant matmuls and keeps the KV cache in f16; ours stays in float32.
-    That shifts each log-probability a little, mostly without bias: measured, the running
-    values differ by 0.8%, 0.6%, 0.2%, 0.1% after chunks 1-4 (255 to 1020 predictions), so
-    1% holds with margin where a real error (a wrong position scored, a chunk without BOS,
-    a bad kernel) moves perplexity by far more."""
+    """The issue asks for agreement within 1%. Both engines quantize activations to 8 bits
+    and keep the KV cache in f16, but round and sum in different orders, which shifts each
+    log-probability a little, mostly without bias: measured on AVX512-VNNI, the running values
+    differ by 0.2%, 0.3%, 0.04%, 0.2% after chunks 1-4 (255 to 1020 predictions), so 1% holds
+    with margin where a real error (a wrong position scored, a chunk without BOS, a bad
+    kernel) moves perplexity by far more."""
     from runtime.perplexity import perplexity
 
     engine, tokenizer = gemma
