@@ -18,9 +18,12 @@ from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_me
 from runtime.terminal import printable
 from runtime.units import format_bytes
 
+# tokenizer.ggml.model -> what it is, for every model runtime.tokenizer reads (a test checks
+# that; it is not imported here, to keep --info free of the regex library) and a few it does not.
 TOKENIZER_KINDS = {
     "llama": "SentencePiece",
     "gpt2": "byte-level BPE",
+    "gemma4": "Gemma 4's SentencePiece-style BPE",
     "bert": "WordPiece",
     "t5": "Unigram",
     "rwkv": "RWKV",

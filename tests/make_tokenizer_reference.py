@@ -28,7 +28,7 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 from llamacpp_vocab import names_with_cases, vocab_dir, vocab_path  # noqa: E402
 
 from runtime.gguf import GGUFFile  # noqa: E402
-from runtime.tokenizer import _PRE_TOKENIZERS  # noqa: E402
+from runtime.tokenizer import PRE_TOKENIZERS  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 SOURCE = ("llama.cpp vendored in the llama-cpp-python 0.3.36 sdist, built from it; "
@@ -130,7 +130,7 @@ def main(sdist: str) -> None:
 
     groups: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
-        for name in sorted(_PRE_TOKENIZERS):
+        for name in sorted(PRE_TOKENIZERS):
             copy = Path(work) / f"{name}.gguf"
             with_pre(vocab_path(folder, "llama-bpe"), copy, name)
             encode = tokenizer(lib, copy)

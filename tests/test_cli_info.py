@@ -314,3 +314,12 @@ def test_info_and_errors_show_escapes_for_terminal_controls(tmp_path, write_gguf
                      arch="evil\x1b[31m")
     result = run("-m", str(bad), "-p", "hi")
     assert result.exit_code != 0 and "\x1b" not in result.output
+
+
+def test_info_names_every_tokenizer_the_runtime_reads():
+    """--info keeps its own list of tokenizer kinds (it does not import the tokenizer): every
+    tokenizer.ggml.model the tokenizer accepts must be in it (gemma4 was missing)."""
+    from runtime.info import TOKENIZER_KINDS
+    from runtime.tokenizer import TOKENIZER_MODELS
+
+    assert set(TOKENIZER_MODELS) <= set(TOKENIZER_KINDS)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.tokenizer import StreamDecoder, TokenIdError, Tokenizer, TokenizerError
+from runtime.tokenizer import StreamDecoder, TokenIdError, Tokenizer, TokenizerError, special
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: GGUF-style tokenizer metadata built from quicktok's shipped vocabulary files.
@@ -679,10 +679,10 @@ def test_special_tokens_strip_whitespace_where_llamacpp_says(names, expected, fi
     def tokens(parts):
         return [mask if part == "<mask>" else part for part in parts]
 
-    assert tokenizer._partition("x  <mask> y  ", parse_special=True) == tokens(expected)
+    assert special.partition(tokenizer._vocab, "x  <mask> y  ", parse_special=True) == tokens(expected)
     text = "x  <mask> y <mask>  z"  # only the first <mask> literal
-    fragments = tokenizer._partition(text, parse_special=True)
-    assert tokenizer._unparse_in(text, fragments, [(3, 4)]) == \
+    fragments = special.partition(tokenizer._vocab, text, parse_special=True)
+    assert special.unparse_in(tokenizer._vocab, text, fragments, [(3, 4)]) == \
         [first_literal[0], mask, first_literal[2]]
     for text in ("x  <mask> y  ", " <mask>  <mask>x", "<mask>\n", "y\t<mask>"):
         assert tokenizer.encode(text, literal_spans=[(0, len(text))]) == \

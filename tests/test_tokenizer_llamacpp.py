@@ -15,7 +15,7 @@ from llamacpp_vocab import (VocabUnavailable, load_cases, names_with_cases, voca
                             vocab_path)
 
 from runtime.gguf import GGUFFile
-from runtime.tokenizer import _PRE_TOKENIZERS, Tokenizer, TokenizerError
+from runtime.tokenizer import PRE_TOKENIZERS, Tokenizer, TokenizerError
 
 # The vocabularies with expected ids in llama-cpp-python 0.3.36's llama.cpp; a new sdist that
 # adds one fails test_the_suite_is_the_one_named_here until it is added here.
@@ -99,11 +99,11 @@ def test_every_pre_tokenizer_name_gives_llamacpps_ids(llamacpp_models):
     reference = json.loads((Path(__file__).parent / "data" /
                             "llamacpp_pre_tokenizers.json").read_text())
     by_name = {name: group["ids"] for group in reference["groups"] for name in group["names"]}
-    assert sorted(by_name) == sorted(_PRE_TOKENIZERS)
+    assert sorted(by_name) == sorted(PRE_TOKENIZERS)
     metadata = dict(GGUFFile(vocab_path(llamacpp_models, reference["vocabulary"])).metadata)
     tried: dict[int, str] = {}  # id of a pre-tokenizer -> the name it was tried with
     for name, expected in sorted(by_name.items()):
-        pre = _PRE_TOKENIZERS[name]
+        pre = PRE_TOKENIZERS[name]
         if id(pre) in tried:
             assert expected == by_name[tried[id(pre)]], (name, tried[id(pre)])
             continue
