@@ -220,9 +220,11 @@ class TextGeneration:
             if self.stop_matcher.stopped:  # returning closes engine.generate: no more tokens
                 self.finish_reason = "stop"
                 return
+            if self.sampler.finished:  # a grammar is complete: nothing may follow
+                break
         if self.cancel.is_set():
             return
-        if len(self.tokens) < limit:
+        if len(self.tokens) < limit or self.sampler.finished:
             self.finish_reason = "stop"  # ended by an end-of-generation token
         tail = self.stop_matcher.push(decoder.flush())
         tail += self.stop_matcher.flush()

@@ -1,9 +1,12 @@
 """Logits -> token, with llama.cpp's sampler semantics; stop strings over streamed text.
 
-The chain is llama.cpp's default one, in its order:
+The chain is llama.cpp's default one, in its order, after the grammar:
 
-    logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> draw
+    grammar -> logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> draw
 
+- grammar (SamplingParams.constraint, runtime/constraint.py): tokens the grammar does not
+  allow next get -inf; the drawn token is fed back to it, and `Sampler.finished` says when
+  the grammar can take no more (only an end-of-generation token could follow).
 - logit bias: add `logit_bias[id]` to that token's logit (-inf bans it).
 - penalties, over the tokens in the last `repeat_last_n` of the history (prompt included,
   as llama-server feeds it): a token seen c > 0 times there gets its logit divided by
@@ -27,6 +30,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +87,7 @@ class SamplingParams:
     seed: int | None = None  # None (or -1) = a fresh random seed
     max_tokens: int | None = None  # None = until end of generation or of the context
     stop: list[str] = field(default_factory=list)
+    constraint: Any = None  # a runtime.constraint.Constraint: the grammar the output follows
 
     def __post_init__(self) -> None:
         self.validate()
@@ -114,6 +119,9 @@ class SamplingParams:
             self.max_tokens = _integer("max_tokens", self.max_tokens,
                                        "an integer >= 1 (None = no limit)", lambda v: v >= 1)
         self.stop = self._checked_stop(self.stop)
+        if self.constraint is not None and not hasattr(self.constraint, "matcher"):
+            raise ValueError("constraint must be a runtime.constraint.Constraint, got "
+                             f"{type(self.constraint).__name__}")
 
     @staticmethod
     def _checked_logit_bias(bias) -> dict[int, float]:
@@ -169,6 +177,17 @@ class Sampler:
         self._all_ids = np.arange(n_vocab)
         # greedy also when the temperature is too small for float32 (it divides the logits)
         self._greedy = np.float32(params.temperature) == 0
+        self.matcher = None  # a runtime.constraint.TokenMatcher, when a grammar constrains
+        if params.constraint is not None:
+            if params.constraint.n_vocab != n_vocab:
+                raise ValueError(f"the constraint was compiled for {params.constraint.n_vocab} "
+                                 f"tokens, the model has {n_vocab}")
+            self.matcher = params.constraint.matcher()
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and can take nothing more: end the generation here."""
+        return self.matcher is not None and self.matcher.finished
 
     # The stages, each usable on its own (tests and post-sampling probabilities use them).
 
@@ -177,6 +196,8 @@ class Sampler:
         x = np.array(logits, dtype=np.float32)  # always a copy: the caller's logits stay as they are
         if x.shape != (self.n_vocab,):
             raise ValueError(f"expected {self.n_vocab} logits, got an array of shape {x.shape}")
+        if self.matcher is not None:
+            self.matcher.mask(x)
         if self._bias_ids.size:
             x[self._bias_ids] += self._bias_values
         p = self.params
@@ -196,7 +217,9 @@ class Sampler:
         if np.isnan(top):
             raise ValueError("the logits contain NaN: nothing to sample from")
         if top == -np.inf:
-            raise ValueError("every token is banned (logit -inf after logit_bias): nothing to sample")
+            raise ValueError("every token is banned (logit -inf after logit_bias"
+                             + (" and the grammar" if self.matcher is not None else "")
+                             + "): nothing to sample")
         return x
 
     def distribution(self, logits: np.ndarray,
@@ -211,12 +234,17 @@ class Sampler:
         return ids, weights / weights.sum(dtype=np.float64)
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
-        """The next token. history: every token so far (prompt and generated), for penalties."""
+        """The next token. history: every token so far (prompt and generated), for penalties.
+        With a grammar, the token is also fed to it: call sample() once per generated token."""
         x = self.adjusted_logits(logits, history)
         if self._greedy:
-            return int(np.argmax(x))
-        ids, weights = self._filtered(x)
-        return int(ids[_prefix_index(weights, self.rng.random(), "right")])
+            token = int(np.argmax(x))
+        else:
+            ids, weights = self._filtered(x)
+            token = int(ids[_prefix_index(weights, self.rng.random(), "right")])
+        if self.matcher is not None:
+            self.matcher.consume(token)
+        return token
 
     def _filtered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """top-k, top-p, min-p, then temperature: the ids left and their (unnormalized)
