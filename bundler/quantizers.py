@@ -33,6 +33,11 @@ in the references, so the results are reproducible bit for bit:
   (i - 127) / max for i in -7..7, keeping the best weighted (x^2) least-squares fit; levels
   are the nearest codebook entries (bisection, ties up). IQ4_XS then quantizes the 8 group
   scales to 6 bits against d = -max_scale / 32 and re-picks the levels against them.
+- MXFP4: llama.cpp's quantize_row_mxfp4_ref (gguf's MXFP4.quantize_blocks does the same).
+  The block's power-of-two scale is e = floor(log2(max|x|)) - 2 + 127 (so max|x| lands
+  between levels 4 and 8 of the doubled E2M1 codebook, below its top 12), 0 for an all-zero
+  block, cast to uint8 through int32; each weight takes the first codebook level with the
+  smallest |K[c] * 2^(e - 128) - x| (so 0 and -0 take code 0).
 
 All of these are bit-exact with ggml's own quantizers (checked against llama.cpp's
 libggml, ggml_quantize_chunk, on Gaussian rows and on model weights).
@@ -52,11 +57,12 @@ import numpy as np
 from numba import njit, prange
 
 from runtime.ggml_types import (
-    BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES,
+    BF16, F16, F32, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES,
 )
 from runtime.kernels import supported_type
 from runtime.kernels.common import F16_TO_F32
 from runtime.kernels.iquants import IQ4_LEVELS
+from runtime.kernels.mxfp4 import E8M0_HALF, MXFP4_LEVELS
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -778,6 +784,37 @@ def _row_iq4_xs(x, out, tmp, tmp_bits):
         out[o + 3] = scales_h >> 8
 
 
+# ------------------------------------------------------------------------------- MXFP4
+
+@njit(inline="always")
+def _mxfp4_index(v, d):
+    """ggml's best_index_mxfp4: the first code whose level K[c] * d is nearest to v."""
+    best = 0
+    best_err = abs(MXFP4_LEVELS[0] * d - v)
+    for c in range(1, 16):
+        err = abs(MXFP4_LEVELS[c] * d - v)
+        if err < best_err:
+            best = c
+            best_err = err
+    return best
+
+
+@njit(cache=True)
+def _row_mxfp4(x, out):
+    for b in range(x.size // 32):
+        xb = x[32 * b:32 * b + 32]
+        o = 17 * b
+        amax = _F0
+        for j in range(32):
+            if amax < abs(xb[j]):
+                amax = abs(xb[j])
+        e = _to_u8(np.floor(np.log2(amax)) - np.float32(2.0) + np.float32(127.0)) if amax > _F0 else 0
+        out[o] = e
+        d = E8M0_HALF[e]
+        for j in range(16):
+            out[o + 1 + j] = _mxfp4_index(xb[j], d) | (_mxfp4_index(xb[j + 16], d) << 4)
+
+
 # ------------------------------------------------------------------------------ dispatch
 
 @njit(cache=True)
@@ -812,6 +849,8 @@ def _quantize_row(type_id, x, out, tmp, tmp_bits):
         _row_iq4_nl(x, out, tmp, tmp_bits)
     elif type_id == IQ4_XS:
         _row_iq4_xs(x, out, tmp, tmp_bits)
+    elif type_id == MXFP4:
+        _row_mxfp4(x, out)
     else:
         raise ValueError("_quantize_row: no quantizer for this tensor type id")
 

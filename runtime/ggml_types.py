@@ -1,11 +1,12 @@
 """The GGML tensor types a GGUF file may name: the one table of every format's facts.
 
 Each row says a type's id, name and block layout, which kernel family computes with it,
-whether the bundler can write it, and where its f16 fields lie. Every other listing is
+whether the bundler can write it, and where its f16 (or E8M0) scale fields lie. Every other listing is
 derived from this table (runtime.kernels.SUPPORTED_TYPES, the bundler's quantizer set, the
 tests' block generators), and tests/test_kernels.py checks the two switches that cannot be
 (runtime/kernels/dispatch.py, bundler/quantizers.py) against it. A new format is one kernel
-module, one row here, and one branch in each switch.
+module, one row here, and one branch in each switch (plus, for an integer path, its row dot
+in q8dot._formats and a branch in q8.dot_row / dot_row_blocked).
 
 This is a leaf module: the GGUF reader needs the layout to size tensors, the kernels need
 it to walk blocks, and neither should import the other for it. Ids and sizes are those of
@@ -64,6 +65,7 @@ class GGMLType:
     family: str | None = None  # the runtime.kernels module that computes with it; None: no kernels
     quantizer: bool = False  # bundler/quantizers.py writes it
     f16_fields: tuple[int, ...] = ()  # byte offsets of a block's f16 scales and minimums
+    e8m0_fields: tuple[int, ...] = ()  # byte offsets of a block's E8M0 (power of two) scales
 
     def row_bytes(self, n_elements: int) -> int:
         """Bytes taken by `n_elements` elements; they must fill whole blocks."""
@@ -116,7 +118,7 @@ TYPES: tuple[GGMLType, ...] = (
     GGMLType(BF16,    "BF16",    1,    2,    "floats",  True),
     GGMLType(TQ1_0,   "TQ1_0",   256,  54),
     GGMLType(TQ2_0,   "TQ2_0",   256,  66),
-    GGMLType(MXFP4,   "MXFP4",   32,   17),
+    GGMLType(MXFP4,   "MXFP4",   32,   17,   "mxfp4",   True,     (), e8m0_fields=(0,)),
     GGMLType(NVFP4,   "NVFP4",   64,   36),
     GGMLType(Q1_0,    "Q1_0",    128,  18),
 )

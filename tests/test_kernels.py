@@ -1,6 +1,6 @@
 """Every kernel against the `gguf` package's NumPy dequantization, on random valid blocks.
 
-Blocks are random bytes with their f16 scale fields replaced by sane values, so every
+Blocks are random bytes with their f16 (and E8M0) scale fields replaced by sane values, so every
 quant index, sign bit and packed scale takes random values. matvec and matmul are checked
 against a float64 product of the reference dequantization with the worst-case bound for
 float32 summation, n * 2^-24 * sum|w * x| (Higham's gamma_n): a single wrong weight shifts
@@ -38,6 +38,8 @@ def random_blocks(name: str, n_elements: int, rng: np.random.Generator) -> np.nd
     for off in t.f16_fields:
         scale = rng.uniform(1e-3, 1e-1, n_blocks) * rng.choice([-1, 1], n_blocks)
         blocks[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n_blocks, 2)
+    for off in t.e8m0_fields:  # powers of two 2^-13 .. 2^-1 (a random byte overflows float32)
+        blocks[:, off] = rng.integers(114, 127, n_blocks)
     return blocks.reshape(-1)
 
 
@@ -64,15 +66,21 @@ def test_family_module_holds_the_kernels(name):
 
 @pytest.mark.parametrize("name", BLOCK_TYPES)
 def test_f16_fields_are_the_blocks_f16_scales(name):
-    """Against gguf's decoder: a NaN in any listed field makes its whole block NaN (each one
-    scales every weight), and with the listed fields sane, random bytes elsewhere never
-    decode to NaN or inf (an unlisted f16 field would, in about 1 block in 32)."""
+    """Against gguf's decoder: a NaN in any listed f16 field makes its whole block NaN (each
+    one scales every weight), one more in a listed E8M0 field doubles every weight of its
+    block, and with the listed fields sane, random bytes elsewhere never decode to NaN or
+    inf (an unlisted f16 field would, in about 1 block in 32)."""
     t = ggml_type(name)
     rng = np.random.default_rng(t.id)
     n_blocks = 400
     blocks = random_blocks(name, n_blocks * t.block_elems, rng).reshape(n_blocks, t.block_bytes)
     assert np.all(np.isfinite(reference(blocks.reshape(-1), name, n_blocks * t.block_elems)))
-    assert t.f16_fields
+    assert t.f16_fields or t.e8m0_fields
+    for off in t.e8m0_fields:
+        block = blocks[:1].copy()
+        before = reference(block.reshape(-1), name, t.block_elems)
+        block[0, off] += 1
+        np.testing.assert_array_equal(reference(block.reshape(-1), name, t.block_elems), 2 * before)
     for off in t.f16_fields:
         nan_block = blocks[:1].copy()
         nan_block[0, off:off + 2] = np.array([np.nan], np.float16).view(np.uint8)

@@ -30,7 +30,7 @@ from test_kernels import random_blocks, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 INTEGER_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "Q5_K", "Q3_K", "Q2_K", "Q4_1", "Q5_1",
-                 "IQ4_NL", "IQ4_XS"]
+                 "IQ4_NL", "IQ4_XS", "MXFP4"]
 K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # activations in blocks of 256
 
 

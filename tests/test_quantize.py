@@ -1,6 +1,6 @@
 """Quantizers (bundler/quantizers.py) against gguf's NumPy reference and our decoders.
 
-- F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: bit-exact with gguf.quants.quantize on Gaussian
+- F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4: bit-exact with gguf.quants.quantize on Gaussian
   rows and on edge rows (zeros, constants, one huge outlier, denormals, mixed signs, ties).
 - Every type: a round trip through runtime.kernels.dequantize stays within a derived bound.
 - K types: RMSE below a naive max-abs quantizer's (no search), on Gaussian rows and on real
@@ -12,6 +12,8 @@
       Q5_K 0.03612 vs 0.03805 (-5%)            Q5_K 0.001475 vs 0.001550  (-5%)
       Q6_K 0.01775 vs 0.01925 (-8%)            Q6_K 0.0007301 vs 0.0007901 (-8%)
 - Q3_K: a block at a float32 near-tie gives llama.cpp's exact bytes (golden, from libggml).
+- MXFP4: also checked once against libggml's ggml_quantize_chunk (512 x 1024 rows at scales
+  1e-6..300, zeros, 2^-130, a constant row, -1e30): byte-identical.
 - IQ4_NL, IQ4_XS: decoded as the layout says, each weight on the nearest codebook level of
   its group, RMSE below a naive max-abs quantizer's (ours vs naive, measured):
       Gaussian (64 x 1024)   IQ4_NL 0.07600 vs 0.07980 (-5%)   IQ4_XS 0.07659 vs 0.07980 (-4%)
@@ -29,7 +31,7 @@ from bundler.quantizers import QUANTIZE_TYPES, quantize, quantize_kernel
 from runtime import kernels
 from runtime.ggml_types import TYPES, UnsupportedTypeError, ggml_type
 
-EXACT_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+EXACT_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"]
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 IQ4_TYPES = ["IQ4_NL", "IQ4_XS"]
 

@@ -14,10 +14,10 @@ import numpy as np
 from numba import njit, prange
 
 from runtime.ggml_types import (
-    BF16, F16, F32, IQ4_NL, IQ4_XS, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
+    BF16, F16, F32, IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0,
 )
 
-from . import floats, iquants, kquants, legacy
+from . import floats, iquants, kquants, legacy, mxfp4
 
 
 @njit(cache=True)
@@ -53,6 +53,8 @@ def decode_blocks(type_id, raw, off, nblocks, out, out_off):
         iquants.decode_iq4_nl(raw, off, nblocks, out, out_off)
     elif type_id == IQ4_XS:
         iquants.decode_iq4_xs(raw, off, nblocks, out, out_off)
+    elif type_id == MXFP4:
+        mxfp4.decode_mxfp4(raw, off, nblocks, out, out_off)
     else:
         raise ValueError("decode_blocks: no kernel for this tensor type id")
 
@@ -90,6 +92,8 @@ def dot_blocks(type_id, raw, off, nblocks, x, x_off):
         return iquants.dot_iq4_nl(raw, off, nblocks, x, x_off)
     elif type_id == IQ4_XS:
         return iquants.dot_iq4_xs(raw, off, nblocks, x, x_off)
+    elif type_id == MXFP4:
+        return mxfp4.dot_mxfp4(raw, off, nblocks, x, x_off)
     raise ValueError("dot_blocks: no kernel for this tensor type id")
 
 

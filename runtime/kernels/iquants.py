@@ -21,27 +21,28 @@ IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 
 
 
 @njit(inline="always")
-def _decode_group(raw, qs_off, scale, out, out_off):
-    """out[out_off:+32] = scale * K[q] for the 16 bytes of indices at qs_off."""
+def decode_codebook_group(levels, raw, qs_off, scale, out, out_off):
+    """out[out_off:+32] = scale * levels[q] for the 16 bytes of 4-bit indices at qs_off
+    (also MXFP4's, mxfp4.py)."""
     qs = raw[qs_off:qs_off + 16]
     lo = out[out_off:out_off + 16]
     hi = out[out_off + 16:out_off + 32]
     for i in range(16):
         q = np.int32(qs[i])
-        lo[i] = scale * IQ4_LEVELS[q & np.int32(15)]
-        hi[i] = scale * IQ4_LEVELS[q >> np.int32(4)]
+        lo[i] = scale * levels[q & np.int32(15)]
+        hi[i] = scale * levels[q >> np.int32(4)]
 
 
 @njit(inline="always", fastmath=True)
-def _dot_group(raw, qs_off, x, x_off):
-    """sum(K[q] * x) over one group of 32."""
+def dot_codebook_group(levels, raw, qs_off, x, x_off):
+    """sum(levels[q] * x) over one group of 32 4-bit indices at qs_off (also MXFP4's)."""
     qs = raw[qs_off:qs_off + 16]
     xl = x[x_off:x_off + 16]
     xu = x[x_off + 16:x_off + 32]
     s = np.float32(0.0)
     for i in range(16):
         q = np.int32(qs[i])
-        s += IQ4_LEVELS[q & np.int32(15)] * xl[i] + IQ4_LEVELS[q >> np.int32(4)] * xu[i]
+        s += levels[q & np.int32(15)] * xl[i] + levels[q >> np.int32(4)] * xu[i]
     return s
 
 
@@ -57,7 +58,7 @@ def _iq4_xs_scale(raw, o, g):
 def decode_iq4_nl(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o = off + 18 * b
-        _decode_group(raw, o + 2, read_f16(raw, o), out, out_off + 32 * b)
+        decode_codebook_group(IQ4_LEVELS, raw, o + 2, read_f16(raw, o), out, out_off + 32 * b)
 
 
 @njit(fastmath=True, cache=True)
@@ -65,7 +66,7 @@ def dot_iq4_nl(raw, off, nblocks, x, x_off):
     acc = np.float32(0.0)
     for b in range(nblocks):
         o = off + 18 * b
-        acc += read_f16(raw, o) * _dot_group(raw, o + 2, x, x_off + 32 * b)
+        acc += read_f16(raw, o) * dot_codebook_group(IQ4_LEVELS, raw, o + 2, x, x_off + 32 * b)
     return acc
 
 
@@ -74,7 +75,8 @@ def decode_iq4_xs(raw, off, nblocks, out, out_off):
     for b in range(nblocks):
         o = off + 136 * b
         for g in range(8):
-            _decode_group(raw, o + 8 + 16 * g, _iq4_xs_scale(raw, o, g), out, out_off + 256 * b + 32 * g)
+            decode_codebook_group(IQ4_LEVELS, raw, o + 8 + 16 * g, _iq4_xs_scale(raw, o, g),
+                                  out, out_off + 256 * b + 32 * g)
 
 
 @njit(fastmath=True, cache=True)
@@ -83,5 +85,6 @@ def dot_iq4_xs(raw, off, nblocks, x, x_off):
     for b in range(nblocks):
         o = off + 136 * b
         for g in range(8):
-            acc += _iq4_xs_scale(raw, o, g) * _dot_group(raw, o + 8 + 16 * g, x, x_off + 256 * b + 32 * g)
+            acc += _iq4_xs_scale(raw, o, g) * dot_codebook_group(IQ4_LEVELS, raw, o + 8 + 16 * g,
+                                                                  x, x_off + 256 * b + 32 * g)
     return acc

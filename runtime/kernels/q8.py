@@ -20,7 +20,7 @@ from .common import F16_TO_F32
 from . import q8dot
 
 # GGML type ids with an integer path, and the activation block each one reads.
-Q8_0_TYPES = (2, 3, 6, 7, 8, 20)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL
+Q8_0_TYPES = (2, 3, 6, 7, 8, 20, 39)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4
 Q8_K_TYPES = (10, 11, 12, 13, 14, 23)  # Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS
 INTEGER_TYPES = frozenset(Q8_0_TYPES + Q8_K_TYPES)
 
@@ -80,6 +80,7 @@ _dot_13, _dot4_13 = q8dot.ROW_DOT[13], q8dot.ROW_DOT_BLOCKED[13]  # Q5_K
 _dot_14, _dot4_14 = q8dot.ROW_DOT[14], q8dot.ROW_DOT_BLOCKED[14]  # Q6_K
 _dot_20, _dot4_20 = q8dot.ROW_DOT[20], q8dot.ROW_DOT_BLOCKED[20]  # IQ4_NL
 _dot_23, _dot4_23 = q8dot.ROW_DOT[23], q8dot.ROW_DOT_BLOCKED[23]  # IQ4_XS
+_dot_39, _dot4_39 = q8dot.ROW_DOT[39], q8dot.ROW_DOT_BLOCKED[39]  # MXFP4
 
 
 @njit(cache=True)
@@ -110,6 +111,8 @@ def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
         return _dot_23(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     elif type_id == 20:
         return _dot_20(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
+    elif type_id == 39:
+        return _dot_39(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
     return np.float32(np.nan)
 
 
@@ -142,6 +145,8 @@ def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
         return _dot4_23(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
     elif type_id == 20:
         return _dot4_20(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 39:
+        return _dot4_39(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
     nan = np.float32(np.nan)
     return nan, nan, nan, nan
 

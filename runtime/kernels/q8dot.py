@@ -1,7 +1,7 @@
 """Integer dot products of quantized weight rows with 8-bit activations, one per format.
 
 Activations are quantized once per matvec/matmul (q8.py), as ggml's vec_dot_type:
-- kind Q8_0, for the formats with blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL):
+- kind Q8_0, for the formats with blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4):
   int8 yq[n], float32 yd[n / 32] (x ~ yd * yq, |yq| <= 127), int16 ys[n / 16] (sums of
   yq in groups of 16);
 - kind Q8_K, for the 256-weight super-blocks (Q2_K..Q6_K, IQ4_XS): the same with
@@ -23,6 +23,7 @@ Weight layouts (all little-endian; legacy.py and kquants.py spell them out in fu
   levels. IQ4_XS (136 per 256): d, scales_h:u16, scales_l[4], qs[128]; group g of 32 has
   qs[16g:16g+16] as IQ4_NL and the 6-bit scale ls_g = (nibble g % 2 of scales_l[g // 2]) |
   (bits 2g.. of scales_h) << 4; weight = d * (ls_g - 32) * K[q].
+- MXFP4 (17): e:u8 (E8M0), qs[16] as Q4_0; its body lives in mxfp4.py.
 - Q6_K (210): ql[128], qh[64], scales[16] int8, d. Element 128h + 32j + l: low nibble
   (j < 2) or high nibble (j >= 2) of ql[64h + 32(j % 2) + l], bits 2j.. of qh[32h + l]
   on top; q - 32; sub-blocks of 16.
@@ -41,6 +42,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import mxfp4
 from .simd import _horizontal_sum, byte_lookup, concat, dot4, signed_dot4
 
 _I1 = ir.IntType(1)
@@ -230,6 +232,7 @@ def _formats(tokens):
         14: _row_dot(210, 256, 1, _q6_k_body, tokens),  # Q6_K
         20: _row_dot(18, 32, 2, _iq4_nl_body, tokens),  # IQ4_NL
         23: _row_dot(136, 256, 1, _iq4_xs_body, tokens),  # IQ4_XS
+        39: _row_dot(mxfp4.BLOCK_BYTES, 32, 2, mxfp4.row_dot_body, tokens),  # MXFP4
     }
 
 
