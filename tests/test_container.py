@@ -32,6 +32,7 @@ from click.testing import CliRunner
 
 from bundler import container as bc
 from bundler import copying
+from bundler.header import HeaderValues, render_header
 from bundler.cli import main as modelrun
 from conftest import run_in_group, write_synthetic_model, write_synthetic_model_with_tokenizer
 from runtime.container import HEADER_SIZE, ContainerError, open_container, splice_args
@@ -469,9 +470,9 @@ def test_header_is_fixed_size_and_plain_posix_sh(files, tmp_path):
             checked = subprocess.run([*shell.split(), "-n", str(tmp_path / "header.sh")],
                                      capture_output=True, text=True)
             assert checked.returncode == 0, f"{shell}: {checked.stderr}"
-    values = bc.HeaderValues(total_size=10**15, payload_offset=HEADER_SIZE, payload_size=10**12,
-                             build_id="x" * 64, payload_sha256="f" * 64, payload_split=10**12 - 1)
-    assert len(bc.render_header(values)) == HEADER_SIZE
+    values = HeaderValues(total_size=10**15, payload_offset=HEADER_SIZE, payload_size=10**12,
+                          build_id="x" * 64, payload_sha256="f" * 64, payload_split=10**12 - 1)
+    assert len(render_header(values)) == HEADER_SIZE
 
 
 # ------------------------------------------------------------------------------ whose runtime runs
