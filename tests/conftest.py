@@ -3,8 +3,10 @@
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,22 @@ TESTDATA = Path(__file__).resolve().parent / "data"
 # against a hang, not a speed check. A busy 2-core machine has needed well over 30 s for a
 # cold start, and an empty kernel cache compiles for 1-3 minutes first.
 READY_LIMIT_S = 300.0
+
+
+# --- an HTTP server a test runs in its own process ------------------------------------------
+
+@contextmanager
+def serving_in_thread(server):
+    """Serve `server` (a socketserver.BaseServer) on a daemon thread for the block, then shut
+    it down and close its socket, whatever the test did."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # --- processes a test starts ----------------------------------------------------------------

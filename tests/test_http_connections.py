@@ -8,10 +8,11 @@ import json
 import socket
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 
 import pytest
 
+from conftest import serving_in_thread
 from runtime import http_connections as hc
 
 
@@ -39,17 +40,8 @@ class EchoHandler(hc.BoundedRequestHandler):
         self.wfile.write(body)
 
 
-@contextmanager
 def serving(workers: int = 2):
-    server = hc.BoundedHTTPServer(("127.0.0.1", 0), EchoHandler, workers=workers)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving_in_thread(hc.BoundedHTTPServer(("127.0.0.1", 0), EchoHandler, workers=workers))
 
 
 def get(server, path="/health", timeout=5.0) -> tuple[int, float]:

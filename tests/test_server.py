@@ -18,14 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing
 from types import SimpleNamespace
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
-from conftest import READY_LIMIT_S, wait_until_serving  # noqa: E402
+from conftest import READY_LIMIT_S, serving_in_thread, wait_until_serving  # noqa: E402
 from runtime.gguf import GGUFFile  # noqa: E402
 from runtime.server import ModelServer, bind_server, is_loopback_host  # noqa: E402
 from runtime.session import load_session  # noqa: E402
@@ -65,17 +65,10 @@ def model_path(tmp_path_factory):
     return path
 
 
-@contextmanager
 def running_server(worker: EngineWorker, **settings):
     """A ModelServer on a free loopback port, serving in a thread."""
-    server = ModelServer(("127.0.0.1", 0), worker, MODEL_NAME, log=False, **settings)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
+    return serving_in_thread(ModelServer(("127.0.0.1", 0), worker, MODEL_NAME, log=False,
+                                         **settings))
 
 
 @pytest.fixture(scope="module")
