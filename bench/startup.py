@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from runtime.units import format_bytes
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"warm": 1.5, "cold": 4.0}
 
@@ -184,9 +186,9 @@ def main() -> None:
         seconds = extract(args.payload, tmp / "cold")
         exe = tmp / "cold" / "runtime" / "runtime"
         size = args.payload.stat().st_size
-        print(f"payload: {args.payload.resolve().name}, {size / 2**20:.1f} MiB tar.gz, "
-              f"{folder_size(exe.parent) / 2**20:.1f} MiB unpacked "
-              f"(kernel caches {folder_size(exe.parent / 'kernel-cache') / 2**20:.1f} MiB, "
+        print(f"payload: {args.payload.resolve().name}, {format_bytes(size)} tar.gz, "
+              f"{format_bytes(folder_size(exe.parent))} unpacked "
+              f"(kernel caches {format_bytes(folder_size(exe.parent / 'kernel-cache'))}, "
               f"tiers: {', '.join(meta.get('tiers', [])) or '?'}); extraction {seconds:.2f} s")
         print(f"model: {Path(model).name}")
         print(f"{'launch':<22} {'imports':>7} {'load':>7} {'serve':>7} {'total s':>8}   kernels")

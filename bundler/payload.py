@@ -38,6 +38,7 @@ import click
 from runtime import cpu
 from runtime import BUILD_ID_FILE
 from runtime.kernels import KERNEL_CACHE_FOLDER
+from runtime.units import format_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "build.spec"
@@ -64,7 +65,7 @@ def build_payload(out_dir: Path | str, tiers: Iterable[str] = ALL_TIERS, *,
     onedir = freeze(work, say)
     build_id = write_build_id(onedir)
     say(f"payload: build id {build_id}; frozen in {time.perf_counter() - t0:.0f} s, "
-        f"{_folder_size(onedir) / 2**20:.0f} MiB")
+        f"{format_bytes(_folder_size(onedir))}")
     t1 = time.perf_counter()
     precompile(onedir, tiers, work, jobs, say)
     say(f"payload: kernels for {', '.join(tiers)} compiled in {time.perf_counter() - t1:.0f} s")
@@ -78,8 +79,8 @@ def build_payload(out_dir: Path | str, tiers: Iterable[str] = ALL_TIERS, *,
     (out_dir / "runtime.json").write_text(json.dumps(
         {"build_id": build_id, "tiers": list(tiers), "sha256": digest,
          "size": payload.stat().st_size, "split": split}, indent=2) + "\n")
-    say(f"payload: {payload} ({payload.stat().st_size / 2**20:.0f} MiB; "
-        f"{_folder_size(onedir) / 2**20:.0f} MiB unpacked) in {time.perf_counter() - t0:.0f} s")
+    say(f"payload: {payload} ({format_bytes(payload.stat().st_size)}; "
+        f"{format_bytes(_folder_size(onedir))} unpacked) in {time.perf_counter() - t0:.0f} s")
     return payload
 
 
