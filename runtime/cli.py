@@ -18,6 +18,7 @@ from runtime.container import MODEL_ENTRY, ContainerError, splice_args
 from runtime.gguf import GGUFFile
 from runtime.http_connections import DEFAULT_WORKERS
 from runtime.info import describe, quantization_mix, unsupported_types
+from runtime.reasoning import REASONING_FORMATS
 from runtime.hparams import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES
 from runtime.session import (Session, UsageError, UserError, load_session, model_name,
                              open_container_model, open_model, open_model_run)
@@ -90,13 +91,19 @@ class RuntimeCommand(click.Command):
 @click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
                    "in the order they come (the others wait in a queue).")
+@click.option("--reasoning-format", type=click.Choice(list(REASONING_FORMATS)), default="auto",
+              show_default=True, help="A thinking model's thoughts: auto/deepseek return them "
+              "as reasoning_content; none leaves them in the content; deepseek-legacy does both.")
+@click.option("--reasoning-budget", type=click.IntRange(-1, 0), default=-1, show_default=True,
+              metavar="N", help="-1: the model may think; 0: ask it not to (enable_thinking=false).")
 def main(model: str | None, container: str | None, info: bool, verify: bool, prompt: str | None,
          chat: bool, perplexity_file: str | None, chunks: int, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
          parallel: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-         cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> None:
+         cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
+         reasoning_budget: int = -1) -> None:
     """Run a GGUF language model on this computer, offline.
 
     Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
@@ -134,7 +141,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         if prompt is None and not chat:
             serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
-                  allowed_hosts=allowed_hosts, threads_http=threads_http)
+                  allowed_hosts=allowed_hosts, threads_http=threads_http,
+                  reasoning=(reasoning_format, reasoning_budget))
             return
         from runtime.sampling import SamplingParams
 
@@ -160,8 +168,10 @@ def has_display() -> bool:
 
 def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: tuple[str, str], *,
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
-          allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS) -> None:
+          allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
+          reasoning: tuple[str, int] = ("auto", -1)) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
+    from runtime.openai_api import ChatSettings
     from runtime.server import ModelServer, bind_server
     from runtime.worker import EngineWorker
 
@@ -185,7 +195,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
     try:
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
-            allowed_hosts=allowed_hosts), say=say)
+            allowed_hosts=allowed_hosts, chat_settings=ChatSettings(*reasoning)), say=say)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)

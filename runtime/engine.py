@@ -200,6 +200,7 @@ class TextGeneration:
         self.stop_matcher = StopMatcher(params.stop)
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
+        self.skip_special = True  # control tokens give no text (False: their text)
 
     def _next_token(self, logits: np.ndarray) -> int:
         # the engine's cached tokens are exactly the prompt and what was generated so far
@@ -209,7 +210,7 @@ class TextGeneration:
         engine, params = self.engine, self.params
         room = engine.n_ctx - len(self.prompt_tokens)
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        decoder = self.tokenizer.stream_decoder()
+        decoder = self.tokenizer.stream_decoder(skip_special=self.skip_special)
         self.finish_reason = "length"
         for token in engine.generate(self.prompt_tokens, self._next_token, limit, self.tokenizer.eog_ids,
                                      self.cancel):

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from runtime import reasoning, tool_calls
 from runtime.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
 
 # Request fields that ask for something this server does not do (a 400 when set).
-UNSUPPORTED_WHEN_SET = ("tools", "functions", "tool_choice", "function_call", "audio",
-                        "modalities", "prediction", "suffix")
+UNSUPPORTED_WHEN_SET = ("functions", "function_call", "audio", "modalities", "prediction",
+                        "suffix")
 
 
 class RequestError(Exception):
@@ -99,10 +102,10 @@ def refuse_unsupported(body: dict) -> None:
         raise RequestError(400, f"best_of must be 1, got {best_of!r}", "best_of")
     for name in UNSUPPORTED_WHEN_SET:
         value = body.get(name)
-        if value is None or value == [] or value == "" or (name == "tool_choice" and value == "none"):
+        if value is None or value == [] or value == "":
             continue
-        raise RequestError(400, f"{name} is not supported by this server (it runs plain text "
-                                "generation)", name)
+        hint = " (use tools and tool_choice)" if name in ("functions", "function_call") else ""
+        raise RequestError(400, f"{name} is not supported by this server{hint}", name)
     fmt = body.get("response_format")
     if fmt is not None:
         kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -111,6 +114,232 @@ def refuse_unsupported(body: dict) -> None:
                                     '{"type": "text"}', "response_format")
     if bool_field(body, "echo"):
         raise RequestError(400, "echo is not supported", "echo")
+
+
+# --- chat requests: tools, tool_choice, thinking --------------------------------------------
+
+TOOL_CHOICES = ("auto", "none", "required")
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The server's chat settings (its flags): llama.cpp's --reasoning-format and
+    --reasoning-budget (runtime/reasoning.py)."""
+
+    reasoning_format: str = "auto"
+    reasoning_budget: int = -1
+
+
+@dataclass
+class ChatRequest:
+    """A chat request made ready for the template and the generation."""
+
+    messages: list  # as the template takes them (tool-call arguments as objects)
+    template_vars: dict  # tools, enable_thinking, the request's chat_template_kwargs
+    fmt: str  # the model's tool-call format (runtime/tool_calls.py)
+    tools: list | None  # None: tool calls are not parsed
+    tool_choice: Any  # "auto", "none", "required" or {"type": "function", "function": {...}}
+    reasoning_format: str
+    spell_special: bool  # the generation must spell the format's control tokens
+
+    def output(self, prompt_text: str, stream: bool) -> ChatOutput:
+        return ChatOutput(self.fmt, self.tools is not None, self.reasoning_format,
+                          reasoning.prompt_opens_thinking(prompt_text), stream)
+
+
+def chat_request(body: dict, template_source: str, settings: ChatSettings) -> ChatRequest:
+    """Check a chat body's tools, tool_choice, reasoning_format and chat_template_kwargs;
+    a 400 naming the field when one is wrong."""
+    fmt = tool_calls.detect_format(template_source)
+    tools = _tools_field(body.get("tools"))
+    choice = _tool_choice_field(body.get("tool_choice"), tools)
+    if choice == "none":
+        tools = None
+    if choice == "required" or isinstance(choice, dict):
+        raise RequestError(400, "tool_choice 'required' or a named function needs constrained "
+                                "decoding, which this server does not have yet; use 'auto'",
+                           "tool_choice")
+    reasoning_format = body.get("reasoning_format", settings.reasoning_format)
+    if reasoning_format not in reasoning.REASONING_FORMATS:
+        raise RequestError(400, f"reasoning_format must be one of "
+                                f"{', '.join(reasoning.REASONING_FORMATS)}, got {reasoning_format!r}",
+                           "reasoning_format")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier()
+                                                 for k in kwargs):
+        raise RequestError(400, "chat_template_kwargs must be an object of template variables",
+                           "chat_template_kwargs")
+    template_vars = {k: v for k, v in kwargs.items() if k not in ("messages", "add_generation_prompt")}
+    if settings.reasoning_budget == 0:
+        template_vars["enable_thinking"] = False
+    messages = template_messages(body.get("messages"), fmt)
+    if tools:
+        if tool_calls.template_renders_tools(template_source):
+            template_vars["tools"] = tools
+        else:  # the template knows no tools: describe them in a system message
+            messages = _with_system_text(messages, tool_calls.generic_tools_prompt(tools))
+            fmt = "generic"
+    return ChatRequest(messages, template_vars, fmt, tools, choice, reasoning_format,
+                       fmt in tool_calls.SPELLS_SPECIAL_TOKENS)
+
+
+def _tools_field(tools: Any) -> list | None:
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise RequestError(400, f"tools must be a list of functions, got {type(tools).__name__}",
+                           "tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not (isinstance(tool, dict) and tool.get("type", "function") == "function"
+                and isinstance(function, dict)):
+            raise RequestError(400, f'tools[{i}] must be {{"type": "function", "function": '
+                                    '{"name": ..., "parameters": {...}}}', "tools")
+        name = function.get("name")
+        if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+            raise RequestError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, "
+                                    f"'_', '-' or '.', got {name!r}", "tools")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise RequestError(400, f"tools[{i}].function.parameters must be a JSON schema "
+                                    "object", "tools")
+    return tools
+
+
+def _tool_choice_field(choice: Any, tools: list | None) -> Any:
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        if choice not in TOOL_CHOICES:
+            raise RequestError(400, f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or "
+                                    f'{{"type": "function", "function": {{"name": ...}}}}, got '
+                                    f"{choice!r}", "tool_choice")
+        if choice == "required" and not tools:
+            raise RequestError(400, "tool_choice 'required' needs tools", "tool_choice")
+        return choice
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    names = [t["function"]["name"] for t in tools or ()]
+    if name not in names:
+        raise RequestError(400, f"tool_choice names the function {name!r}, which is not among "
+                                f"the tools ({', '.join(names) or 'none given'})", "tool_choice")
+    return choice
+
+
+def template_messages(messages: Any, fmt: str) -> Any:
+    """Messages as chat templates take them (as transformers passes them): an assistant
+    message's tool-call arguments as objects, not JSON text; for gpt-oss its reasoning as
+    `thinking`. Anything malformed is left for chat.validate_messages to name."""
+    if not isinstance(messages, list):
+        return messages
+    out = []
+    for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("tool_calls") is not None:
+            message = {**message, "tool_calls": _template_tool_calls(message["tool_calls"], i)}
+        if (fmt == "harmony" and isinstance(message, dict)
+                and isinstance(message.get("reasoning_content"), str)):
+            message = {**message, "thinking": message["reasoning_content"]}
+        out.append(message)
+    return out
+
+
+def _template_tool_calls(calls: Any, i: int) -> list:
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise RequestError(400, f"{where} must be a list", "messages")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(400, f'{where}[{j}] must be {{"id": ..., "type": "function", '
+                                    '"function": {"name": ..., "arguments": "{...}"}}', "messages")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise RequestError(400, f"{where}[{j}].function.arguments is not valid JSON",
+                                   "messages") from None
+        out.append({**call, "function": {**function, "arguments": arguments}})
+    return out
+
+
+def _with_system_text(messages: Any, text: str) -> Any:
+    if not isinstance(messages, list):
+        return messages
+    first = messages[0] if messages else None
+    if isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str):
+        return [{**first, "content": first["content"] + "\n\n" + text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+class ChatOutput:
+    """The assistant's message from the generated text: thinking, content and tool calls,
+    whole (message) or as the stream's deltas (each call gives what is new since the last)."""
+
+    def __init__(self, fmt: str, parse_tools: bool, reasoning_format: str, opened: bool,
+                 stream: bool):
+        self.fmt, self.parse_tools, self.opened = fmt, parse_tools, opened
+        self.extract = reasoning_format != "none" and not (
+            stream and reasoning_format == "deepseek-legacy")
+        self.legacy = reasoning_format == "deepseek-legacy"
+        self.sent_reasoning, self.sent_content = "", ""
+        self.ids: list[str] = []  # the calls' ids, in order
+
+    def parse(self, text: str, final: bool) -> tool_calls.Parsed:
+        if self.fmt == "harmony":
+            parsed = tool_calls.parse(text, "harmony", final, self.extract)
+            if not self.parse_tools:
+                parsed.calls = []
+            return parsed
+        thought, content = reasoning.split(text, self.opened, final) if self.extract else ("", text)
+        if self.parse_tools:
+            parsed = tool_calls.parse(content, self.fmt, final)
+        else:
+            parsed = tool_calls.Parsed(content=content)
+        parsed.reasoning = thought
+        if self.legacy and thought:
+            parsed.content = f"{reasoning.OPEN}{thought}{reasoning.CLOSE}{parsed.content}"
+        return parsed
+
+    def _call_dicts(self, calls: list) -> list[dict]:
+        while len(self.ids) < len(calls):
+            call = calls[len(self.ids)]
+            self.ids.append(call.id or tool_calls.new_call_id(self.fmt))
+        return [{"id": self.ids[i], "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for i, c in enumerate(calls)]
+
+    def message(self, text: str) -> tuple[dict, bool]:
+        """The whole message, and whether it calls tools."""
+        parsed = self.parse(text, True)
+        message = {"role": "assistant", "content": parsed.content}
+        if parsed.reasoning:
+            message["reasoning_content"] = parsed.reasoning
+        if parsed.calls:
+            message["tool_calls"] = self._call_dicts(parsed.calls)
+            message["content"] = parsed.content or None
+        return message, bool(parsed.calls)
+
+    def deltas(self, text: str, final: bool) -> list[dict]:
+        """The stream's new deltas now that the text so far is `text`."""
+        parsed = self.parse(text, final)
+        out = []
+        if len(parsed.reasoning) > len(self.sent_reasoning) and parsed.reasoning.startswith(
+                self.sent_reasoning):
+            out.append({"reasoning_content": parsed.reasoning[len(self.sent_reasoning):]})
+            self.sent_reasoning = parsed.reasoning
+        if len(parsed.content) > len(self.sent_content) and parsed.content.startswith(
+                self.sent_content):
+            out.append({"content": parsed.content[len(self.sent_content):]})
+            self.sent_content = parsed.content
+        n_sent = len(self.ids)
+        for i, call in enumerate(self._call_dicts(parsed.calls)[n_sent:], n_sent):
+            function = call["function"]
+            out.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                        "function": {"name": function["name"], "arguments": ""}}]})
+            out.append({"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
+        return out
 
 
 # --- responses -----------------------------------------------------------------------------
@@ -122,8 +351,10 @@ class Reply:
     send_cors_headers, end_headers, wfile, send_json); token_bytes(id) spells a token."""
 
     def __init__(self, handler: Any, token_bytes: Callable[[int], bytes], kind: str, n_prompt: int,
-                 stream: bool, include_usage: bool, model: str, logprobs_wanted: bool):
+                 stream: bool, include_usage: bool, model: str, logprobs_wanted: bool,
+                 output: ChatOutput | None = None):
         self.h, self.kind, self.n_prompt, self.stream = handler, kind, n_prompt, stream
+        self.output = output if kind == "chat" else None  # None: the text is the content
         self.logprobs_wanted = logprobs_wanted
         self.include_usage = include_usage
         self.model = model
@@ -168,15 +399,20 @@ class Reply:
                 "system_fingerprint": "modelrun", "choices": [choice], **extra}
 
     def piece(self, text: str, entries: list) -> None:
-        if self.stream:
-            if text or entries:
-                offset = sum(len(t) for t in self.text)
-                delta = {"content": text} if self.kind == "chat" else text
-                chunk = self._chunk(delta, None, entries)
-                if self.kind == "text" and entries is not None and chunk["choices"][0]["logprobs"]:
-                    chunk["choices"][0]["logprobs"] = self._text_logprobs(entries, offset)
-                self._event(chunk)
         self.text.append(text)
+        if self.stream and self.output is not None:
+            deltas = self.output.deltas("".join(self.text), False)
+            if not deltas and entries and self.logprobs_wanted:
+                deltas = [{"content": ""}]  # the logprobs of text held back for now
+            for i, delta in enumerate(deltas):
+                self._event(self._chunk(delta, None, entries if i == 0 else None))
+        elif self.stream and (text or entries):
+            offset = sum(len(t) for t in self.text[:-1])
+            delta = {"content": text} if self.kind == "chat" else text
+            chunk = self._chunk(delta, None, entries)
+            if self.kind == "text" and entries is not None and chunk["choices"][0]["logprobs"]:
+                chunk["choices"][0]["logprobs"] = self._text_logprobs(entries, offset)
+            self._event(chunk)
         self.entries.extend(entries)
 
     def _usage(self, n_gen: int) -> dict:
@@ -185,6 +421,16 @@ class Reply:
 
     def finish(self, finish_reason: str, n_gen: int, timings: dict) -> None:
         usage = self._usage(n_gen)
+        text = "".join(self.text)
+        if self.output is not None:
+            if self.stream:
+                for delta in self.output.deltas(text, True):
+                    self._event(self._chunk(delta, None))
+            message, calls = self.output.message(text)
+            if calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": text}
         if self.stream:
             last = self._chunk({} if self.kind == "chat" else "", finish_reason, timings=timings)
             for choice in last["choices"]:
@@ -196,9 +442,8 @@ class Reply:
             self._event("[DONE]")
             self._write_chunk(b"")
             return
-        text = "".join(self.text)
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice = {"index": 0, "message": message,
                       "logprobs": self._chat_logprobs(self.entries), "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": self._text_logprobs(self.entries, 0),

@@ -31,8 +31,9 @@ from runtime.http_checks import (check_json_depth, content_length, host_allowed,
                                  origin_allowed)
 from runtime.http_connections import (DEFAULT_WORKERS, BoundedHTTPServer, BoundedRequestHandler,
                                       RequestDeadline)
-from runtime.openai_api import (MAX_TOP_LOGPROBS, Reply, RequestError, bool_field, error_body,
-                                int_field, refuse_unsupported, sampling_params)
+from runtime.openai_api import (MAX_TOP_LOGPROBS, ChatSettings, Reply, RequestError, bool_field,
+                                chat_request, error_body, int_field, refuse_unsupported,
+                                sampling_params)
 from runtime.terminal import printable
 from runtime.worker import EngineWorker, Job, ModelInfo
 
@@ -58,7 +59,8 @@ class ModelServer(BoundedHTTPServer):
     def __init__(self, address: tuple[str, int], worker: EngineWorker, model_name: str, *,
                  api_key: str | None = None, cors_origin: str | None = None,
                  max_body: int = MAX_BODY_BYTES, log: bool = True,
-                 workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = ()):
+                 workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = (),
+                 chat_settings: ChatSettings = ChatSettings()):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler, workers)
@@ -66,6 +68,7 @@ class ModelServer(BoundedHTTPServer):
         self.model_name = model_name
         self.api_key = api_key
         self.cors_origin = cors_origin
+        self.chat_settings = chat_settings
         self.max_body = max_body
         self.log = log
         self.loopback_only = _is_loopback_bind(address[0])
@@ -415,16 +418,18 @@ class RequestHandler(BoundedRequestHandler):
         params = sampling_params(body, info.n_vocab)
         if "messages" not in body:
             raise RequestError(400, "messages is required", "messages")
+        chat = chat_request(body, worker.chat_template_source(), self.server.chat_settings)
         try:
-            prompt = worker.chat_prompt(body["messages"])
+            prompt = worker.chat_prompt(chat.messages, **chat.template_vars)
             self._refuse_beyond_context(prompt.text, info, "messages")
             tokens = worker.prompt_tokens(prompt)
         except ChatTemplateError as e:
             raise RequestError(400, f"{e}", "messages") from None
         except ValueError as e:  # validate_messages names the message and what is wrong
             raise RequestError(400, f"{e}", "messages") from None
-        job = Job(tokens, params, (top_n or 0) if want_logprobs else None)
-        self._run_job(job, info, "chat", stream, body)
+        job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
+                  spell_special=chat.spell_special)
+        self._run_job(job, info, "chat", stream, body, chat.output(prompt.text, stream))
 
     def post_completion(self) -> None:
         body = self._json_body()
@@ -462,7 +467,8 @@ class RequestHandler(BoundedRequestHandler):
 
     # --- generation ---
 
-    def _run_job(self, job: Job, info: ModelInfo, kind: str, stream: bool, body: dict) -> None:
+    def _run_job(self, job: Job, info: ModelInfo, kind: str, stream: bool, body: dict,
+                 output=None) -> None:
         n_prompt = len(job.prompt_tokens)
         if n_prompt + 1 > info.n_ctx:
             raise RequestError(400, f"the prompt has {n_prompt} tokens but the context holds only "
@@ -474,7 +480,7 @@ class RequestHandler(BoundedRequestHandler):
         if isinstance(options, dict):
             include_usage = bool(options.get("include_usage"))
         reply = Reply(self, self.server.worker.token_bytes, kind, n_prompt, stream, include_usage,
-                      self.server.model_name, job.top_logprobs is not None)
+                      self.server.model_name, job.top_logprobs is not None, output)
         self.server.worker.submit(job)
         try:
             if stream:

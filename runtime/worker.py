@@ -42,6 +42,7 @@ class Job:
     prompt_tokens: list[int]
     params: Any  # SamplingParams
     top_logprobs: int | None = None  # None: no logprobs; N: the chosen token and N alternatives
+    spell_special: bool = False  # control tokens in the text (a tool-call format's markers)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -115,10 +116,16 @@ class EngineWorker:
         """A lower bound on text's tokens, without tokenizing it (Tokenizer.fewest_tokens)."""
         return self.session.tokenizer.fewest_tokens(text)
 
-    def chat_prompt(self, messages: Any):
+    def chat_prompt(self, messages: Any, **template_vars: Any):
         """The prompt (runtime.chat.Prompt) for a conversation, ready for the assistant's
-        turn (raises ChatTemplateError, or ValueError naming a malformed message)."""
-        return self.chat_template.prompt(messages, add_generation_prompt=True)
+        turn (raises ChatTemplateError, or ValueError naming a malformed message);
+        template_vars: tools, enable_thinking..."""
+        return self.chat_template.prompt(messages, add_generation_prompt=True, **template_vars)
+
+    def chat_template_source(self) -> str:
+        """The chat template in use (the model's, or the built-in one that replaced it)."""
+        self.chat_template.name  # waits for the check at load, which may replace it
+        return self.chat_template.source
 
     def prompt_tokens(self, prompt) -> list[int]:
         """A chat prompt's tokens: message text never becomes control tokens."""
@@ -197,6 +204,7 @@ class _JobGeneration(TextGeneration):
 
     def __init__(self, engine, tokenizer, job: Job):
         super().__init__(engine, tokenizer, job.prompt_tokens, job.params, cancel=job.cancelled)
+        self.skip_special = not job.spell_special
         self.job = job
         self.entries: list[TokenLogprobs] = []  # one per sampled token, when asked for
 

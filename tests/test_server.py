@@ -71,12 +71,18 @@ def running_server(worker: EngineWorker, **settings):
                                          **settings))
 
 
-@pytest.fixture(scope="module")
-def worker(model_path):
+def loaded_worker(model_path, kind=EngineWorker) -> EngineWorker:
+    """A started worker (of class `kind`) with the model at model_path loaded."""
     gguf_file = GGUFFile(model_path)
-    worker = EngineWorker(lambda: load_session(gguf_file, N_CTX, 0))
+    worker = kind(lambda: load_session(gguf_file, N_CTX, 0))
     worker.start()
     assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
+    return worker
+
+
+@pytest.fixture(scope="module")
+def worker(model_path):
+    worker = loaded_worker(model_path)
     yield worker
     worker.stop()
 
@@ -276,7 +282,9 @@ def test_tokenize_and_detokenize(server):
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
     ({"stop": [""]}, "stop"),
     ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f g", "parameters": {}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "response_format"),
     ({"top_logprobs": 3}, "top_logprobs"),

@@ -1,0 +1,359 @@
+"""Tool calls in a model's output: which format a model writes them in, and the parsers that
+turn its text back into OpenAI's `tool_calls` (a name and the arguments as a JSON string).
+
+Each family of models was trained to call tools its own way; the chat template shows which
+(as llama.cpp's common/chat.cpp tells them apart):
+
+  hermes   Hermes 2/3, Qwen 2.5/3:   <tool_call>{"name": N, "arguments": {...}}</tool_call>
+           Qwen3-Coder, Qwen 3.5:    <tool_call><function=N><parameter=K>V</parameter></function></tool_call>
+  llama3   Llama 3.1-3.3:            {"name": N, "parameters": {...}}  (or after <|python_tag|>)
+  mistral  Mistral Nemo/Small:       [TOOL_CALLS][{"name": N, "arguments": {...}, "id": I}]
+           newer Mistral templates:  [TOOL_CALLS]N[ARGS]{...}  (optionally N[CALL_ID]I[ARGS]{...})
+  harmony  gpt-oss:                  <|channel|>commentary to=functions.N <|constrain|>json<|message|>{...}<|call|>
+           (the whole answer is harmony messages: analysis is thinking, final the answer)
+  generic  any other template: the tools are described in a system message and the model is
+           asked to answer {"tool_calls": [{"name": N, "arguments": {...}}]} or {"response": "..."}
+
+parse(text, fmt, final) splits text into the content before (and after) the calls and the
+calls. While a generation streams, it parses what has come so far (final=False): text that
+may still turn out to be the start of a call is held back, and a call counts only once it is
+complete, so each partial parse's content is a prefix of the next one's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from runtime.reasoning import held_back
+
+FORMATS = ("hermes", "llama3", "mistral", "harmony", "generic")
+
+# formats whose markers are control tokens: the generation must spell them out
+SPELLS_SPECIAL_TOKENS = {"llama3", "mistral", "harmony"}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text
+    id: str | None = None  # as the model wrote it (Mistral); else made by the server
+
+
+@dataclass
+class Parsed:
+    content: str = ""
+    reasoning: str = ""
+    calls: list[ToolCall] = field(default_factory=list)
+
+
+@lru_cache(maxsize=16)
+def detect_format(template_source: str) -> str:
+    """The tool-call format of a chat template's model (see the module's docstring)."""
+    src = template_source or ""
+    if "<|channel|>" in src:
+        return "harmony"
+    if "[TOOL_CALLS]" in src:
+        return "mistral"
+    if "<tool_call>" in src:
+        return "hermes"
+    if "<|start_header_id|>" in src and ("<|python_tag|>" in src or "ipython" in src):
+        return "llama3"
+    return "generic"
+
+
+def template_renders_tools(template_source: str) -> bool:
+    """Whether a template reads the `tools` variable (else the server describes them)."""
+    return bool(re.search(r"\btools\b", template_source or ""))
+
+
+def new_call_id(fmt: str) -> str:
+    """An id for a call the model did not name: Mistral's templates insist on 9 letters or
+    digits; others take OpenAI's call_ form."""
+    alphabet = string.ascii_letters + string.digits
+    if fmt == "mistral":
+        return "".join(secrets.choice(alphabet) for _ in range(9))
+    return "call_" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+def generic_tools_prompt(tools: list[dict]) -> str:
+    """The system text that teaches a model with no tool format of its own to call tools."""
+    described = json.dumps([t["function"] for t in tools], ensure_ascii=False, indent=1)
+    return ("You can call these functions (each given with the JSON schema of its parameters):\n"
+            f"{described}\n\nTo call one or more of them, answer with only a JSON object:\n"
+            '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}\n'
+            "Otherwise answer normally.")
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+def parse(text: str, fmt: str, final: bool, extract_reasoning: bool = True) -> Parsed:
+    """Content and tool calls of a model's text (for harmony, its reasoning too)."""
+    if fmt == "harmony":
+        return _parse_harmony(text, final, extract_reasoning)
+    start = _call_start(text, fmt)
+    if start is None:  # no call: all content, but a possible start of one is held back
+        return Parsed(content=text if final else _hold_back(text, _MARKERS[fmt], fmt))
+    calls, rest = _SECTION_PARSERS[fmt](text[start:], final)
+    if calls is None:  # not (yet) a valid call
+        return Parsed(content=text if final else text[:start])
+    return Parsed(content=text[:start] + (rest if rest.strip() else ""), calls=calls)
+
+
+_MARKERS = {"hermes": ("<tool_call>",), "llama3": ("<|python_tag|>",),
+            "mistral": ("[TOOL_CALLS]",), "generic": ()}
+_JSON = json.JSONDecoder()
+
+
+def _call_start(text: str, fmt: str) -> int | None:
+    """Where the tool-call section begins, if it does."""
+    found = [i for i in (text.find(m) for m in _MARKERS[fmt]) if i >= 0]
+    if found:
+        return min(found)
+    if fmt in ("llama3", "generic"):  # an answer that is a JSON object
+        stripped = text.lstrip()
+        if stripped.startswith("{"):
+            return len(text) - len(stripped)
+    return None
+
+
+def _hold_back(text: str, markers: tuple[str, ...], fmt: str) -> str:
+    """text without an ending that could grow into a marker (or, for JSON formats, without
+    anything while all of it is blank)."""
+    if fmt in ("llama3", "generic") and not text.strip():
+        return ""
+    return held_back(text, markers)
+
+
+def _arguments_text(value) -> str | None:
+    """Arguments as a JSON object's text; None when they are not an object."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        return None
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _call_from_object(obj) -> ToolCall | None:
+    """{"name": N, "arguments"|"parameters": {...}} (or {"function": {...}}) -> a call."""
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("function"), dict):
+        obj = {**obj["function"], "id": obj.get("id")}
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters"))
+    arguments = _arguments_text(args)
+    if not isinstance(name, str) or not name or arguments is None:
+        return None
+    call_id = obj.get("id")
+    return ToolCall(name, arguments, call_id if isinstance(call_id, str) and call_id else None)
+
+
+def _decode_json(text: str, pos: int):
+    """(value, end) of the JSON value at text[pos:] (after blanks), or None when it is not
+    complete or not JSON."""
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    try:
+        return _JSON.raw_decode(text, pos)
+    except json.JSONDecodeError:
+        return None
+
+
+def _parse_hermes(section: str, final: bool):
+    """<tool_call>{json}</tool_call> or <tool_call><function=N><parameter=K>V</parameter>...
+    repeated; (calls, text after them) or (None, '') when incomplete or invalid."""
+    calls, pos = [], 0
+    while True:
+        rest = section[pos:].lstrip()
+        if not rest.startswith("<tool_call>"):
+            break
+        begin = len(section) - len(rest) + len("<tool_call>")
+        end = section.find("</tool_call>", begin)
+        if end < 0:
+            if not final:
+                return calls, ""  # the next call is coming in
+            end = len(section)  # the model stopped before closing it
+        call = _hermes_call(section[begin:end].strip())
+        if call is None:  # not a call: the text from here is content
+            return (calls, section[pos:]) if calls else (None, "")
+        calls.append(call)
+        pos = min(len(section), end + len("</tool_call>"))
+    rest = section[pos:]
+    if not final and "<tool_call>".startswith(rest.strip()) and rest.strip():
+        rest = ""
+    return calls, rest
+
+
+_FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def _hermes_call(body: str) -> ToolCall | None:
+    if body.startswith("<function="):
+        match = _FUNCTION.match(body)
+        if not match:
+            return None
+        arguments = {}
+        for key, value in _PARAMETER.findall(match.group(2)):
+            try:
+                arguments[key] = json.loads(value)
+            except json.JSONDecodeError:
+                arguments[key] = value
+        return ToolCall(match.group(1), json.dumps(arguments, ensure_ascii=False))
+    decoded = _decode_json(body, 0)
+    if decoded is None or body[decoded[1]:].strip():
+        return None
+    return _call_from_object(decoded[0])
+
+
+def _parse_json_calls(section: str, final: bool, after_tag: str = ""):
+    """JSON call objects one after another (Llama 3 separates them with ';'), after an
+    optional <|python_tag|>; generic's {"tool_calls": [...]} / {"tool_call": ...} /
+    {"response": "..."} wrappers too."""
+    pos = len(after_tag) if after_tag and section.startswith(after_tag) else 0
+    calls, content = [], ""
+    while True:
+        decoded = _decode_json(section, pos)
+        if decoded is None:
+            break
+        value, pos = decoded
+        if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
+            found = [_call_from_object(c) for c in value["tool_calls"]]
+        elif isinstance(value, dict) and isinstance(value.get("tool_call"), dict):
+            found = [_call_from_object(value["tool_call"])]
+        elif isinstance(value, dict) and isinstance(value.get("response"), str) and len(value) == 1:
+            found, content = [], value["response"]
+        else:
+            found = [_call_from_object(value)]
+        if any(c is None for c in found):
+            return None, ""
+        calls += found
+        while pos < len(section) and (section[pos].isspace() or section[pos] == ";"):
+            pos += 1
+        if pos >= len(section) or section[pos] != "{":
+            break
+    rest = section[pos:]
+    if not calls and not content:
+        return None, ""
+    if not final and (rest.strip() in ("", ";") or rest.lstrip().startswith("{")):
+        rest = ""  # a separator, or the next call coming in
+    return calls, content + rest
+
+
+def _parse_llama3(section: str, final: bool):
+    return _parse_json_calls(section, final, "<|python_tag|>")
+
+
+def _parse_mistral(section: str, final: bool):
+    """[TOOL_CALLS][{...}, ...] or [TOOL_CALLS]name[ARGS]{...} (repeated)."""
+    calls, pos = [], 0
+    while section.startswith("[TOOL_CALLS]", pos):
+        found = _mistral_calls(section, pos + len("[TOOL_CALLS]"))
+        if found is None:  # incomplete, or not a call: the text from here is content
+            if not final:
+                return calls, ""
+            return (calls, section[pos:]) if calls else (None, "")
+        calls += found[0]
+        pos = found[1]
+        while pos < len(section) and section[pos].isspace():
+            pos += 1
+        if not final and pos < len(section) and "[TOOL_CALLS]".startswith(section[pos:]):
+            return calls, ""
+    return calls, section[pos:]
+
+
+def _mistral_calls(section: str, pos: int) -> tuple[list[ToolCall], int] | None:
+    """The calls after one [TOOL_CALLS] and where they end; None when there are none."""
+    decoded = _decode_json(section, pos)
+    if decoded is not None and isinstance(decoded[0], list):
+        found = [_call_from_object(c) for c in decoded[0]]
+        if not found or any(c is None for c in found):
+            return None
+        return found, decoded[1]
+    args_at = section.find("[ARGS]", pos)
+    if args_at < 0:
+        return None
+    name, _, call_id = section[pos:args_at].partition("[CALL_ID]")
+    decoded = _decode_json(section, args_at + len("[ARGS]"))
+    arguments = _arguments_text(decoded[0]) if decoded else None
+    if not name.strip() or arguments is None:
+        return None
+    return [ToolCall(name.strip(), arguments, call_id.strip() or None)], decoded[1]
+
+
+_SECTION_PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_mistral,
+                    "generic": _parse_json_calls}
+
+
+# --- harmony (gpt-oss) --------------------------------------------------------------------------
+
+_HARMONY_ENDS = ("<|end|>", "<|call|>", "<|return|>")
+_RECIPIENT = re.compile(r"\bto=(\S+?)(?=<\||\s|$)")
+
+
+def _parse_harmony(text: str, final: bool, extract_reasoning: bool) -> Parsed:
+    """The answer as harmony messages: the prompt ends with `<|start|>assistant`, so the
+    first header comes without it. Each message: header <|message|> body, ended by <|end|>,
+    <|call|> or <|return|> (or the end of the text). Channel analysis: thinking; final and
+    a commentary without recipient: the answer; a recipient functions.N: a call of N."""
+    out = Parsed()
+    pos = 0
+    while pos < len(text):
+        body_at = text.find("<|message|>", pos)
+        if body_at < 0:  # a header still coming in (or a stray text without one)
+            if final:
+                out.content += _strip_markup(text[pos:])
+            break
+        header = text[pos:body_at]
+        body_at += len("<|message|>")
+        ends = [(i, m) for m in _HARMONY_ENDS if (i := text.find(m, body_at)) >= 0]
+        end, marker = min(ends) if ends else (len(text), "")
+        body = text[body_at:end]
+        complete = bool(marker) or final
+        channel = re.search(r"<\|channel\|>(\w+)", header)
+        channel = channel.group(1) if channel else ""
+        recipient = _RECIPIENT.search(header)
+        recipient = recipient.group(1) if recipient else ""
+        if recipient.startswith("functions."):
+            if not complete:
+                break
+            arguments = _arguments_text(body.strip() or "{}")
+            if arguments is None:
+                out.content += body  # not JSON: say what the model wrote
+            else:
+                out.calls.append(ToolCall(recipient[len("functions."):], arguments))
+        else:
+            shown = body if complete else held_back(body, _HARMONY_ENDS)
+            if channel == "analysis":
+                if extract_reasoning:
+                    out.reasoning += shown
+                else:
+                    out.content += header + "<|message|>" + shown + (marker if complete else "")
+            elif not recipient:  # final, or commentary meant for the user
+                out.content += shown
+        if not marker:
+            break
+        pos = end + len(marker)
+        if text.startswith("<|start|>", pos):
+            pos += len("<|start|>")
+        elif not "<|start|>".startswith(text[pos:]) or final:
+            if text[pos:].strip():
+                out.content += _strip_markup(text[pos:]) if final else ""
+            break
+        else:
+            break
+    return out
+
+
+def _strip_markup(text: str) -> str:
+    return re.sub(r"<\|[a-z_]+\|>", "", text)
