@@ -106,14 +106,49 @@ def refuse_unsupported(body: dict) -> None:
             continue
         hint = " (use tools and tool_choice)" if name in ("functions", "function_call") else ""
         raise RequestError(400, f"{name} is not supported by this server{hint}", name)
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind != "text":
-            raise RequestError(400, f"response_format {kind or fmt!r} is not supported; only "
-                                    '{"type": "text"}', "response_format")
     if bool_field(body, "echo"):
         raise RequestError(400, "echo is not supported", "echo")
+
+
+def requested_grammar(body: dict):
+    """The grammar a request asks its output to follow, as (field, runtime.constraint.Grammar),
+    or None: OpenAI's response_format ({"type": "json_object"}, or "json_schema" with
+    json_schema.schema), or llama.cpp's `json_schema` (a schema) and `grammar` (GBNF) fields,
+    at most one of them. A malformed one is a 400 naming the field."""
+    from runtime.constraint import ConstraintError, Grammar
+
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "text" or fmt is None:
+        fmt = None
+    given = [name for name, value in (("response_format", fmt), ("json_schema", body.get("json_schema")),
+                                      ("grammar", body.get("grammar"))) if value is not None]
+    if len(given) > 1:
+        raise RequestError(400, f"{' and '.join(given)} both constrain the output: give only one",
+                           given[1])
+    if not given:
+        return None
+    name = given[0]
+    try:
+        if name == "grammar":
+            return name, Grammar.gbnf(body["grammar"])
+        if name == "json_schema":
+            return name, Grammar.json_schema(body["json_schema"])
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":  # llama.cpp also takes a schema here
+            schema = fmt.get("schema")
+            return name, Grammar.json_object() if schema is None else Grammar.json_schema(schema)
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise RequestError(400, 'response_format json_schema needs "json_schema": '
+                                        '{"name": ..., "schema": {...}}', name)
+            schema = spec.get("schema")
+            return name, Grammar.json_object() if schema is None else Grammar.json_schema(schema)
+    except ConstraintError as e:
+        raise RequestError(400, f"{name}: {e}", name) from None
+    raise RequestError(400, f"response_format {kind or fmt!r} is not supported; use "
+                            '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                            '"json_schema": {"name": ..., "schema": {...}}}', name)
 
 
 # --- chat requests: tools, tool_choice, thinking --------------------------------------------

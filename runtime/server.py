@@ -33,7 +33,7 @@ from runtime.http_connections import (DEFAULT_WORKERS, BoundedHTTPServer, Bounde
                                       RequestDeadline)
 from runtime.openai_api import (MAX_TOP_LOGPROBS, ChatSettings, Reply, RequestError, bool_field,
                                 chat_request, error_body, int_field, refuse_unsupported,
-                                sampling_params)
+                                requested_grammar, sampling_params)
 from runtime.terminal import printable
 from runtime.worker import EngineWorker, Job, ModelInfo
 
@@ -416,6 +416,7 @@ class RequestHandler(BoundedRequestHandler):
         if top_n is not None and not want_logprobs:
             raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         params = sampling_params(body, info.n_vocab)
+        params.constraint = self._constraint(body, worker)
         if "messages" not in body:
             raise RequestError(400, "messages is required", "messages")
         chat = chat_request(body, worker.chat_template_source(), self.server.chat_settings)
@@ -438,6 +439,7 @@ class RequestHandler(BoundedRequestHandler):
         stream = bool_field(body, "stream")
         top_n = int_field(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         params = sampling_params(body, info.n_vocab)
+        params.constraint = self._constraint(body, worker)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -454,6 +456,19 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(400, "prompt is empty", "prompt")
         job = Job(tokens, params, top_n)
         self._run_job(job, info, "text", stream, body)
+
+    def _constraint(self, body: dict, worker: EngineWorker):
+        """The compiled grammar the request's output must follow (None: free text)."""
+        from runtime.constraint import ConstraintError
+
+        requested = requested_grammar(body)
+        if requested is None:
+            return None
+        name, grammar = requested
+        try:
+            return worker.constraint(grammar)
+        except ConstraintError as e:
+            raise RequestError(400, f"{name}: {e}", name) from None
 
     def _refuse_beyond_context(self, text: str, info: ModelInfo, param: str) -> None:
         """A 400 for text too long to fit the context whatever its tokens, before

@@ -127,6 +127,13 @@ class EngineWorker:
         self.chat_template.name  # waits for the check at load, which may replace it
         return self.chat_template.source
 
+    def constraint(self, grammar):
+        """The grammar compiled against the model's vocabulary (runtime.constraint; raises
+        ConstraintError). The first call builds the vocabulary's trie (seconds)."""
+        from runtime.constraint import ConstraintVocabulary
+
+        return ConstraintVocabulary.of(self.session.tokenizer, self.info.n_vocab).compile(grammar)
+
     def prompt_tokens(self, prompt) -> list[int]:
         """A chat prompt's tokens: message text never becomes control tokens."""
         return prompt.tokens(self.session.tokenizer)

@@ -285,8 +285,8 @@ def test_tokenize_and_detokenize(server):
     ({"tools": [{"type": "function", "function": {"name": "f g", "parameters": {}}}]}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "strin"}}}}, "response_format"),
     ({"top_logprobs": 3}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}, "messages"),

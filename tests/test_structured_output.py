@@ -1,0 +1,122 @@
+"""Structured output through the HTTP API with the official openai client: response_format
+(json_object, json_schema), llama.cpp's `json_schema` and `grammar` (GBNF) fields, on chat and
+text completions, streamed and not; every answer parses and follows its schema or grammar.
+
+The model is test_server.py's tiny random-weight qwen3 with a 320-piece vocabulary (bytes,
+letters, a few words): left alone it writes noise, so whatever structure its answers have
+comes from the constraint. The schemas are small and bounded (enums, booleans, bounded
+integers) so a random model's walk through them ends within a few dozen tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from test_server import HELLO, client, model_path, request, server, worker  # noqa: E402,F401
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "ok": {"type": "boolean"}},
+    "required": ["a", "n", "ok"],
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema",
+                   "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True}}
+CLOSE_BRACE = 5 + ord("}")  # the byte piece <0x7D>: test_server's vocabulary has 5 specials first
+
+
+def check_schema(value) -> None:
+    """SCHEMA's rules, checked directly (jsonschema is not a dependency)."""
+    assert isinstance(value, dict) and set(value) == {"a", "n", "ok"}, value
+    assert value["a"] in ("yes", "no")
+    assert type(value["n"]) is int and 0 <= value["n"] <= 99
+    assert type(value["ok"]) is bool
+
+
+def streamed_text(stream) -> tuple[str, str | None]:
+    pieces, finish = [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            delta = choice.delta.content if hasattr(choice, "delta") else choice.text
+            pieces.append(delta or "")
+            finish = choice.finish_reason or finish
+    return "".join(pieces), finish
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_json_schema_answers_validate(client, seed):
+    reply = client.chat.completions.create(model="any", messages=HELLO, max_tokens=100, seed=seed,
+                                           temperature=1.0, response_format=RESPONSE_FORMAT)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    check_schema(json.loads(choice.message.content))
+
+
+def test_streamed_json_schema_answer_validates(client):
+    text, finish = streamed_text(client.chat.completions.create(
+        model="any", messages=HELLO, max_tokens=100, seed=7, temperature=1.0,
+        response_format=RESPONSE_FORMAT, stream=True))
+    assert finish == "stop"
+    check_schema(json.loads(text))
+
+
+def test_json_object_gives_an_object(client):
+    # a bias towards "}" keeps the random model's object short; the grammar still decides
+    # where "}" may go
+    for stream in (False, True):
+        args = dict(model="any", messages=HELLO, max_tokens=60, seed=3, temperature=1.0,
+                    response_format={"type": "json_object"}, logit_bias={str(CLOSE_BRACE): 8})
+        if stream:
+            text, finish = streamed_text(client.chat.completions.create(**args, stream=True))
+        else:
+            choice = client.chat.completions.create(**args).choices[0]
+            text, finish = choice.message.content, choice.finish_reason
+        assert finish == "stop" and isinstance(json.loads(text), dict), text
+
+
+GBNF = 'root ::= ("yes" | "no") " " [0-9] [0-9]? "."'
+
+
+def test_gbnf_grammar_restricts_text_completions(client):
+    for seed, stream in ((1, False), (2, True)):
+        args = dict(model="any", prompt="hello", max_tokens=20, seed=seed, temperature=1.0,
+                    extra_body={"grammar": GBNF})
+        if stream:
+            text, finish = streamed_text(client.completions.create(**args, stream=True))
+        else:
+            choice = client.completions.create(**args).choices[0]
+            text, finish = choice.text, choice.finish_reason
+        assert re.fullmatch(r"(yes|no) [0-9][0-9]?\.", text) and finish == "stop", text
+    # and chat, with llama.cpp's json_schema field
+    reply = client.chat.completions.create(model="any", messages=HELLO, max_tokens=100, seed=5,
+                                           temperature=1.0, extra_body={"json_schema": SCHEMA})
+    check_schema(json.loads(reply.choices[0].message.content))
+
+
+@pytest.mark.parametrize("extra, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "strnig"}}}}}},
+     "response_format", "response_format: invalid JSON schema: Invalid type: strnig"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "$ref": "#/$defs/missing"}}}}, "response_format", "/$defs/missing"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", 'needs "json_schema"'),
+    ({"response_format": {"type": "yaml"}}, "response_format", "response_format 'yaml' is not supported"),
+    ({"grammar": 'root ::= "a" | missing'}, "grammar", "grammar: invalid GBNF grammar"),
+    ({"grammar": 42}, "grammar", "a GBNF grammar must be a non-empty string"),
+    ({"json_schema": "not a schema"}, "json_schema", "the JSON schema is not valid JSON"),
+    ({"grammar": 'root ::= "a"', "json_schema": {}}, "grammar",
+     "json_schema and grammar both constrain the output"),
+])
+def test_bad_schemas_and_grammars_get_a_400_that_says_why(server, extra, param, message):
+    for path, body in (("/v1/chat/completions", {"messages": HELLO}),
+                       ("/v1/completions", {"prompt": "hello"})):
+        status, _, reply = request(server, "POST", path, {**body, "max_tokens": 2, **extra})
+        assert status == 400, reply
+        error = reply["error"]
+        assert error["param"] == param and message in error["message"], error
