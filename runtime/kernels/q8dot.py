@@ -29,10 +29,12 @@ Weight layouts (all little-endian; legacy.py and kquants.py spell them out in fu
   on top; q - 32; sub-blocks of 16.
 
 Each dot is one intrinsic that runs the whole row in LLVM IR: per block it unpacks the
-quant indices to bytes (64 at a time), multiplies them with the activation bytes through
-simd.dot4 (vpdpbusd, or pmaddubsw + pmaddwd; the instruction set of the CPU tier), scales
-the int32 sums per sub-block in integer lanes, and adds them into float32 vector
-accumulators that are summed once per row. Offsets (subtracted biases, k-quant minimums) use
+quant indices to bytes (64 at a time, in element order so the activations load as they
+lie), multiplies them with the activation bytes through simd.dot4 (vpdpbusd, or pmaddubsw
++ pmaddwd; the instruction set of the CPU tier) or, for formats with sub-block scales,
+simd.dot4_scaled (pmaddubsw, then pmaddwd/vpdpwssd by the int16 scales: no int32
+multiply), and adds the block's int32 sums into float32 vector accumulators that are
+summed once per row. Offsets (subtracted biases, k-quant minimums) use
 the activation sums ys instead of touching the weights twice:
 sum((q - b) * y) = sum(q * y) - b * sum(y).
 """
@@ -43,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import mxfp4
-from .simd import _horizontal_sum, byte_lookup, concat, dot4, signed_dot4
+from .simd import _horizontal_sum, byte_lookup, concat, dot4, dot4_scaled, madd16, signed_dot4, signed_dot4_scaled
 
 _I1 = ir.IntType(1)
 _I8 = ir.IntType(8)
@@ -307,23 +309,37 @@ def _k4_body(qs_off, qh_off=None):
     def body(e, k, blk, y, ys, dy):
         b = e.b
         scales, mins = _k4_scales_mins(e, blk)
+        scales = b.trunc(scales, _v(8, _I16))
         high_bits = e.load(blk, qh_off, _v(32)) if qh_off is not None else None
         total = None
-        for half in range(2):  # 64 bytes of qs: sub-blocks 4h, 4h+2 (low) and 4h+1, 4h+3 (high)
-            q = e.load(blk, qs_off + 64 * half, _v(64))
-            base = 4 * half
-            for nib, first in ((e.mask(q, 15), base), (e.shr(q, 4), base + 1)):
-                if high_bits is not None:  # fifth bit of sub-block s: bit s of qh[l]
-                    nib = b.or_(nib, e.shl(e.mask(e.cat(e.shr(high_bits, first), e.shr(high_bits, first + 2)), 1), 4))
-                ys_ = e.cat(e.load(y, 32 * first, _v(32)), e.load(y, 32 * (first + 2), _v(32)))
-                sums = dot4(b, nib, ys_)
-                total = e.add(total, b.mul(sums, e.pick(scales, [first] * 8 + [first + 2] * 8)))
-        groups = e.sums16(ys, 16)
-        pairs = b.add(e.pick(groups, list(range(0, 16, 2))), e.pick(groups, list(range(1, 16, 2))))
+        for c in range(4):  # 32 bytes of qs: sub-blocks 2c (low nibbles) and 2c + 1 (high)
+            q = e.load(blk, qs_off + 32 * c, _v(32))
+            low, high = e.mask(q, 15), e.shr(q, 4)
+            if high_bits is not None:  # fifth bit of sub-block s: bit s of qh[l]
+                low = b.or_(low, e.shl(e.bits(high_bits, 2 * c, 1), 4))
+                high = b.or_(high, e.shl(e.bits(high_bits, 2 * c + 1, 1), 4))
+            total = dot4_scaled(b, e.cat(low, high), e.load(y, 64 * c, _v(64)),
+                                e.pick(scales, [2 * c] * 8 + [2 * c + 1] * 8), total)
+        mins16 = e.pick(b.trunc(mins, _v(8, _I16)), [g // 2 for g in range(16)])
+        minimum = madd16(b, e.load(ys, 0, _v(16, _I16)), mins16)  # mins[s] * (ys[2s] + ys[2s + 1])
         return [(total, b.fmul(e.f16(blk, 0), dy[0])),
-                (b.mul(mins, pairs), b.fneg(b.fmul(e.f16(blk, 2), dy[0])))]
+                (minimum, b.fneg(b.fmul(e.f16(blk, 2), dy[0])))]
 
     return body
+
+
+def _sums_times(e, weights, ys):
+    """<8 x i32>: lane g = weights[2g] * ys[2g] + weights[2g+1] * ys[2g+1], for the <16 x i16>
+    weights of the 16 sub-blocks of 16 (sum these lanes for sum(weight * activation sum))."""
+    return madd16(e.b, weights, e.load(ys, 0, _v(16, _I16)))
+
+
+def _minus_sums_times(e, total, weights, ys, shift):
+    """total (<16 x i32>) less (_sums_times(weights, ys) << shift) in its first 8 lanes: the
+    offset of biased indices, taken out once per block as the lanes are summed later."""
+    offset = e.shl(_sums_times(e, weights, ys), shift)
+    padded = e.b.shuffle_vector(offset, ir.Constant(offset.type, None), ir.Constant(_v(16, _I32), list(range(16))))
+    return e.b.sub(total, padded)
 
 
 def _per16(first_sub):
@@ -333,7 +349,7 @@ def _per16(first_sub):
 
 def _q6_k_body(e, k, blk, y, ys, dy):
     b = e.b
-    scales = e.widen(e.load(blk, 192, _v(16)), signed=True)
+    scales = b.sext(e.load(blk, 192, _v(16)), _v(16, _I16))
     total = None
     for h in range(2):
         low = e.load(blk, 64 * h, _v(64))
@@ -341,10 +357,10 @@ def _q6_k_body(e, k, blk, y, ys, dy):
         for j2, nib in ((0, e.mask(low, 15)), (2, e.shr(low, 4))):  # elements 128h + 32*j2 + [0:64]
             top = e.mask(e.cat(e.shr(high, 2 * j2), e.shr(high, 2 * j2 + 2)), 3)
             q = b.or_(nib, e.shl(top, 4))
-            sums = dot4(b, q, e.load(y, 128 * h + 32 * j2, _v(64)))
-            total = e.add(total, b.mul(sums, e.pick(scales, _per16(8 * h + 2 * j2))))
-    bias = e.shl(b.mul(scales, e.sums16(ys, 16)), 5)  # 32 * sum(scale * ysum)
-    return [(b.sub(total, bias), b.fmul(e.f16(blk, 208), dy[0]))]
+            total = dot4_scaled(b, q, e.load(y, 128 * h + 32 * j2, _v(64)), e.pick(scales, _per16(8 * h + 2 * j2)),
+                                total)
+    # q - 32: less 32 * sum(scale * ysum)
+    return [(_minus_sums_times(e, total, scales, ys, 5), b.fmul(e.f16(blk, 208), dy[0]))]
 
 
 def _low2_body(qs_off, hmask_off):
@@ -354,7 +370,7 @@ def _low2_body(qs_off, hmask_off):
         b = e.b
         if hmask_off is None:
             packed = e.load(blk, 0, _v(16))
-            scales, mins = e.widen(e.mask(packed, 15)), e.widen(e.shr(packed, 4))
+            scales, mins = (b.zext(v, _v(16, _I16)) for v in (e.mask(packed, 15), e.shr(packed, 4)))
             d = e.f16(blk, 80)
         else:
             w0, w1, w2 = (e.load(blk, 96 + off, _I32) for off in (0, 4, 8))
@@ -365,7 +381,7 @@ def _low2_body(qs_off, hmask_off):
                 return b.or_(low, b.shl(top, ir.Constant(_I32, 4)))
 
             stored = e.words_to_lanes([part(w0, 0, 0), part(w1, 0, 2), part(w0, 4, 4), part(w1, 4, 6)])
-            scales = b.sub(stored, ir.Constant(_v(16, _I32), [32] * 16))
+            scales = b.trunc(b.sub(stored, ir.Constant(_v(16, _I32), [32] * 16)), _v(16, _I16))
             hmask = e.load(blk, hmask_off, _v(32))
             d = e.f16(blk, 108)
         total = None
@@ -376,13 +392,12 @@ def _low2_body(qs_off, hmask_off):
                 if hmask_off is not None:
                     hbit = e.mask(e.cat(e.shr(hmask, 4 * h + j2), e.shr(hmask, 4 * h + j2 + 1)), 1)
                     q = b.or_(q, e.shl(hbit, 2))
-                sums = dot4(b, q, e.load(y, 128 * h + 32 * j2, _v(64)))
-                total = e.add(total, b.mul(sums, e.pick(scales, _per16(8 * h + 2 * j2))))
-        groups = e.sums16(ys, 16)
+                total = dot4_scaled(b, q, e.load(y, 128 * h + 32 * j2, _v(64)),
+                                    e.pick(scales, _per16(8 * h + 2 * j2)), total)
         scale = b.fmul(d, dy[0])
         if hmask_off is not None:  # q - 4
-            return [(b.sub(total, e.shl(b.mul(scales, groups), 2)), scale)]
-        return [(total, scale), (b.mul(mins, groups), b.fneg(b.fmul(e.f16(blk, 82), dy[0])))]
+            return [(_minus_sums_times(e, total, scales, ys, 2), scale)]
+        return [(total, scale), (_sums_times(e, mins, ys), b.fneg(b.fmul(e.f16(blk, 82), dy[0])))]
 
     return body
 
@@ -409,12 +424,12 @@ def _iq4_xs_body(e, k, blk, y, ys, dy):
     low = b.and_(b.lshr(low, ir.Constant(v8, [4 * (g % 2) for g in range(8)])), ir.Constant(v8, [15] * 8))
     high = e.pick(e.widen(b.bitcast(e.load(blk, 2, _I16), _v(2))), [0] * 4 + [1] * 4)
     high = b.and_(b.lshr(high, ir.Constant(v8, [2 * (g % 4) for g in range(8)])), ir.Constant(v8, [3] * 8))
-    scales = b.sub(b.or_(low, b.shl(high, ir.Constant(v8, [4] * 8))), ir.Constant(v8, [32] * 8))
+    scales = b.trunc(b.sub(b.or_(low, b.shl(high, ir.Constant(v8, [4] * 8))), ir.Constant(v8, [32] * 8)), _v(8, _I16))
     total = None
     for pair in range(4):  # groups 2p, 2p + 1: 32 bytes of qs, 64 weights
         w = byte_lookup(b, IQ4_LEVELS, e.cat(_nibbles32(e, blk, 8 + 32 * pair), _nibbles32(e, blk, 24 + 32 * pair)))
-        sums = signed_dot4(b, w, e.load(y, 64 * pair, _v(64)))
-        total = e.add(total, b.mul(sums, e.pick(scales, [2 * pair] * 8 + [2 * pair + 1] * 8)))
+        total = signed_dot4_scaled(b, w, e.load(y, 64 * pair, _v(64)),
+                                   e.pick(scales, [2 * pair] * 8 + [2 * pair + 1] * 8), total)
     return [(total, b.fmul(e.f16(blk, 0), dy[0]))]
 
 

@@ -270,12 +270,96 @@ def dot4(builder, u, s):
     return parts[0]
 
 
-def signed_dot4(builder, w, s):
-    """dot4 for signed w (-128..127): |w| times s with w's sign (ggml's sign trick)."""
+_MADD_WD = {16: "llvm.x86.sse2.pmadd.wd", 32: "llvm.x86.avx2.pmadd.wd", 64: "llvm.x86.avx512.pmaddw.d.512"}
+_MADD_UB = {16: "llvm.x86.ssse3.pmadd.ub.sw.128", 32: "llvm.x86.avx2.pmadd.ub.sw", 64: "llvm.x86.avx512.pmaddubs.w.512"}
+
+
+def _madd16_native(builder, isa, a, b, acc):
+    """acc + pmaddwd(a, b) for <n x i16> a, b of one register (vpdpwssd on the VNNI tiers)."""
+    n = a.type.count
+    v32 = ir.VectorType(_I32, n // 2)
+    if isa.startswith("vnni"):
+        f = _declare(builder, f"llvm.x86.avx512.vpdpwssd.{16 * n}", v32, [v32, v32, v32])
+        start = acc if acc is not None else ir.Constant(v32, None)
+        return builder.call(f, [start, builder.bitcast(a, v32), builder.bitcast(b, v32)])
+    pairs = builder.call(_declare(builder, _MADD_WD[2 * n], v32, [a.type, a.type]), [a, b])
+    return pairs if acc is None else builder.add(acc, pairs)
+
+
+def madd16(builder, a, b):
+    """<n/2 x i32> whose lane k is a[2k] * b[2k] + a[2k+1] * b[2k+1], for <n x i16> a and b
+    (pmaddwd; n in 8, 16, 32)."""
+    n = a.type.count
+    isa = integer_isa()
+    widest = _WIDEST.get(isa)
+    if widest is None:
+        v32 = ir.VectorType(_I32, n)
+        products = builder.mul(builder.sext(a, v32), builder.sext(b, v32))
+        half = ir.VectorType(_I32, n // 2)
+        even, odd = (builder.shuffle_vector(products, ir.Constant(v32, ir.Undefined),
+                                            ir.Constant(half, list(range(j, n, 2)))) for j in (0, 1))
+        return builder.add(even, odd)
+    width = min(widest // 2, n)  # int16 lanes per register
+    parts = []
+    for k in range(0, n, width):
+        ak = _slice(builder, a, k, width) if width < n else a
+        bk = _slice(builder, b, k, width) if width < n else b
+        f = _declare(builder, _MADD_WD[2 * width], ir.VectorType(_I32, width // 2), [ak.type, ak.type])
+        parts.append(builder.call(f, [ak, bk]))
+    while len(parts) > 1:
+        parts = [concat(builder, parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def dot4_scaled(builder, u, s, scale, acc=None):
+    """acc + <n/4 x i32> whose lane k is scale[k] * sum(u[4k+i] * s[4k+i], i < 4), for <n x i8>
+    u (unsigned), s (signed) and <n/4 x i16> scale; n in 16, 32, 64.
+
+    The sub-block scales of the k-quants applied inside the integer sums, as ggml does:
+    pmaddubsw pairs the bytes into int16, then pmaddwd (vpdpwssd with VNNI, which adds into
+    acc too) multiplies each pair sum by its scale: two instructions per register, where
+    dot4 and an int32 multiply take three or more. Exact while every pair sum
+    u[2j] s[2j] + u[2j+1] s[2j+1] fits int16 (pmaddubsw saturates): u <= 128 and s >= -127
+    suffice, and the scaled sums fit int32.
+    """
+    n = u.type.count
+    scale16 = builder.shuffle_vector(scale, ir.Constant(scale.type, ir.Undefined),
+                                     ir.Constant(ir.VectorType(_I32, n // 2), [k // 2 for k in range(n // 2)]))
+    isa = integer_isa()
+    widest = _WIDEST.get(isa)
+    if widest is None:
+        sums = builder.mul(_dot4_generic(builder, u, s), builder.sext(scale, ir.VectorType(_I32, n // 4)))
+        return sums if acc is None else builder.add(acc, sums)
+    width = min(widest, n)
+    parts = []
+    for k in range(0, n, width):
+        uk = _slice(builder, u, k, width) if width < n else u
+        sk = _slice(builder, s, k, width) if width < n else s
+        pairs = builder.call(_declare(builder, _MADD_UB[width], ir.VectorType(_I16, width // 2), [uk.type, uk.type]),
+                             [uk, sk])
+        sc = _slice(builder, scale16, k // 2, width // 2) if width < n else scale16
+        ak = None if acc is None else (_slice(builder, acc, k // 4, width // 4) if width < n else acc)
+        parts.append(_madd16_native(builder, isa, pairs, sc, ak))
+    while len(parts) > 1:
+        parts = [concat(builder, parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def signed_dot4_scaled(builder, w, s, scale, acc=None):
+    """dot4_scaled for signed w (-128..127), by the sign trick of signed_dot4."""
+    return dot4_scaled(builder, *_sign_moved(builder, w, s), scale, acc)
+
+
+def _sign_moved(builder, w, s):
+    """(|w|, s with w's sign): the same products, with the first factor unsigned."""
     zero = ir.Constant(w.type, None)
     negative = builder.icmp_signed("<", w, zero)
-    return dot4(builder, builder.select(negative, builder.sub(zero, w), w),
-                builder.select(negative, builder.sub(zero, s), s))
+    return builder.select(negative, builder.sub(zero, w), w), builder.select(negative, builder.sub(zero, s), s)
+
+
+def signed_dot4(builder, w, s):
+    """dot4 for signed w (-128..127): |w| times s with w's sign (ggml's sign trick)."""
+    return dot4(builder, *_sign_moved(builder, w, s))
 
 
 def byte_lookup(builder, table, indices):
