@@ -88,9 +88,14 @@ class RuntimeCommand(click.Command):
 @click.option("--unsecure", is_flag=True,
               help="Run the chat template renderer without confining it (no Landlock or "
                    "seccomp; its time and memory limits stay).")
-@click.option("--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
-              help="Accepted for llama.cpp compatibility; requests are answered one at a time, "
-                   "in the order they come (the others wait in a queue).")
+@click.option("-np", "--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
+              help="Slots: requests generated at once, decoded together; the context (-c) is "
+                   "split among them, as llama.cpp does.")
+@click.option("--queue", "queue_limit", type=click.IntRange(0, 4096), default=None, metavar="N",
+              help="Requests that may wait for a slot; more get 503 with Retry-After "
+                   "(default: 4 per slot, at least 16).")
+@click.option("--slots/--no-slots", "slots_endpoint", default=True, show_default=True,
+              help="Serve GET /slots (each slot's state, as llama.cpp's server).")
 @click.option("--reasoning-format", type=click.Choice(list(REASONING_FORMATS)), default="auto",
               show_default=True, help="A thinking model's thoughts: auto/deepseek return them "
               "as reasoning_content; none leaves them in the content; deepseek-legacy does both.")
@@ -101,7 +106,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
-         parallel: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+         parallel: int, queue_limit: int | None = None, slots_endpoint: bool = True,
+         cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
          cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
          reasoning_budget: int = -1) -> None:
     """Run a GGUF language model on this computer, offline.
@@ -141,8 +147,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         if prompt is None and not chat:
             serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
-                  allowed_hosts=allowed_hosts, threads_http=threads_http,
-                  reasoning=(reasoning_format, reasoning_budget))
+                  allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
+                  slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget))
             return
         from runtime.sampling import SamplingParams
 
@@ -169,6 +175,7 @@ def has_display() -> bool:
 def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: tuple[str, str], *,
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
+          queue_limit: int | None = None, slots_endpoint: bool = True,
           reasoning: tuple[str, int] = ("auto", -1)) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
     from runtime.openai_api import ChatSettings
@@ -183,24 +190,23 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
     server_box: list[ModelServer] = []
 
     def load() -> Session:
-        return load_session(gguf, ctx_size, threads, cache_types)
+        return load_session(gguf, ctx_size, threads, cache_types, n_parallel=parallel)
 
     def on_failure(error: BaseException) -> None:
         failure.append(error)
         if server_box:
             threading.Thread(target=server_box[0].shutdown, daemon=True).start()
 
-    worker = EngineWorker(load, on_failure)
+    worker = EngineWorker(load, on_failure, queue_limit=queue_limit)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     try:
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
-            allowed_hosts=allowed_hosts, chat_settings=ChatSettings(*reasoning)), say=say)
+            allowed_hosts=allowed_hosts, chat_settings=ChatSettings(*reasoning),
+            slots_endpoint=slots_endpoint), say=say)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)
-    if parallel > 1:
-        say(f"--parallel {parallel}: requests are answered one at a time; the others wait in a queue")
     shown_host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in shown_host:
         shown_host = f"[{shown_host}]"

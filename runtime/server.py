@@ -7,7 +7,7 @@ and validates a request (runtime/openai_api.py), tokenizes it through the worker
 interface (pure Python), puts a Job on the queue and relays the Job's events to its client.
 A client that goes away cancels its Job.
 
-Endpoints: GET / (the chat page), GET /health, GET /v1/models, GET /props, POST
+Endpoints: GET / (the chat page), GET /health, GET /v1/models, GET /props, GET /slots, POST
 /v1/chat/completions, POST /v1/completions, POST /tokenize, POST /detokenize (the last three
 as llama.cpp's server).
 """
@@ -35,7 +35,7 @@ from runtime.openai_api import (MAX_TOP_LOGPROBS, ChatSettings, Reply, RequestEr
                                 chat_request, error_body, int_field, refuse_unsupported,
                                 requested_grammar, sampling_params)
 from runtime.terminal import printable
-from runtime.worker import EngineWorker, Job, ModelInfo
+from runtime.worker import EngineWorker, Job, ModelInfo, QueueFull
 
 MAX_BODY_BYTES = 8 * 2**20
 POLL_SECONDS = 0.1  # how often a waiting HTTP thread checks whether its client is still there
@@ -60,7 +60,7 @@ class ModelServer(BoundedHTTPServer):
                  api_key: str | None = None, cors_origin: str | None = None,
                  max_body: int = MAX_BODY_BYTES, log: bool = True,
                  workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = (),
-                 chat_settings: ChatSettings = ChatSettings()):
+                 chat_settings: ChatSettings = ChatSettings(), slots_endpoint: bool = True):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler, workers)
@@ -71,6 +71,7 @@ class ModelServer(BoundedHTTPServer):
         self.chat_settings = chat_settings
         self.max_body = max_body
         self.log = log
+        self.slots_endpoint = slots_endpoint  # GET /slots (--slots / --no-slots)
         self.loopback_only = _is_loopback_bind(address[0])
         # a loopback server answers to loopback names only (and --allowed-host); one on the
         # network also to this machine's own names and addresses
@@ -381,7 +382,20 @@ class RequestHandler(BoundedRequestHandler):
         worker, info = self._loaded()
         self.send_json(200, {"chat_template": worker.model_chat_template(),
                              "default_generation_settings": {"n_ctx": info.n_ctx},
-                             "total_slots": 1})
+                             "total_slots": info.n_slots})
+
+    def get_slots(self) -> None:
+        """llama.cpp's GET /slots: each slot's state; with ?fail_on_no_slot, a 503 when none
+        is idle (a load balancer's probe)."""
+        if not self.server.slots_endpoint:
+            raise RequestError(501, "this server does not serve /slots (it was started with --no-slots)",
+                               code="not_supported")
+        worker, _ = self._loaded()
+        slots = worker.slots_state()
+        query = self.path.partition("?")[2]
+        if "fail_on_no_slot" in query and all(s["is_processing"] for s in slots):
+            raise RequestError(503, "no slot available", code="unavailable")
+        self.send_json(200, slots)
 
     def post_tokenize(self) -> None:
         body = self._json_body()
@@ -496,7 +510,16 @@ class RequestHandler(BoundedRequestHandler):
             include_usage = bool(options.get("include_usage"))
         reply = Reply(self, self.server.worker.token_bytes, kind, n_prompt, stream, include_usage,
                       self.server.model_name, job.top_logprobs is not None, output)
-        self.server.worker.submit(job)
+        worker = self.server.worker
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            self._discard_body()
+            self.send_json(503, error_body(503, f"every slot is busy and {worker.queue_bound} requests "
+                                                f"already wait: retry in {e.retry_after} s",
+                                           code="server_busy"),
+                           extra={"Retry-After": str(e.retry_after)})
+            return
         try:
             if stream:
                 reply.start_stream()
@@ -508,11 +531,11 @@ class RequestHandler(BoundedRequestHandler):
                         raise ClientGone()
                     continue
                 if event[0] == "piece":
-                    reply.piece(event[1], event[2])
+                    reply.piece(event[2], event[3])
                     if stream and self._client_gone():
                         raise ClientGone()
                 elif event[0] == "done":
-                    reply.finish(event[1], event[2], event[3])
+                    reply.finish(event[2], event[3], event[4])
                     return
                 elif event[1] == "cancelled":  # the engine saw the client leave first
                     raise ClientGone()
@@ -520,7 +543,7 @@ class RequestHandler(BoundedRequestHandler):
                     reply.fail(event[1])
                     return
         except BaseException:
-            job.cancel()
+            worker.withdraw(job)
             raise
 
 
@@ -531,6 +554,7 @@ ROUTES: dict[str, dict[str, Callable]] = {
     "/v1/models": {"GET": RequestHandler.get_models},
     "/models": {"GET": RequestHandler.get_models},
     "/props": {"GET": RequestHandler.get_props},
+    "/slots": {"GET": RequestHandler.get_slots},
     "/v1/chat/completions": {"POST": RequestHandler.post_chat},
     "/chat/completions": {"POST": RequestHandler.post_chat},
     "/v1/completions": {"POST": RequestHandler.post_completion},

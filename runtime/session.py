@@ -114,9 +114,10 @@ def set_threads(threads: int) -> None:
 
 
 def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
-                 cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE)) -> Session:
-    """The model ready to run, with its KV cache in cache_types (-ctk, -ctv), or a UserError
-    naming what this build cannot run."""
+                 cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
+                 n_parallel: int = 1) -> Session:
+    """The model ready to run, with its KV cache in cache_types (-ctk, -ctv) split among
+    n_parallel slots (--parallel), or a UserError naming what this build cannot run."""
     from runtime.engine import ContextSizeError, Engine, return_freed_memory
     from runtime.ggml_types import UnsupportedTypeError
     from runtime.model import UnsupportedModelError
@@ -131,7 +132,7 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
     try:
         tokenizer = cached_tokenizer or Tokenizer.from_metadata(gguf.metadata)
         engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None, cache_type_k=cache_types[0],
-                                  cache_type_v=cache_types[1])
+                                  cache_type_v=cache_types[1], n_parallel=n_parallel)
     except (UnsupportedModelError, UnsupportedTypeError) as e:
         raise UserError(f"this build cannot run the model: {e}") from None
     except ContextSizeError as e:
@@ -143,7 +144,8 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
         tokenizer_cache.save_in_background(tokenizer)
     start_up_done()
     return_freed_memory()
-    click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx} tokens, "
+    slots = f" ({engine.n_parallel} slots of {engine.n_ctx})" if engine.n_parallel > 1 else ""
+    click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx_total} tokens{slots}, "
                f"KV cache {format_bytes(engine.kv_cache_bytes)}", err=True)
     click.echo(kernels_line, err=True)
     return Session(engine, tokenizer, gguf)

@@ -438,12 +438,12 @@ def test_a_queued_request_whose_client_left_is_skipped(gemma_server):
     queued.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
     deadline = time.monotonic() + 10
-    while worker.jobs.qsize() == 0:  # it waits behind the running one
+    while worker.n_waiting == 0:  # it waits behind the running one
         assert time.monotonic() < deadline
         time.sleep(0.005)
     queued.close()
     time.sleep(3 * 0.1)  # its HTTP thread notices within a poll interval
-    assert worker.current is not None  # the first one still runs (200 tokens take seconds)
+    assert worker.n_busy == 1  # the first one still runs (200 tokens take seconds)
     busy.close()
     wait_idle(worker)
     assert worker.counts == {"completed": 0, "cancelled": 1, "skipped": 1, "failed": 0}
@@ -493,7 +493,7 @@ def test_sixteen_clients_at_once(server, worker, client):
     for prompt, text in results.values():
         assert text == expected[prompt]  # every client got its own answer
     wait_idle(worker)
-    assert worker.jobs.qsize() == 0 and worker.current is None
+    assert worker.n_waiting == 0 and worker.n_busy == 0
     done = {k: worker.counts[k] - before[k] for k in worker.counts}
     assert done["completed"] >= 12 and done["failed"] == 0
     assert done["completed"] + done["cancelled"] + done["skipped"] == 16

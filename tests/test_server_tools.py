@@ -56,13 +56,14 @@ class ScriptedWorker(EngineWorker):
         super().__init__(*args, **kwargs)
         self.prompts: list[list[int]] = []
 
-    def _generate(self, job):
+    def _start(self, job, slots):
         self.prompts.append(job.prompt_tokens)
         if self.script is None:
-            return super()._generate(job)
+            return super()._start(job, slots)
         for piece in self.script:
-            job.events.put(("piece", piece, []))
-        job.events.put(("done", "stop", len(self.script), {}))
+            job.events.put(("piece", 0, piece, []))
+        job.events.put(("done", 0, "stop", len(self.script), {}))
+        return None
 
     def last_prompt(self) -> str:
         return self.decode(self.prompts[-1])

@@ -146,6 +146,35 @@ class KVCache:
         _store_rows(self.k[il], self.type_k, start, k)
         _store_rows(self.v[il], self.type_v, start, v)
 
+    # What the engine asks of a sequence's cache beyond the forward pass; a cache that also
+    # holds a recurrent state overrides both.
+
+    def keep(self, n: int, held: int) -> int:
+        """The cache holds `held` positions and the engine wants to keep the first n of them:
+        how many it can keep (the rest is recomputed). Keys and values of the first n
+        positions stay valid whatever follows them, so all n."""
+        return n
+
+    def copy_from(self, other: "KVCache", n: int) -> None:
+        """Positions 0..n-1 of `other` (a cache of the same shape and types) into this one:
+        one prompt's prefill shared by several sequences (n > 1 choices)."""
+        self.k[:, :, :n] = other.k[:, :, :n]
+        self.v[:, :, :n] = other.v[:, :, :n]
+
+
+@dataclass
+class Span:
+    """One sequence's rows begin..end-1 of a forward pass, at positions start.. of its cache."""
+
+    cache: KVCache
+    start: int
+    begin: int
+    end: int
+
+    @property
+    def n(self) -> int:
+        return self.end - self.begin
+
 
 def _store_rows(layer: np.ndarray, cache_type: str, start: int, x: np.ndarray) -> None:
     """x[n, n_heads*head_dim] into layer[n_heads, n_ctx, row bytes] at positions start.."""
@@ -346,6 +375,12 @@ class Transformer:
         return dict(w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
                     w_down=self._matrix(p + "ffn_down.weight", self.hp.n_embd, self.hp.n_ff))
 
+    def new_cache(self, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
+                  type_v: str = DEFAULT_KV_CACHE_TYPE) -> KVCache:
+        """A sequence's cache of n_ctx positions (a family with other per-sequence state
+        returns a KVCache subclass that holds it)."""
+        return KVCache(self.hp, n_ctx, type_k, type_v)
+
     @staticmethod
     def attention_scale_for(hp: HParams) -> float:
         return 1.0 / math.sqrt(hp.head_dim)
@@ -392,14 +427,41 @@ class Transformer:
         float32[n, n_vocab], when all_logits. One token goes through matvec, more through
         matmul; callers choose the batch size (the engine's prefill chunks).
         """
-        hp = self.hp
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        n = len(tokens)
-        if n == 0:
+        if len(tokens) == 0:
             raise ValueError("forward needs at least one token")
-        if start_pos < 0 or start_pos + n > cache.n_ctx:
-            raise ValueError(f"positions {start_pos}..{start_pos + n - 1} do not fit a cache of {cache.n_ctx}")
-        positions = np.arange(start_pos, start_pos + n, dtype=np.int64)
+        logits = self._forward(tokens, [Span(cache, start_pos, 0, len(tokens))], all_logits)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, sequences) -> np.ndarray:
+        """Several sequences in one pass: sequences is a list of (tokens, start_pos, cache),
+        each appending its tokens to its own cache at its own positions (a decode step of
+        several users, a prefill chunk beside them). The weight matrices see every token
+        of every sequence as one batch (matmul); attention runs per sequence, over its own
+        cache. Returns float32[len(sequences), n_vocab]: each sequence's last token's logits.
+        """
+        spans, parts, row = [], [], 0
+        for tokens, start_pos, cache in sequences:
+            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            if len(tokens) == 0:
+                raise ValueError("every sequence of a batch needs at least one token")
+            spans.append(Span(cache, int(start_pos), row, row + len(tokens)))
+            parts.append(tokens)
+            row += len(tokens)
+        if len(set(id(s.cache) for s in spans)) != len(spans):
+            raise ValueError("each sequence of a batch needs its own cache")
+        if not spans:
+            raise ValueError("forward_batch needs at least one sequence")
+        return self._forward(np.concatenate(parts), spans, all_logits=False)
+
+    def _forward(self, tokens: np.ndarray, spans: list["Span"], all_logits: bool) -> np.ndarray:
+        """The pass over rows `tokens`, grouped into spans (one per sequence); the logits of
+        every row (all_logits) or of each span's last row."""
+        hp = self.hp
+        for s in spans:
+            if s.start < 0 or s.start + s.n > s.cache.n_ctx:
+                raise ValueError(f"positions {s.start}..{s.start + s.n - 1} do not fit a cache of {s.cache.n_ctx}")
+        positions = np.concatenate([np.arange(s.start, s.start + s.n, dtype=np.int64) for s in spans])
         x = self.embed(tokens)
         h = np.empty_like(x)
         residual_scale = np.float32(self.residual_scale)
@@ -408,7 +470,7 @@ class Transformer:
                 ops.rms_norm(x, layer.attn_norm, hp.rms_eps, h)
             else:
                 h[...] = x
-            attn = self.attention(il, layer, h, positions, start_pos, cache)
+            attn = self.attention(il, layer, h, positions, spans)
             if layer.post_attn_norm is not None:
                 ops.rms_norm(attn, layer.post_attn_norm, hp.rms_eps, attn)
             if residual_scale != 1:
@@ -425,7 +487,7 @@ class Transformer:
                 ffn *= residual_scale
             x += ffn
         if not all_logits:
-            x = x[-1:]
+            x = np.ascontiguousarray(x[[s.end - 1 for s in spans]])
         out = np.empty_like(x)
         ops.rms_norm(x, self.output_norm, hp.rms_eps, out)
         logits = self.output(out)
@@ -434,9 +496,9 @@ class Transformer:
         if hp.final_logit_softcap:
             cap = np.float32(hp.final_logit_softcap)
             logits = np.tanh(logits / cap) * cap
-        return logits if all_logits else logits[0]
+        return logits
 
-    def attention(self, il: int, layer: Layer, h, positions, start_pos: int, cache: KVCache):
+    def attention(self, il: int, layer: Layer, h, positions, spans: list["Span"]):
         hp = self.hp
         n = h.shape[0]
         q, k, v = layer.qkv(h)
@@ -450,7 +512,7 @@ class Transformer:
         elif layer.q_norm is not None:
             ops.rms_norm_heads(q, hp.n_head, hp.head_dim, layer.q_norm, hp.rms_eps)
             ops.rms_norm_heads(k, hp.n_head_kv, hp.head_dim, layer.k_norm, hp.rms_eps)
-        inv_freq = self.rope_frequencies(layer, cache)
+        inv_freq = self.rope_frequencies(layer, spans[0].cache)
         if inv_freq.size:
             ops.rope(q, positions, hp.n_head, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
             ops.rope(k, positions, hp.n_head_kv, hp.head_dim, hp.n_rot, inv_freq, self.rope_neox)
@@ -459,12 +521,14 @@ class Transformer:
                 q.reshape(n, hp.n_head, hp.head_dim)[:, :, :hp.n_rot] *= m
                 k.reshape(n, hp.n_head_kv, hp.head_dim)[:, :, :hp.n_rot] *= m
         self.scale_queries(q, positions)
-        cache.store(il, start_pos, k, v)
         out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
         window = hp.sliding_window if layer.sliding else 0
-        ops.attention(q, cache.k[il], cache.k_ggml.id, cache.k_blocks, cache.v[il], cache.v_ggml.id,
-                      cache.v_blocks, start_pos, hp.n_head, np.float32(self.attention_scale), window, out,
-                      np.float32(self.attn_softcap))
+        for span in spans:  # each sequence over its own cache
+            cache, a, b = span.cache, span.begin, span.end
+            cache.store(il, span.start, k[a:b], v[a:b])
+            ops.attention(q[a:b], cache.k[il], cache.k_ggml.id, cache.k_blocks, cache.v[il], cache.v_ggml.id,
+                          cache.v_blocks, span.start, hp.n_head, np.float32(self.attention_scale), window,
+                          out[a:b], np.float32(self.attn_softcap))
         return layer.wo(out)
 
     def feed_forward(self, layer: Layer, h):
