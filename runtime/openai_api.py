@@ -178,6 +178,26 @@ class ChatRequest:
     reasoning_format: str
     spell_special: bool  # the generation must spell the format's control tokens
 
+    @property
+    def forced(self) -> list | None:
+        """The tools one of which must be called (tool_choice required or a named one)."""
+        if self.tool_choice == "required":
+            return self.tools
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [t for t in self.tools if t["function"]["name"] == name]
+        return None
+
+    def forced_grammar(self, encode: Callable[..., list[int]], template_source: str,
+                       prompt_text: str):
+        """The grammar of the forced call (runtime.constraint.Grammar), or None; encode:
+        the model's tokenizer's (to find the control tokens of the call's markup)."""
+        if not self.forced:
+            return None
+        return tool_calls.forced_call_grammar(
+            self.fmt, self.forced, tool_calls.marker_token_finder(encode), template_source,
+            reasoning.prompt_opens_thinking(prompt_text))
+
     def output(self, prompt_text: str, stream: bool) -> ChatOutput:
         return ChatOutput(self.fmt, self.tools is not None, self.reasoning_format,
                           reasoning.prompt_opens_thinking(prompt_text), stream)
@@ -191,10 +211,6 @@ def chat_request(body: dict, template_source: str, settings: ChatSettings) -> Ch
     choice = _tool_choice_field(body.get("tool_choice"), tools)
     if choice == "none":
         tools = None
-    if choice == "required" or isinstance(choice, dict):
-        raise RequestError(400, "tool_choice 'required' or a named function needs constrained "
-                                "decoding, which this server does not have yet; use 'auto'",
-                           "tool_choice")
     reasoning_format = body.get("reasoning_format", settings.reasoning_format)
     if reasoning_format not in reasoning.REASONING_FORMATS:
         raise RequestError(400, f"reasoning_format must be one of "

@@ -28,6 +28,7 @@ import secrets
 import string
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Callable
 
 from runtime.reasoning import held_back
 
@@ -357,3 +358,66 @@ def _parse_harmony(text: str, final: bool, extract_reasoning: bool) -> Parsed:
 
 def _strip_markup(text: str) -> str:
     return re.sub(r"<\|[a-z_]+\|>", "", text)
+
+
+# --- forced calls (tool_choice "required" or a named function) ---------------------------------
+
+def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str], int | None],
+                        template_source: str = "", opened_thinking: bool = False):
+    """The grammar (runtime.constraint.Grammar, llguidance's Lark) of one call of one of
+    `tools` in the model's own format: its literal markup around a JSON value that follows
+    the function's parameters schema. marker_token(text): the id of the one token that is
+    `text`, None when there is none (a marker that is a token is written as that token, as
+    the model was trained to, and a control token can be produced no other way). opened_thinking: the prompt opened <think>, so the call comes
+    after an (empty) end of it."""
+    from runtime.constraint import Grammar
+
+    if not tools:
+        raise ValueError("a forced call needs at least one tool")
+
+    def lit(text: str) -> str:
+        token = marker_token(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text)
+
+    def schema(name_key: str, args_key: str) -> str:
+        options = [{"type": "object", "properties": {
+            name_key: {"const": t["function"]["name"]},
+            args_key: t["function"].get("parameters") or {"type": "object"}},
+            "required": [name_key, args_key], "additionalProperties": False} for t in tools]
+        return json.dumps(options[0] if len(options) == 1 else {"anyOf": options})
+
+    def per_tool(make: Callable[[str, str], str]) -> str:
+        rules = [f"call{i}: {make(t['function']['name'], json.dumps(t['function'].get('parameters') or {'type': 'object'}))}"
+                 for i, t in enumerate(tools)]
+        return "call: " + " | ".join(f"call{i}" for i in range(len(tools))) + "\n" + "\n".join(rules)
+
+    if fmt == "hermes":
+        body = f'{lit("<tool_call>")} "\\n" %json{schema("name", "arguments")} "\\n" {lit("</tool_call>")}'
+    elif fmt == "llama3":
+        body = f'%json{schema("name", "parameters")}'
+    elif fmt == "mistral" and "[ARGS]" in template_source:
+        body = f'{lit("[TOOL_CALLS]")} call\n' + per_tool(
+            lambda name, params: f'{json.dumps(name)} {lit("[ARGS]")} %json{params}')
+    elif fmt == "mistral":
+        body = (f'{lit("[TOOL_CALLS]")} "[" %json{schema("name", "arguments")} "]"')
+    elif fmt == "harmony":
+        body = f'{lit("<|channel|>")} "commentary to=functions." call\n' + per_tool(
+            lambda name, params: f'{json.dumps(name)} " " {lit("<|constrain|>")} "json" '
+                                 f'{lit("<|message|>")} %json{params}')
+    else:
+        wrapper = {"type": "object", "properties": {"tool_calls": {
+            "type": "array", "minItems": 1, "maxItems": 1, "items": json.loads(schema("name", "arguments"))}},
+            "required": ["tool_calls"], "additionalProperties": False}
+        body = f"%json{json.dumps(wrapper)}"
+    start = "start: " + ('"</think>\\n\\n" ' if opened_thinking else "")
+    return Grammar.lark(start + body)
+
+
+def marker_token_finder(encode: Callable[..., list[int]]) -> Callable[[str], int | None]:
+    """marker_token for forced_call_grammar from a tokenizer's encode: the id of the one
+    token a marker's text is (control tokens and user-defined ones such as Qwen's
+    <tool_call>, which the model writes as that token, never spelled out)."""
+    def marker_token(text: str) -> int | None:
+        ids = encode(text, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+    return marker_token

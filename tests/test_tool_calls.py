@@ -221,3 +221,78 @@ def test_a_templates_own_tool_calls_parse_back(name):
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
             for c in message["tool_calls"]] == [("get_weather", {"city": "Paris", "days": 2})]
     assert not (message["content"] or "").strip(), answer
+
+
+# --- forced calls: the grammar of each format, walked at random ---------------------------------
+
+MARKERS = ["[TOOL_CALLS]", "[ARGS]", "<|channel|>", "<|constrain|>", "<|message|>", "<|python_tag|>"]
+FORCED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "stop_timer", "parameters": {
+        "type": "object", "properties": {"now": {"type": "boolean"}}, "required": ["now"],
+        "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def marker_tokenizer():
+    """A SentencePiece vocabulary whose call markers are control tokens, as in the models'."""
+    from runtime.tokenizer import Tokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + MARKERS
+    words = list("abcdefghijklmnopqrstuvwxyz") + ['{"', '":', "true", "false", "\u2581"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + words
+    types = [2] + [3] * (len(specials) - 1) + [6] * 256 + [1] * len(words)
+    return Tokenizer.from_metadata({
+        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * (len(specials) + 256) + [-float(i) for i in range(len(words))],
+        "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_space_prefix": False})
+
+
+def valid_arguments(name: str, arguments: dict) -> bool:
+    if name == "get_weather":
+        return (set(arguments) == {"city", "days"} and arguments["city"] in ("Paris", "Rome")
+                and type(arguments["days"]) is int and 1 <= arguments["days"] <= 9)
+    return set(arguments) == {"now"} and isinstance(arguments["now"], bool)
+
+
+@pytest.mark.parametrize("fmt,source", [("hermes", ""), ("llama3", ""), ("mistral", ""),
+                                        ("mistral", "[ARGS]"), ("harmony", ""), ("generic", "")])
+@pytest.mark.parametrize("opened", [False, True])
+def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, opened):
+    """Random walks through the forced-call grammar (any allowed token, uniformly) always
+    parse back into one call of a given tool whose arguments follow its schema."""
+    import numpy as np
+
+    from runtime.constraint import ConstraintVocabulary
+    from runtime.tool_calls import marker_token_finder, forced_call_grammar
+
+    tok = marker_tokenizer
+    grammar = forced_call_grammar(fmt, FORCED_TOOLS, marker_token_finder(tok.encode), source, opened)
+    constraint = ConstraintVocabulary.of(tok, tok.vocab_size).compile(grammar)
+    rng = np.random.default_rng(0)
+    for walk in range(8):
+        matcher = constraint.matcher()
+        ids = []
+        while not matcher.finished:
+            token = int(rng.choice(np.flatnonzero(matcher.allowed())))
+            if token in tok.eog_ids:
+                break
+            matcher.consume(token)
+            ids.append(token)
+            assert len(ids) < 400, tok.decode(ids, skip_special=False)
+        text = tok.decode(ids, skip_special=False)
+        for marker in MARKERS_OF[fmt]:  # the markup is its tokens, never spelled out
+            assert tok.encode(marker, False, True)[0] in ids, (marker, ids)
+        output = ChatOutput(fmt, True, "auto", opened, stream=False)
+        message, has_calls = output.message(text)
+        assert has_calls and not message["content"], text
+        (call,) = message["tool_calls"]
+        assert valid_arguments(call["function"]["name"], json.loads(call["function"]["arguments"])), text
+
+
+MARKERS_OF = {"hermes": [], "llama3": [], "generic": [], "mistral": ["[TOOL_CALLS]"],
+              "harmony": ["<|channel|>", "<|constrain|>", "<|message|>"]}
