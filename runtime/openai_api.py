@@ -336,6 +336,7 @@ class ChatOutput:
         self.legacy = reasoning_format == "deepseek-legacy"
         self.sent_reasoning, self.sent_content = "", ""
         self.ids: list[str] = []  # the calls' ids, in order
+        self.sent_arguments: list[str] = []  # what streamed of each call's arguments
 
     def parse(self, text: str, final: bool) -> tool_calls.Parsed:
         if self.fmt == "harmony":
@@ -354,9 +355,7 @@ class ChatOutput:
         return parsed
 
     def _call_dicts(self, calls: list) -> list[dict]:
-        while len(self.ids) < len(calls):
-            call = calls[len(self.ids)]
-            self.ids.append(call.id or tool_calls.new_call_id(self.fmt))
+        self._name_calls(calls)
         return [{"id": self.ids[i], "type": "function",
                  "function": {"name": c.name, "arguments": c.arguments}}
                 for i, c in enumerate(calls)]
@@ -384,13 +383,25 @@ class ChatOutput:
                 self.sent_content):
             out.append({"content": parsed.content[len(self.sent_content):]})
             self.sent_content = parsed.content
-        n_sent = len(self.ids)
-        for i, call in enumerate(self._call_dicts(parsed.calls)[n_sent:], n_sent):
-            function = call["function"]
-            out.append({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                        "function": {"name": function["name"], "arguments": ""}}]})
-            out.append({"tool_calls": [{"index": i, "function": {"arguments": function["arguments"]}}]})
+        calls = parsed.calls + ([parsed.partial] if parsed.partial and not final else [])
+        n_named = len(self.ids)
+        self._name_calls(calls)
+        for i, call in enumerate(calls):
+            if i >= n_named:  # a new call: its id and name first
+                self.sent_arguments.append("")
+                out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
+                                            "function": {"name": call.name, "arguments": ""}}]})
+            sent = self.sent_arguments[i]
+            if len(call.arguments) > len(sent) and call.arguments.startswith(sent):
+                out.append({"tool_calls": [{"index": i, "function": {
+                    "arguments": call.arguments[len(sent):]}}]})
+                self.sent_arguments[i] = call.arguments
         return out
+
+    def _name_calls(self, calls: list) -> None:
+        """An id for each call not seen before: the model's own, or a new one."""
+        for call in calls[len(self.ids):]:
+            self.ids.append(call.id or tool_calls.new_call_id(self.fmt))
 
 
 # --- responses -----------------------------------------------------------------------------

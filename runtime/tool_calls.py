@@ -50,6 +50,7 @@ class Parsed:
     content: str = ""
     reasoning: str = ""
     calls: list[ToolCall] = field(default_factory=list)
+    partial: ToolCall | None = None  # a call still coming in: its name, its arguments so far
 
 
 @lru_cache(maxsize=16)
@@ -99,10 +100,11 @@ def parse(text: str, fmt: str, final: bool, extract_reasoning: bool = True) -> P
     start = _call_start(text, fmt)
     if start is None:  # no call: all content, but a possible start of one is held back
         return Parsed(content=text if final else _hold_back(text, _MARKERS[fmt], fmt))
-    calls, rest = _SECTION_PARSERS[fmt](text[start:], final)
+    calls, rest, partial = _SECTION_PARSERS[fmt](text[start:], final)
     if calls is None:  # not (yet) a valid call
-        return Parsed(content=text if final else text[:start])
-    return Parsed(content=text[:start] + (rest if rest.strip() else ""), calls=calls)
+        return Parsed(content=text if final else text[:start], partial=partial)
+    return Parsed(content=text[:start] + (rest if rest.strip() else ""), calls=calls,
+                  partial=partial)
 
 
 _MARKERS = {"hermes": ("<tool_call>",), "llama3": ("<|python_tag|>",),
@@ -181,18 +183,18 @@ def _parse_hermes(section: str, final: bool):
         begin = len(section) - len(rest) + len("<tool_call>")
         end = section.find("</tool_call>", begin)
         if end < 0:
-            if not final:
-                return calls, ""  # the next call is coming in
+            if not final:  # the next call is coming in
+                return calls, "", _partial_call(section[begin:])
             end = len(section)  # the model stopped before closing it
         call = _hermes_call(section[begin:end].strip())
         if call is None:  # not a call: the text from here is content
-            return (calls, section[pos:]) if calls else (None, "")
+            return (calls, section[pos:], None) if calls else (None, "", None)
         calls.append(call)
         pos = min(len(section), end + len("</tool_call>"))
     rest = section[pos:]
     if not final and "<tool_call>".startswith(rest.strip()) and rest.strip():
         rest = ""
-    return calls, rest
+    return calls, rest, None
 
 
 _FUNCTION = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.S)
@@ -214,7 +216,55 @@ def _hermes_call(body: str) -> ToolCall | None:
     decoded = _decode_json(body, 0)
     if decoded is None or body[decoded[1]:].strip():
         return None
-    return _call_from_object(decoded[0])
+    return _raw_call(body) or _call_from_object(decoded[0])
+
+
+# {"name": N, "arguments": ... as most models write a call: the arguments can stream
+_NAMED_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+def _raw_call(text: str) -> ToolCall | None:
+    """The call a whole JSON object `text` holds when it is {"name": N, "arguments": {...}
+    ...}, with the arguments as the model wrote them (so they equal what streamed of
+    them); None for calls written otherwise."""
+    match = _NAMED_CALL.match(text)
+    if not match:
+        return None
+    decoded = _decode_json(text, match.end())
+    if decoded is None or not isinstance(decoded[0], dict):
+        return None
+    return ToolCall(json.loads(f'"{match.group(1)}"'), text[match.end():decoded[1]])
+
+
+def _partial_call(text: str) -> ToolCall | None:
+    """The name and the arguments so far of a {"name": N, "arguments": ... still coming in."""
+    match = _NAMED_CALL.match(text)
+    if not match:
+        return None
+    return ToolCall(json.loads(f'"{match.group(1)}"'), _json_value_prefix(text[match.end():]))
+
+
+def _json_value_prefix(text: str) -> str:
+    """The start of text that belongs to the JSON object or array it begins with: all of it
+    while the value is open, up to its closing bracket once it closed."""
+    depth, in_string, escaped = 0, False, False
+    for i, c in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+            if depth <= 0:
+                return text[:i + 1]
+    return text
 
 
 def _parse_json_calls(section: str, final: bool, after_tag: str = ""):
@@ -222,12 +272,14 @@ def _parse_json_calls(section: str, final: bool, after_tag: str = ""):
     optional <|python_tag|>; generic's {"tool_calls": [...]} / {"tool_call": ...} /
     {"response": "..."} wrappers too."""
     pos = len(after_tag) if after_tag and section.startswith(after_tag) else 0
-    calls, content = [], ""
+    calls, content, partial = [], "", None
     while True:
         decoded = _decode_json(section, pos)
         if decoded is None:
+            if not final:
+                partial = _partial_call(section[pos:])
             break
-        value, pos = decoded
+        begin, (value, pos) = pos, decoded
         if isinstance(value, dict) and isinstance(value.get("tool_calls"), list):
             found = [_call_from_object(c) for c in value["tool_calls"]]
         elif isinstance(value, dict) and isinstance(value.get("tool_call"), dict):
@@ -235,9 +287,9 @@ def _parse_json_calls(section: str, final: bool, after_tag: str = ""):
         elif isinstance(value, dict) and isinstance(value.get("response"), str) and len(value) == 1:
             found, content = [], value["response"]
         else:
-            found = [_call_from_object(value)]
+            found = [_raw_call(section[begin:pos]) or _call_from_object(value)]
         if any(c is None for c in found):
-            return None, ""
+            return None, "", None
         calls += found
         while pos < len(section) and (section[pos].isspace() or section[pos] == ";"):
             pos += 1
@@ -245,10 +297,10 @@ def _parse_json_calls(section: str, final: bool, after_tag: str = ""):
             break
     rest = section[pos:]
     if not calls and not content:
-        return None, ""
+        return None, "", partial
     if not final and (rest.strip() in ("", ";") or rest.lstrip().startswith("{")):
         rest = ""  # a separator, or the next call coming in
-    return calls, content + rest
+    return calls, content + rest, partial
 
 
 def _parse_llama3(section: str, final: bool):
@@ -262,15 +314,15 @@ def _parse_mistral(section: str, final: bool):
         found = _mistral_calls(section, pos + len("[TOOL_CALLS]"))
         if found is None:  # incomplete, or not a call: the text from here is content
             if not final:
-                return calls, ""
-            return (calls, section[pos:]) if calls else (None, "")
+                return calls, "", _mistral_partial(section, pos + len("[TOOL_CALLS]"))
+            return (calls, section[pos:], None) if calls else (None, "", None)
         calls += found[0]
         pos = found[1]
         while pos < len(section) and section[pos].isspace():
             pos += 1
         if not final and pos < len(section) and "[TOOL_CALLS]".startswith(section[pos:]):
-            return calls, ""
-    return calls, section[pos:]
+            return calls, "", None
+    return calls, section[pos:], None
 
 
 def _mistral_calls(section: str, pos: int) -> tuple[list[ToolCall], int] | None:
@@ -285,11 +337,22 @@ def _mistral_calls(section: str, pos: int) -> tuple[list[ToolCall], int] | None:
     if args_at < 0:
         return None
     name, _, call_id = section[pos:args_at].partition("[CALL_ID]")
-    decoded = _decode_json(section, args_at + len("[ARGS]"))
-    arguments = _arguments_text(decoded[0]) if decoded else None
-    if not name.strip() or arguments is None:
+    begin = args_at + len("[ARGS]")
+    decoded = _decode_json(section, begin)
+    if not name.strip() or decoded is None or not isinstance(decoded[0], dict):
         return None
+    arguments = section[begin:decoded[1]].lstrip()  # as written: what streamed of them
     return [ToolCall(name.strip(), arguments, call_id.strip() or None)], decoded[1]
+
+
+def _mistral_partial(section: str, pos: int) -> ToolCall | None:
+    """name[ARGS]{... still coming in: its name and arguments so far."""
+    args_at = section.find("[ARGS]", pos)
+    if args_at < 0:
+        return None
+    name, _, call_id = section[pos:args_at].partition("[CALL_ID]")
+    arguments = _json_value_prefix(section[args_at + len("[ARGS]"):].lstrip())
+    return ToolCall(name.strip(), arguments, call_id.strip() or None) if name.strip() else None
 
 
 _SECTION_PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_mistral,
@@ -326,13 +389,15 @@ def _parse_harmony(text: str, final: bool, extract_reasoning: bool) -> Parsed:
         recipient = _RECIPIENT.search(header)
         recipient = recipient.group(1) if recipient else ""
         if recipient.startswith("functions."):
+            name = recipient[len("functions."):]
             if not complete:
+                out.partial = ToolCall(name, _json_value_prefix(held_back(body, _HARMONY_ENDS).lstrip()))
                 break
-            arguments = _arguments_text(body.strip() or "{}")
-            if arguments is None:
+            arguments = _json_value_prefix(body.lstrip()) or "{}"
+            if _arguments_text(arguments) is None:
                 out.content += body  # not JSON: say what the model wrote
             else:
-                out.calls.append(ToolCall(recipient[len("functions."):], arguments))
+                out.calls.append(ToolCall(name, arguments))
         else:
             shown = body if complete else held_back(body, _HARMONY_ENDS)
             if channel == "analysis":

@@ -84,6 +84,11 @@ def test_each_format_parses_whole_and_streamed(fmt, text, content, calls, though
     assert whole["content"] == content and whole["reasoning_content"] == thought
     assert [(c["name"], json.loads(c["arguments"])) for c in whole["tool_calls"].values()] == calls
     assert all(c["id"] for c in whole["tool_calls"].values())
+    # where the model writes the arguments as one JSON value, they stream as they come
+    fragments = [c for d in deltas for c in d.get("tool_calls", ()) if c["function"]["arguments"]]
+    if "<function=" not in text and fmt in ("hermes", "llama3", "harmony") or "[ARGS]" in text:
+        # (fed one character at a time: one fragment per character of the arguments)
+        assert len(fragments) == sum(len(c["arguments"]) for c in whole["tool_calls"].values())
     for delta in deltas:  # an id and a name come first, then the arguments
         for call in delta.get("tool_calls", []):
             assert ("id" in call) == ("name" in call.get("function", {}))
