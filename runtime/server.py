@@ -430,7 +430,6 @@ class RequestHandler(BoundedRequestHandler):
         if top_n is not None and not want_logprobs:
             raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         params = sampling_params(body, info.n_vocab)
-        params.constraint = self._constraint(body, worker)
         if "messages" not in body:
             raise RequestError(400, "messages is required", "messages")
         chat = chat_request(body, worker.chat_template_source(), self.server.chat_settings)
@@ -442,6 +441,8 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(400, f"{e}", "messages") from None
         except ValueError as e:  # validate_messages names the message and what is wrong
             raise RequestError(400, f"{e}", "messages") from None
+        forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
+        params.constraint = self._constraint(body, worker, forced)
         job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
                   spell_special=chat.spell_special)
         self._run_job(job, info, "chat", stream, body, chat.output(prompt.text, stream))
@@ -471,11 +472,18 @@ class RequestHandler(BoundedRequestHandler):
         job = Job(tokens, params, top_n)
         self._run_job(job, info, "text", stream, body)
 
-    def _constraint(self, body: dict, worker: EngineWorker):
-        """The compiled grammar the request's output must follow (None: free text)."""
+    def _constraint(self, body: dict, worker: EngineWorker, forced_call=None):
+        """The compiled grammar the request's output must follow (None: free text).
+        forced_call: the grammar of the tool call tool_choice demands, if it does."""
         from runtime.constraint import ConstraintError
 
         requested = requested_grammar(body)
+        if forced_call is not None:
+            if requested is not None:
+                raise RequestError(400, f"tool_choice demands a tool call and {requested[0]} "
+                                        "constrains the output too: give only one",
+                                   "tool_choice")
+            requested = ("tools", forced_call)
         if requested is None:
             return None
         name, grammar = requested

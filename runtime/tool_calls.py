@@ -444,15 +444,20 @@ def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str
         token = marker_token(text)
         return f"<[{token}]>" if token is not None else json.dumps(text)
 
+    def as_written(schema: dict) -> str:  # JSON laid out as templates write it (tojson)
+        return json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
+
+    def parameters(tool: dict) -> dict:
+        return tool["function"].get("parameters") or {"type": "object"}
+
     def schema(name_key: str, args_key: str) -> str:
         options = [{"type": "object", "properties": {
-            name_key: {"const": t["function"]["name"]},
-            args_key: t["function"].get("parameters") or {"type": "object"}},
+            name_key: {"const": t["function"]["name"]}, args_key: parameters(t)},
             "required": [name_key, args_key], "additionalProperties": False} for t in tools]
-        return json.dumps(options[0] if len(options) == 1 else {"anyOf": options})
+        return as_written(options[0] if len(options) == 1 else {"anyOf": options})
 
     def per_tool(make: Callable[[str, str], str]) -> str:
-        rules = [f"call{i}: {make(t['function']['name'], json.dumps(t['function'].get('parameters') or {'type': 'object'}))}"
+        rules = [f"call{i}: {make(t['function']['name'], as_written(parameters(t)))}"
                  for i, t in enumerate(tools)]
         return "call: " + " | ".join(f"call{i}" for i in range(len(tools))) + "\n" + "\n".join(rules)
 
@@ -470,12 +475,18 @@ def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str
             lambda name, params: f'{json.dumps(name)} " " {lit("<|constrain|>")} "json" '
                                  f'{lit("<|message|>")} %json{params}')
     else:
-        wrapper = {"type": "object", "properties": {"tool_calls": {
-            "type": "array", "minItems": 1, "maxItems": 1, "items": json.loads(schema("name", "arguments"))}},
-            "required": ["tool_calls"], "additionalProperties": False}
-        body = f"%json{json.dumps(wrapper)}"
+        call = json.loads(schema("name", "arguments"))
+        del call["x-guidance"]
+        body = "%json" + as_written({"type": "object", "properties": {"tool_calls": {
+            "type": "array", "minItems": 1, "maxItems": 1, "items": call}},
+            "required": ["tool_calls"], "additionalProperties": False})
     start = "start: " + ('"</think>\\n\\n" ' if opened_thinking else "")
     return Grammar.lark(start + body)
+
+
+# a forced call's JSON: one line, ", " and ": " between items (as json.dumps and Jinja's
+# tojson write it, so as the models saw their calls in training), no whitespace elsewhere
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def marker_token_finder(encode: Callable[..., list[int]]) -> Callable[[str], int | None]:

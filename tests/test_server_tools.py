@@ -178,3 +178,55 @@ def test_the_real_model_with_tools_answers(client, worker):
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert response.usage.completion_tokens <= 8
     assert "Tools: get_weather" in worker.last_prompt()
+
+
+BOUNDED_TOOLS = [  # schemas whose every value is short: a random model's answer stays small
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "set_alarm", "parameters": {
+        "type": "object", "properties": {"loud": {"type": "boolean"}}, "required": ["loud"],
+        "additionalProperties": False}}}]
+
+
+def follows_its_schema(call) -> bool:
+    arguments = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return (set(arguments) == {"city", "days"} and arguments["city"] in ("Paris", "Rome", "Oslo")
+                and type(arguments["days"]) is int and 1 <= arguments["days"] <= 7)
+    return call.function.name == "set_alarm" and set(arguments) == {"loud"} and isinstance(
+        arguments["loud"], bool)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_tool_choice_required_makes_the_random_model_call_a_tool(client, seed):
+    """No hook: constrained decoding makes the random model's answer one valid call."""
+    response = client.chat.completions.create(model="x", messages=ASK, tools=BOUNDED_TOOLS,
+                                              tool_choice="required", seed=seed, max_tokens=120)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert follows_its_schema(call), call
+    assert not choice.message.content
+
+
+def test_a_named_tool_choice_streamed(client):
+    named = {"type": "function", "function": {"name": "set_alarm"}}
+    chunks = list(client.chat.completions.create(model="x", messages=ASK, tools=BOUNDED_TOOLS,
+                                                 tool_choice=named, seed=1, max_tokens=120,
+                                                 stream=True))
+    calls = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert calls[0].function.name == "set_alarm"
+    arguments = "".join(tc.function.arguments or "" for tc in calls)
+    assert isinstance(json.loads(arguments)["loud"], bool)
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_call_and_a_response_format_at_once_is_a_400(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="x", messages=ASK, tools=BOUNDED_TOOLS,
+                                       tool_choice="required",
+                                       response_format={"type": "json_object"})
+    assert caught.value.body["param"] == "tool_choice"

@@ -296,7 +296,10 @@ def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, ope
         message, has_calls = output.message(text)
         assert has_calls and not message["content"], text
         (call,) = message["tool_calls"]
-        assert valid_arguments(call["function"]["name"], json.loads(call["function"]["arguments"])), text
+        arguments = json.loads(call["function"]["arguments"])
+        assert valid_arguments(call["function"]["name"], arguments), text
+        # laid out as the templates write calls: json.dumps' separators, no other blanks
+        assert call["function"]["arguments"] == json.dumps(arguments), text
 
 
 MARKERS_OF = {"hermes": [], "llama3": [], "generic": [], "mistral": ["[TOOL_CALLS]"],
