@@ -9,9 +9,11 @@ file that is not a GGUF) gets one line on stderr and exit code 1, never a traceb
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import threading
+
 import click
 
 from runtime.container import MODEL_ENTRY, ContainerError, splice_args
@@ -86,8 +88,8 @@ class RuntimeCommand(click.Command):
               metavar="N", help="Requests answered at once; slow or idle connections wait "
                                 "without holding one.")
 @click.option("--unsecure", is_flag=True,
-              help="Run the chat template renderer without confining it (no Landlock or "
-                   "seccomp; its time and memory limits stay).")
+              help="Run the server and the chat template renderer without confining them "
+                   "(no Landlock or seccomp; the renderer's time and memory limits stay).")
 @click.option("-np", "--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Slots: requests generated at once, decoded together; the context (-c) is "
                    "split among them, as llama.cpp does.")
@@ -134,7 +136,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             from runtime.confine import availability
 
             click.echo(describe(gguf, model))
-            click.echo(f"  confinement: the chat template renderer, "
+            click.echo(f"  confinement: the server (files) and the chat template renderer, "
                        f"{'off (--unsecure)' if unsecure else 'with ' + availability()}")
             return
         if unsecure:
@@ -148,7 +150,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
                   allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
-                  slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget))
+                  slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget),
+                  confine_to=None if unsecure else [model])
             return
         from runtime.sampling import SamplingParams
 
@@ -176,8 +179,10 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
           queue_limit: int | None = None, slots_endpoint: bool = True,
-          reasoning: tuple[str, int] = ("auto", -1)) -> None:
-    """Bind at once, load the model on the engine thread, serve until Ctrl-C."""
+          reasoning: tuple[str, int] = ("auto", -1), confine_to: list[str] | None = None) -> None:
+    """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
+    the model's files; the process may then read only those besides its own (runtime.confine,
+    applied before any other thread starts)."""
     from runtime.openai_api import ChatSettings
     from runtime.server import ModelServer, bind_server
     from runtime.worker import EngineWorker
@@ -199,6 +204,18 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
 
     worker = EngineWorker(load, on_failure, queue_limit=queue_limit)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
+    browser_url: queue.Queue[str] = queue.Queue()
+    if open_browser and has_display():  # started unconfined: the browser must not inherit it
+        import webbrowser
+
+        threading.Thread(target=lambda: webbrowser.open(browser_url.get()), daemon=True,
+                         name="browser").start()
+    if confine_to is not None:
+        from runtime.confine import confine_server
+
+        unconfined = confine_server(confine_to)
+        if unconfined:
+            say(f"note: {unconfined}")
     try:
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
@@ -221,10 +238,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
         signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
         # Ctrl-C stops it even when started from a shell that ignores SIGINT in background jobs
         signal.signal(signal.SIGINT, _interrupt)
-    if open_browser and has_display():
-        import webbrowser
-
-        threading.Thread(target=webbrowser.open, args=(url,), daemon=True).start()
+    browser_url.put(url)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
@@ -253,9 +267,9 @@ def generate_text(session: Session, prompt_tokens: list[int], params) -> str:
         raise UserError(f"{e}; shorten it or raise -c (the model allows "
                         f"{session.engine.model.hp.n_ctx_train})") from None
     pieces = []
-    for piece in generation:
+    for piece in generation:  # a stranger's model may write escape sequences: shown, not obeyed
         pieces.append(piece)
-        click.echo(piece, nl=False)
+        click.echo(printable(piece, keep_layout=True), nl=False)
         sys.stdout.flush()
     stats = session.engine.stats
     click.echo(f"\n[{len(prompt_tokens)} prompt tokens, {len(generation.tokens)} generated; "

@@ -135,7 +135,7 @@ def describe(gguf: GGUFFile, path: str) -> str:
         lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
     lines += kernel_lines()
     lines.append(memory_line(gguf))
-    return printable("\n".join(lines), keep_newlines=True)  # the file's text may hold escapes
+    return printable("\n".join(lines), keep_layout=True)  # the file's text may hold escapes
 
 
 def memory_line(gguf: GGUFFile) -> str:

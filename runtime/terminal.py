@@ -29,15 +29,16 @@ def _needs_escape(char: str) -> bool:
     return char in BIDI_CONTROLS or unicodedata.category(char) in ("Cc", "Zl", "Zp")
 
 
-def printable(value: object, keep_newlines: bool = False) -> str:
+def printable(value: object, keep_layout: bool = False) -> str:
     """str(value) with every character a terminal would act on shown as an escape
-    (keep_newlines: "\\n" stays a line break, for text printed as several lines)."""
+    (keep_layout: "\\n" and "\\t" stay line breaks and tabs, for text printed as several
+    lines: a model's answer, --info)."""
     text = str(value)
     if text.isascii() and text.isprintable():
         return text  # the common case, fast
     out = []
     for char in text:
-        if char == "\n" and keep_newlines:
+        if keep_layout and char in "\n\t":
             out.append(char)
         elif _needs_escape(char):
             out.append(_escaped(char))

@@ -43,3 +43,30 @@ def test_bad_input_gets_one_line_and_no_traceback(gemma_path, args, message):
     out = run("-m", str(gemma_path), *args)
     assert out.returncode != 0
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_model_text_cannot_drive_the_terminal(monkeypatch, capsys):
+    """Issue 16: -p and --chat printed a model's text raw, so a stranger's model could clear
+    the screen, retitle the window or rewrite lines. Its control characters are shown as
+    escapes; line breaks and tabs stay."""
+    from types import SimpleNamespace
+
+    import runtime.engine
+    from runtime.cli import generate_text
+
+    pieces = ["Hello\x1b]0;pwned\x07", " \x1b[2J", "line\rEVIL", "\n\tnext \u202eline"]
+
+    class ScriptedGeneration:  # stands in for the engine's TextGeneration: these pieces
+        def __init__(self, engine, tokenizer, prompt_tokens, params):
+            self.tokens, self.finish_reason = [0] * len(pieces), "length"
+
+        def __iter__(self):
+            return iter(pieces)
+
+    monkeypatch.setattr(runtime.engine, "TextGeneration", ScriptedGeneration)
+    stats = dict.fromkeys(("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"), 0)
+    session = SimpleNamespace(engine=SimpleNamespace(stats=stats), tokenizer=None)
+    text = generate_text(session, [1, 2], params=None)
+    shown = capsys.readouterr().out
+    assert text == "".join(pieces)  # what the caller keeps (the chat's history) is exact
+    assert shown == "Hello\\x1b]0;pwned\\x07 \\x1b[2Jline\\x0dEVIL\n\tnext \\u202eline"

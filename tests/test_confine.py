@@ -1,6 +1,7 @@
 """runtime.confine: a process that confined itself cannot write files, run programs or open
 network connections, and still reads (issue 16: the runtime confines itself)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -79,6 +80,57 @@ def test_unsecure_turns_it_off_and_info_says_which(gemma_path):
         r.close()
         r.confine = True
     out = CliRunner().invoke(main, ["-m", str(gemma_path), "--info"]).stdout
-    assert re.search(r"confinement: the chat template renderer, with (Landlock|nothing)", out)
+    assert re.search(r"confinement: the server \(files\) and the chat template renderer, with (Landlock|nothing)", out)
     out = CliRunner().invoke(main, ["-m", str(gemma_path), "--info", "--unsecure"]).stdout
-    assert "confinement: the chat template renderer, off (--unsecure)" in out
+    assert "confinement: the server (files) and the chat template renderer, off (--unsecure)" \
+        in out
+
+
+SERVING_PROBE = r"""
+import os, subprocess, sys, threading
+from runtime.confine import confine_server
+model, outside, cache = sys.argv[1:4]
+why = confine_server([model])
+if why:
+    print("UNAVAILABLE", why)
+    sys.exit(0)
+results = {}
+def attempt(name, act):
+    try:
+        act()
+        results[name] = "allowed"
+    except OSError as e:
+        results[name] = f"refused {e.errno}"
+def probe():  # a thread started afterwards, as the server's are
+    attempt("read-model", lambda: open(model, "rb").read(4))
+    attempt("read-outside", lambda: open(outside).read())
+    attempt("write-outside", lambda: open(outside + ".new", "w").write("x"))
+    attempt("write-cache", lambda: open(os.path.join(cache, "modelrun", "x"), "w").write("x"))
+    attempt("import", lambda: __import__("xml.dom.minidom"))
+    attempt("renderer", lambda: subprocess.run([sys.executable, "-c", "import jinja2"], check=True))
+thread = threading.Thread(target=probe)
+thread.start()
+thread.join()
+for name, result in results.items():
+    print(name, result)
+"""
+
+
+def test_the_serving_process_reads_only_what_it_needs(tmp_path):
+    """Issue 16: the server process confines itself too (Landlock, before its threads
+    start). A thread started afterwards reads the model, imports modules, starts the
+    renderer (Python again) and writes in the cache folder, and is refused any other file."""
+    model, outside, cache = tmp_path / "m.gguf", tmp_path / "private.txt", tmp_path / "cache"
+    model.write_bytes(b"GGUF")
+    outside.write_text("not for the server")
+    out = subprocess.run([sys.executable, "-c", SERVING_PROBE, str(model), str(outside),
+                          str(cache)], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("UNAVAILABLE"):
+        pytest.skip(out.stdout)
+    result = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert result == {"read-model": "allowed", "read-outside": "refused 13",
+                      "write-outside": "refused 13", "write-cache": "allowed",
+                      "import": "allowed", "renderer": "allowed"}, out.stderr
+    assert not (tmp_path / "private.txt.new").exists()

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import closing
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -551,11 +552,16 @@ def test_serving_from_the_command_line(model_path, spawn):
         status, _, body = request(SimpleNamespace(port=port + 1), "POST", "/v1/chat/completions",
                                   {"messages": HELLO, "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
+        confined = "NoNewPrivs:\t1" in Path(f"/proc/{proc.pid}/status").read_text()
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=READY_LIMIT_S)
     assert proc.returncode == 0, stderr
     assert f"port {port} is in use; trying {port + 1}" in stderr
     assert "Traceback" not in stderr
+    from runtime.confine import availability
+
+    if availability().startswith("Landlock"):  # it served, and its renderer ran, confined
+        assert confined and "without Landlock" not in stderr, stderr
 
 
 def test_serving_fails_clearly_when_no_port_is_free(model_path, spawn):

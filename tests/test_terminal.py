@@ -29,5 +29,5 @@ def test_ordinary_text_is_unchanged():
         assert out == str(text).replace("\t", "\\x09")
 
 
-def test_newlines_may_stay():
-    assert printable("a\nb\x1b", keep_newlines=True) == "a\nb\\x1b"
+def test_newlines_and_tabs_may_stay():
+    assert printable("a\nb\x1b\tc\r", keep_layout=True) == "a\nb\\x1b\tc\\x0d"
