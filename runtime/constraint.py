@@ -239,13 +239,19 @@ class TokenMatcher:
             raise ConstraintError("constrained decoding failed: "
                                   f"{_first_lines(self._matcher.get_error())}")
 
+    def bitmask(self) -> np.ndarray:
+        """int32[(n_vocab + 31) // 32]: the allowed tokens, bit i % 32 of word i // 32,
+        written in place by llguidance (which drops the GIL meanwhile)."""
+        self._check()
+        words = self._words
+        self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
+        self._check()
+        return words
+
     def allowed(self) -> np.ndarray:
         """bool[n_vocab]: the tokens the grammar allows next."""
         if self._allowed is None:
-            self._check()
-            words = self._words
-            self._matcher.unsafe_compute_mask_ptr(words.ctypes.data, words.nbytes)
-            self._check()
+            words = self.bitmask()
             bits = np.unpackbits(words.view(np.uint8), count=self.n_vocab, bitorder="little")
             self._allowed = bits.view(np.bool_)
             if not self._allowed.any():

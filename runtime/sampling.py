@@ -192,12 +192,20 @@ class Sampler:
     # The stages, each usable on its own (tests and post-sampling probabilities use them).
 
     def adjusted_logits(self, logits: np.ndarray, history: Sequence[int] = ()) -> np.ndarray:
-        """A float32 copy of the logits after logit bias and penalties."""
+        """A float32 copy of the logits after the grammar (-inf where it forbids), logit
+        bias and penalties."""
+        x = self._adjusted(logits, history)
+        if self.matcher is not None:
+            self.matcher.mask(x)
+        self._check_left(x)
+        return x
+
+    def _adjusted(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """adjusted_logits without the grammar's mask or the checks: sample() and
+        distribution() then look only at the ids the grammar allows (_candidates)."""
         x = np.array(logits, dtype=np.float32)  # always a copy: the caller's logits stay as they are
         if x.shape != (self.n_vocab,):
             raise ValueError(f"expected {self.n_vocab} logits, got an array of shape {x.shape}")
-        if self.matcher is not None:
-            self.matcher.mask(x)
         if self._bias_ids.size:
             x[self._bias_ids] += self._bias_values
         p = self.params
@@ -213,22 +221,36 @@ class Sampler:
                 v = np.where(v <= 0, v * np.float32(p.repeat_penalty), v / np.float32(p.repeat_penalty))
             v = v - (counts * np.float32(p.frequency_penalty) + np.float32(p.presence_penalty))
             x[tokens] = v
-        top = x.max()
+        return x
+
+    def _check_left(self, values: np.ndarray) -> None:
+        top = values.max()
         if np.isnan(top):
             raise ValueError("the logits contain NaN: nothing to sample from")
         if top == -np.inf:
             raise ValueError("every token is banned (logit -inf after logit_bias"
                              + (" and the grammar" if self.matcher is not None else "")
                              + "): nothing to sample")
-        return x
+
+    def _chain(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | int:
+        """The greedy token, or (ids, unnormalized weights) to draw from. With a grammar,
+        only the ids it allows are looked at (no mask over the whole vocabulary)."""
+        x = self._adjusted(logits, history)
+        ids = self._candidates()
+        self._check_left(x if ids is None else x[ids])
+        if self._greedy:
+            if ids is None:
+                return int(np.argmax(x))
+            return int(ids[np.argmax(x[ids])])
+        return self._filtered(x, ids)
 
     def distribution(self, logits: np.ndarray,
                      history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(token ids, probabilities): what sample() draws from, after the whole chain."""
-        x = self.adjusted_logits(logits, history)
-        if self._greedy:
-            return np.array([int(np.argmax(x))]), np.array([1.0])
-        ids, weights = self._filtered(x)
+        chosen = self._chain(logits, history)
+        if isinstance(chosen, int):
+            return np.array([chosen]), np.array([1.0])
+        ids, weights = chosen
         keep = weights > 0
         ids, weights = ids[keep], weights[keep]
         return ids, weights / weights.sum(dtype=np.float64)
@@ -236,27 +258,35 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """The next token. history: every token so far (prompt and generated), for penalties.
         With a grammar, the token is also fed to it: call sample() once per generated token."""
-        x = self.adjusted_logits(logits, history)
-        if self._greedy:
-            token = int(np.argmax(x))
+        chosen = self._chain(logits, history)
+        if isinstance(chosen, int):
+            token = chosen
         else:
-            ids, weights = self._filtered(x)
+            ids, weights = chosen
             token = int(ids[_prefix_index(weights, self.rng.random(), "right")])
         if self.matcher is not None:
             self.matcher.consume(token)
         return token
 
-    def _filtered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """top-k, top-p, min-p, then temperature: the ids left and their (unnormalized)
-        softmax weights, float32 (~10x faster exp than float64 over a whole vocabulary;
-        every sum of them is float64)."""
+    def _candidates(self) -> np.ndarray | None:
+        """The ids a grammar allows (None: all). The filters then look at these only: a
+        partition over a vocabulary of mostly -inf is ~20x slower than over real values
+        (NumPy's introselect on many equal keys: 21 vs 1.2 ms for 262k)."""
+        return None if self.matcher is None else np.flatnonzero(self.matcher.allowed())
+
+    def _filtered(self, x: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """top-k, top-p, min-p, then temperature over the ids (all by default): the ids
+        left and their (unnormalized) softmax weights, float32 (~10x faster exp than
+        float64 over a whole vocabulary; every sum of them is float64)."""
         p = self.params
-        n = x.size
-        if 0 < p.top_k < n:
-            ids = np.argpartition(x, n - p.top_k)[n - p.top_k:]
-            vals = x[ids]
-        else:
+        if ids is None:
             ids, vals = self._all_ids, x
+        else:
+            vals = x[ids]
+        n = vals.size
+        if 0 < p.top_k < n:
+            top = np.argpartition(vals, n - p.top_k)[n - p.top_k:]
+            ids, vals = ids[top], vals[top]
         if p.top_p < 1.0:
             keep = _top_p_mask(vals, p.top_p)
             ids, vals = ids[keep], vals[keep]
