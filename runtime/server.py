@@ -31,6 +31,7 @@ from runtime.http_checks import (check_json_depth, content_length, host_allowed,
                                  origin_allowed)
 from runtime.http_connections import (DEFAULT_WORKERS, BoundedHTTPServer, BoundedRequestHandler,
                                       RequestDeadline)
+from runtime.llamacpp_api import NativeReply, completion_body
 from runtime.openai_api import (MAX_TOP_LOGPROBS, ChatSettings, Reply, RequestError, bool_field,
                                 chat_request, error_body, int_field, refuse_unsupported,
                                 requested_grammar, sampling_params)
@@ -418,9 +419,31 @@ class RequestHandler(BoundedRequestHandler):
                                "tokens")
         self.send_json(200, {"content": worker.decode(tokens)})
 
-    def post_chat(self) -> None:
+    def _chat_prompt(self, body: dict, worker: EngineWorker, info: ModelInfo):
+        """The request's chat (runtime.openai_api.ChatRequest) and its prompt rendered by the
+        model's template; a 400 naming messages when they cannot be rendered or fit."""
         from runtime.chat import ChatTemplateError
 
+        if "messages" not in body:
+            raise RequestError(400, "messages is required", "messages")
+        chat = chat_request(body, worker.chat_template_source(), self.server.chat_settings)
+        try:
+            prompt = worker.chat_prompt(chat.messages, **chat.template_vars)
+        except ChatTemplateError as e:
+            raise RequestError(400, f"{e}", "messages") from None
+        except ValueError as e:  # validate_messages names the message and what is wrong
+            raise RequestError(400, f"{e}", "messages") from None
+        self._refuse_beyond_context(prompt.text, info, "messages")
+        return chat, prompt
+
+    def post_apply_template(self) -> None:
+        """llama.cpp's POST /apply-template: the prompt a chat request would run, unrun."""
+        body = self._json_body()
+        worker, info = self._loaded()
+        _, prompt = self._chat_prompt(body, worker, info)
+        self.send_json(200, {"prompt": prompt.text})
+
+    def post_chat(self) -> None:
         body = self._json_body()
         refuse_unsupported(body)
         worker, info = self._loaded()
@@ -430,16 +453,10 @@ class RequestHandler(BoundedRequestHandler):
         if top_n is not None and not want_logprobs:
             raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         params = sampling_params(body, info.n_vocab)
-        if "messages" not in body:
-            raise RequestError(400, "messages is required", "messages")
-        chat = chat_request(body, worker.chat_template_source(), self.server.chat_settings)
+        chat, prompt = self._chat_prompt(body, worker, info)
         try:
-            prompt = worker.chat_prompt(chat.messages, **chat.template_vars)
-            self._refuse_beyond_context(prompt.text, info, "messages")
             tokens = worker.prompt_tokens(prompt)
-        except ChatTemplateError as e:
-            raise RequestError(400, f"{e}", "messages") from None
-        except ValueError as e:  # validate_messages names the message and what is wrong
+        except ValueError as e:
             raise RequestError(400, f"{e}", "messages") from None
         forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
         params.constraint = self._constraint(body, worker, forced)
@@ -455,6 +472,24 @@ class RequestHandler(BoundedRequestHandler):
         top_n = int_field(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         params = sampling_params(body, info.n_vocab)
         params.constraint = self._constraint(body, worker)
+        job = Job(self._prompt_tokens(body, worker, info), params, top_n)
+        self._run_job(job, info, "text", stream, body)
+
+    def post_native_completion(self) -> None:
+        """llama.cpp's POST /completion: its field names in, its response shape out."""
+        body = completion_body(self._json_body())
+        refuse_unsupported(body)
+        worker, info = self._loaded()
+        stream = bool_field(body, "stream")
+        params = sampling_params(body, info.n_vocab)
+        params.constraint = self._constraint(body, worker)
+        job = Job(self._prompt_tokens(body, worker, info), params, None)
+        reply = NativeReply(self, worker.token_bytes, len(job.prompt_tokens), stream,
+                            self.server.model_name)
+        self._run_job(job, info, "text", stream, body, reply=reply)
+
+    def _prompt_tokens(self, body: dict, worker: EngineWorker, info: ModelInfo) -> list[int]:
+        """A completion's prompt (a string, or token ids) as tokens; a 400 naming prompt."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
@@ -469,8 +504,7 @@ class RequestHandler(BoundedRequestHandler):
                                     "per request)", "prompt")
         if not tokens:
             raise RequestError(400, "prompt is empty", "prompt")
-        job = Job(tokens, params, top_n)
-        self._run_job(job, info, "text", stream, body)
+        return tokens
 
     def _constraint(self, body: dict, worker: EngineWorker, forced_call=None):
         """The compiled grammar the request's output must follow (None: free text).
@@ -505,7 +539,7 @@ class RequestHandler(BoundedRequestHandler):
     # --- generation ---
 
     def _run_job(self, job: Job, info: ModelInfo, kind: str, stream: bool, body: dict,
-                 output=None) -> None:
+                 output=None, reply: Reply | None = None) -> None:
         n_prompt = len(job.prompt_tokens)
         if n_prompt + 1 > info.n_ctx:
             raise RequestError(400, f"the prompt has {n_prompt} tokens but the context holds only "
@@ -516,8 +550,9 @@ class RequestHandler(BoundedRequestHandler):
         options = body.get("stream_options")
         if isinstance(options, dict):
             include_usage = bool(options.get("include_usage"))
-        reply = Reply(self, self.server.worker.token_bytes, kind, n_prompt, stream, include_usage,
-                      self.server.model_name, job.top_logprobs is not None, output)
+        reply = reply or Reply(self, self.server.worker.token_bytes, kind, n_prompt, stream,
+                               include_usage, self.server.model_name,
+                               job.top_logprobs is not None, output)
         worker = self.server.worker
         try:
             worker.submit(job)
@@ -569,5 +604,7 @@ ROUTES: dict[str, dict[str, Callable]] = {
     "/completions": {"POST": RequestHandler.post_completion},
     "/tokenize": {"POST": RequestHandler.post_tokenize},
     "/detokenize": {"POST": RequestHandler.post_detokenize},
+    "/completion": {"POST": RequestHandler.post_native_completion},
+    "/apply-template": {"POST": RequestHandler.post_apply_template},
 }
 PUBLIC_PATHS = {"/", "/index.html", "/health"}
