@@ -61,7 +61,8 @@ class ModelServer(BoundedHTTPServer):
                  api_key: str | None = None, cors_origin: str | None = None,
                  max_body: int = MAX_BODY_BYTES, log: bool = True,
                  workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = (),
-                 chat_settings: ChatSettings = ChatSettings(), slots_endpoint: bool = True):
+                 chat_settings: ChatSettings = ChatSettings(), slots_endpoint: bool = True,
+                 embeddings: bool = False):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler, workers)
@@ -73,6 +74,7 @@ class ModelServer(BoundedHTTPServer):
         self.max_body = max_body
         self.log = log
         self.slots_endpoint = slots_endpoint  # GET /slots (--slots / --no-slots)
+        self.embeddings = embeddings  # /v1/embeddings and /embedding (--embeddings)
         self.loopback_only = _is_loopback_bind(address[0])
         # a loopback server answers to loopback names only (and --allowed-host); one on the
         # network also to this machine's own names and addresses
@@ -371,11 +373,30 @@ class RequestHandler(BoundedRequestHandler):
                                                                       f"{worker.error}")})
 
     def get_models(self) -> None:
-        info = self.server.worker.info
-        meta = {"n_ctx": info.n_ctx, "n_vocab": info.n_vocab} if info else None
-        self.send_json(200, {"object": "list", "data": [
-            {"id": self.server.model_name, "object": "model", "created": self.server.created,
-             "owned_by": "modelrun", "meta": meta}]})
+        """The one model, with its context and what it can be asked for (as llama.cpp's
+        /v1/models, and Ollama's "models" list that some apps read instead)."""
+        worker = self.server.worker
+        info = worker.info
+        entry = {"id": self.server.model_name, "object": "model", "created": self.server.created,
+                 "owned_by": "modelrun",
+                 "meta": {"n_ctx": info.n_ctx, "n_vocab": info.n_vocab} if info else None}
+        if info:
+            entry["context_length"] = info.n_ctx
+            entry["capabilities"] = self._capabilities(worker)
+        self.send_json(200, {"object": "list", "data": [entry], "models": [
+            {"name": self.server.model_name, "model": self.server.model_name,
+             "capabilities": entry.get("capabilities", [])}]})
+
+    def _capabilities(self, worker: EngineWorker) -> list[str]:
+        """completion always; chat and tools when the model has its own chat template (a
+        base model has none: the page opens it in text completion); embeddings when the
+        server was started with --embeddings."""
+        found = ["completion"]
+        if worker.model_chat_template():
+            found += ["chat", "tools"]
+        if self.server.embeddings:
+            found.append("embeddings")
+        return found
 
     def get_props(self) -> None:
         """llama.cpp's /props, in part. chat_template is the model's own template, "" when it has

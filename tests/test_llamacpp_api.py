@@ -75,3 +75,18 @@ def test_apply_template_gives_the_prompt_chat_would_run(server, worker):
     assert "hello world" in answer["prompt"]
     status, _, answer = request(server, "POST", "/apply-template", {"messages": "hi"})
     assert status == 400 and answer["error"]["param"] == "messages"
+
+
+def test_models_lists_the_context_and_capabilities(client, worker, monkeypatch):
+    model = client.models.list().data[0]
+    assert model.context_length == worker.info.n_ctx
+    chat = ["chat", "tools"] if worker.model_chat_template() else []
+    assert model.capabilities == ["completion", *chat]
+    # a model with its own chat template, served with --embeddings, lists those too
+    from test_server import running_server
+
+    monkeypatch.setattr(worker, "model_chat_template", lambda: "{{ messages }}")
+    with running_server(worker, embeddings=True) as other:
+        status, _, body = request(other, "GET", "/v1/models")
+    assert body["data"][0]["capabilities"] == ["completion", "chat", "tools", "embeddings"]
+    assert body["models"][0]["capabilities"] == body["data"][0]["capabilities"]
