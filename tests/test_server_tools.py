@@ -69,10 +69,19 @@ class ScriptedWorker(EngineWorker):
         return self.decode(self.prompts[-1])
 
 
+MISTRAL_MARKERS = ["[TOOL_CALLS]", "[ARGS]"]  # control tokens, as in Mistral's vocabularies
+
+
+def vocabulary():
+    """test_server's vocabulary, plus Mistral's call markers as control tokens."""
+    tokens, scores, types = tokenizer_vocabulary()
+    return tokens + MISTRAL_MARKERS, scores + [0.0] * 2, types + [3] * 2
+
+
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     path = tmp_path_factory.mktemp("tools") / "tiny.gguf"
-    write_synthetic_model_with_tokenizer(path, "qwen3", tokenizer_vocabulary(), seed=3,
+    write_synthetic_model_with_tokenizer(path, "qwen3", vocabulary(), seed=3,
                                          more=lambda w: w.add_chat_template(TEMPLATE),
                                          n_ctx_train=N_CTX)
     worker = loaded_worker(path, ScriptedWorker)
@@ -230,3 +239,33 @@ def test_a_forced_call_and_a_response_format_at_once_is_a_400(client):
                                        tool_choice="required",
                                        response_format={"type": "json_object"})
     assert caught.value.body["param"] == "tool_choice"
+
+
+# Mistral's newer call format, whose markers are control tokens the text must spell out
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.tool_calls %}{% for c in m.tool_calls %}[TOOL_CALLS]{{ c.function.name }}[ARGS]"
+    "{{ c.function.arguments | tojson }}{% endfor %}</s>"
+    "{%- else %}{{ m.content }}</s>{% endif %}{% endfor %}")
+
+
+def test_markers_that_are_control_tokens_reach_the_parser(client, worker):
+    """A Mistral-style template: the forced call's [TOOL_CALLS] and [ARGS] are control
+    tokens, which a plain answer never shows; here they are spelled out for the parser, and
+    the client sees only the call."""
+    from runtime.chat import ChatTemplate
+
+    model_template = worker.chat_template
+    worker.chat_template = ChatTemplate(MISTRAL_TEMPLATE, "<s>", "</s>")  # the test hook
+    try:
+        response = client.chat.completions.create(
+            model="x", messages=ASK, tools=BOUNDED_TOOLS[1:], seed=0, max_tokens=60,
+            tool_choice="required")
+    finally:
+        worker.chat_template = model_template
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    (call,) = choice.message.tool_calls
+    assert follows_its_schema(call) and call.function.name == "set_alarm"
+    assert len(call.id) == 9 and call.id.isalnum()  # what Mistral's templates insist on
