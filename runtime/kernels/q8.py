@@ -116,6 +116,10 @@ def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
     return np.float32(np.nan)
 
 
+_TOKENS = q8dot.MATMUL_TOKENS
+_NANS = (np.float32(np.nan),) * _TOKENS  # for a type without a row dot (never reached)
+
+
 @njit(cache=True)
 def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
     """The integer dots of one weight row with q8dot.MATMUL_TOKENS activation vectors, the
@@ -147,8 +151,7 @@ def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
         return _dot4_20(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
     elif type_id == 39:
         return _dot4_39(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    nan = np.float32(np.nan)
-    return nan, nan, nan, nan
+    return _NANS
 
 
 @njit(inline="always")
@@ -232,16 +235,14 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         for row in range(first, last):
             off = row * row_bytes[m]
             t = 0
-            while t + 4 <= n:  # q8dot.MATMUL_TOKENS
+            while t + _TOKENS <= n:
                 if small_blocks:
-                    a, b, c, d = dot_row_blocked(ty, raw, off, nb, q_small, d_small, s_small, t * nb, nb)
+                    sums = dot_row_blocked(ty, raw, off, nb, q_small, d_small, s_small, t * nb, nb)
                 else:
-                    a, b, c, d = dot_row_blocked(ty, raw, off, nb, q_big, d_big, s_big, t * nb, nb)
-                out[t, row] = a
-                out[t + 1, row] = b
-                out[t + 2, row] = c
-                out[t + 3, row] = d
-                t += 4
+                    sums = dot_row_blocked(ty, raw, off, nb, q_big, d_big, s_big, t * nb, nb)
+                for j in range(_TOKENS):
+                    out[t + j, row] = sums[j]
+                t += _TOKENS
             while t < n:
                 if small_blocks:
                     out[t, row] = dot_row(ty, raw, off, nb, q_small, d_small, s_small, t * nb)

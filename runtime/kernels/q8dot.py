@@ -322,10 +322,19 @@ def _k4_body(qs_off, qh_off=None):
                                 e.pick(scales, [2 * c] * 8 + [2 * c + 1] * 8), total)
         mins16 = e.pick(b.trunc(mins, _v(8, _I16)), [g // 2 for g in range(16)])
         minimum = madd16(b, e.load(ys, 0, _v(16, _I16)), mins16)  # mins[s] * (ys[2s] + ys[2s + 1])
-        return [(total, b.fmul(e.f16(blk, 0), dy[0])),
-                (minimum, b.fneg(b.fmul(e.f16(blk, 2), dy[0])))]
+        return _less_minimum(e, total, minimum, e.f16(blk, 0), e.f16(blk, 2), dy[0])
 
     return body
+
+
+def _less_minimum(e, total, minimum, d, dmin, dy):
+    """The term d * dy * sum(total) - dmin * dy * sum(minimum), for <16 x i32> total and
+    <8 x i32> minimum, as one vector: total's halves added, minimum beside them, one
+    conversion and one multiply-add per block and vector instead of two."""
+    b = e.b
+    folded = b.add(e.pick(total, list(range(8))), e.pick(total, list(range(8, 16))))
+    factors = e.per_block([d, b.fneg(dmin)], 8)  # the same for every activation vector
+    return [(e.cat(folded, minimum), b.fmul(factors, e.per_block([dy], 16)))]
 
 
 def _sums_times(e, weights, ys):
@@ -397,7 +406,7 @@ def _low2_body(qs_off, hmask_off):
         scale = b.fmul(d, dy[0])
         if hmask_off is not None:  # q - 4
             return [(_minus_sums_times(e, total, scales, ys, 2), scale)]
-        return [(total, scale), (_sums_times(e, mins, ys), b.fneg(b.fmul(e.f16(blk, 82), dy[0])))]
+        return _less_minimum(e, total, _sums_times(e, mins, ys), d, e.f16(blk, 82), dy[0])
 
     return body
 
