@@ -109,6 +109,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
          parallel: int, queue_limit: int | None = None, slots_endpoint: bool = True,
+         metrics_endpoint: bool = False,
          cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
          cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
          reasoning_budget: int = -1) -> None:
@@ -151,6 +152,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
                   allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
                   slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget),
+                  metrics_endpoint=metrics_endpoint,
                   confine_to=None if unsecure else [model])
             return
         from runtime.sampling import SamplingParams
@@ -179,6 +181,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
           queue_limit: int | None = None, slots_endpoint: bool = True,
+          metrics_endpoint: bool = False,
           reasoning: tuple[str, int] = ("auto", -1), confine_to: list[str] | None = None) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
     the model's files; the process may then read only those besides its own (runtime.confine,
@@ -220,7 +223,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
             allowed_hosts=allowed_hosts, chat_settings=ChatSettings(*reasoning),
-            slots_endpoint=slots_endpoint), say=say)
+            slots_endpoint=slots_endpoint, metrics=metrics_endpoint), say=say)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)

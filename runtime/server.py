@@ -62,7 +62,7 @@ class ModelServer(BoundedHTTPServer):
                  max_body: int = MAX_BODY_BYTES, log: bool = True,
                  workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = (),
                  chat_settings: ChatSettings = ChatSettings(), slots_endpoint: bool = True,
-                 embeddings: bool = False):
+                 embeddings: bool = False, metrics: bool = False):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler, workers)
@@ -75,6 +75,11 @@ class ModelServer(BoundedHTTPServer):
         self.log = log
         self.slots_endpoint = slots_endpoint  # GET /slots (--slots / --no-slots)
         self.embeddings = embeddings  # /v1/embeddings and /embedding (--embeddings)
+        self.metrics = None  # GET /metrics (--metrics); prometheus_client takes 0.2 s to import
+        if metrics:
+            from runtime.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics(worker)
         self.loopback_only = _is_loopback_bind(address[0])
         # a loopback server answers to loopback names only (and --allowed-host); one on the
         # network also to this machine's own names and addresses
@@ -419,6 +424,15 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(503, "no slot available", code="unavailable")
         self.send_json(200, slots)
 
+    def get_metrics(self) -> None:
+        """llama.cpp's GET /metrics (runtime.metrics), with --metrics."""
+        if self.server.metrics is None:
+            raise RequestError(501, "this server does not serve /metrics (start it with --metrics)",
+                               code="not_supported")
+        from runtime.metrics import CONTENT_TYPE
+
+        self._send_bytes(200, self.server.metrics.render(), CONTENT_TYPE)
+
     def post_tokenize(self) -> None:
         body = self._json_body()
         worker, _ = self._loaded()
@@ -599,6 +613,8 @@ class RequestHandler(BoundedRequestHandler):
                     if stream and self._client_gone():
                         raise ClientGone()
                 elif event[0] == "done":
+                    if self.server.metrics is not None:
+                        self.server.metrics.record(event[4])
                     reply.finish(event[2], event[3], event[4])
                     return
                 elif event[1] == "cancelled":  # the engine saw the client leave first
@@ -619,6 +635,7 @@ ROUTES: dict[str, dict[str, Callable]] = {
     "/models": {"GET": RequestHandler.get_models},
     "/props": {"GET": RequestHandler.get_props},
     "/slots": {"GET": RequestHandler.get_slots},
+    "/metrics": {"GET": RequestHandler.get_metrics},
     "/v1/chat/completions": {"POST": RequestHandler.post_chat},
     "/chat/completions": {"POST": RequestHandler.post_chat},
     "/v1/completions": {"POST": RequestHandler.post_completion},

@@ -90,3 +90,35 @@ def test_models_lists_the_context_and_capabilities(client, worker, monkeypatch):
         status, _, body = request(other, "GET", "/v1/models")
     assert body["data"][0]["capabilities"] == ["completion", "chat", "tools", "embeddings"]
     assert body["models"][0]["capabilities"] == body["data"][0]["capabilities"]
+
+
+def test_metrics_count_what_was_generated(worker):
+    """GET /metrics with --metrics: Prometheus' text format (parsed back with the
+    prometheus_client package), llama.cpp's names, counts that add up what was served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from test_server import running_server
+
+    with running_server(worker) as plain:
+        status, _, answer = request(plain, "GET", "/metrics")
+        assert status == 501 and "--metrics" in answer["error"]["message"]
+    with running_server(worker, metrics=True) as server:
+        done = []
+        for prompt, n in (("the world is", 5), ("hello", 3)):
+            status, _, answer = request(server, "POST", "/completion",
+                                        {"prompt": prompt, "n_predict": n, "logit_bias": NO_EOG})
+            assert status == 200
+            done.append(answer)
+        status, response, text = request(server, "GET", "/metrics")
+    assert status == 200 and response.getheader("Content-Type").startswith("text/plain")
+    samples = {s.name: s.value for family in text_string_to_metric_families(text)
+               for s in family.samples}
+    assert samples["llamacpp:prompt_tokens_total"] == sum(a["tokens_evaluated"] for a in done)
+    assert samples["llamacpp:tokens_predicted_total"] == 8
+    assert samples["llamacpp:n_tokens_max"] == max(a["tokens_evaluated"] + a["tokens_predicted"]
+                                                   for a in done)
+    assert samples["llamacpp:prompt_seconds_total"] > 0
+    assert samples["llamacpp:predicted_tokens_seconds"] > 0
+    assert samples["llamacpp:requests_processing"] == 0
+    assert samples["llamacpp:requests_deferred"] == 0
+    assert "# TYPE llamacpp:tokens_predicted_total counter" in text  # as llama.cpp writes it
