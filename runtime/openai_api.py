@@ -229,8 +229,9 @@ def chat_request(body: dict, template_source: str, settings: ChatSettings) -> Ch
         if tool_calls.template_renders_tools(template_source):
             template_vars["tools"] = tools
         else:  # the template knows no tools: describe them in a system message
-            messages = _with_system_text(messages, tool_calls.generic_tools_prompt(tools))
-            fmt = "generic"
+            if fmt not in tool_calls.KNOWS_ITS_FORMAT_UNTOLD:
+                fmt = "generic"
+            messages = _with_system_text(messages, tool_calls.tools_prompt(tools, fmt))
     return ChatRequest(messages, template_vars, fmt, tools, choice, reasoning_format,
                        fmt in tool_calls.SPELLS_SPECIAL_TOKENS)
 

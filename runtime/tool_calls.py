@@ -11,6 +11,9 @@ Each family of models was trained to call tools its own way; the chat template s
            newer Mistral templates:  [TOOL_CALLS]N[ARGS]{...}  (optionally N[CALL_ID]I[ARGS]{...})
   harmony  gpt-oss:                  <|channel|>commentary to=functions.N <|constrain|>json<|message|>{...}<|call|>
            (the whole answer is harmony messages: analysis is thinking, final the answer)
+  deepseek DeepSeek R1 (distills):   <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>N
+                                     ```json {...} ```<｜tool▁call▁end｜><｜tool▁calls▁end｜>
+           DeepSeek V3.1:            ...<｜tool▁call▁begin｜>N<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...
   generic  any other template: the tools are described in a system message and the model is
            asked to answer {"tool_calls": [{"name": N, "arguments": {...}}]} or {"response": "..."}
 
@@ -32,10 +35,18 @@ from typing import Callable
 
 from runtime.reasoning import held_back
 
-FORMATS = ("hermes", "llama3", "mistral", "harmony", "generic")
+FORMATS = ("hermes", "llama3", "mistral", "harmony", "deepseek", "generic")
 
 # formats whose markers are control tokens: the generation must spell them out
-SPELLS_SPECIAL_TOKENS = {"llama3", "mistral", "harmony"}
+SPELLS_SPECIAL_TOKENS = {"llama3", "mistral", "harmony", "deepseek"}
+
+# formats whose templates show calls but not the tools: the model is told about the tools
+# in a system message and calls them its own way
+KNOWS_ITS_FORMAT_UNTOLD = {"deepseek"}
+
+# DeepSeek's markers
+DS_CALLS, DS_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+DS_CALL, DS_CALL_END, DS_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
 
 
 @dataclass
@@ -61,6 +72,8 @@ def detect_format(template_source: str) -> str:
         return "harmony"
     if "[TOOL_CALLS]" in src:
         return "mistral"
+    if DS_CALLS in src:
+        return "deepseek"
     if "<tool_call>" in src:
         return "hermes"
     if "<|start_header_id|>" in src and ("<|python_tag|>" in src or "ipython" in src):
@@ -82,11 +95,15 @@ def new_call_id(fmt: str) -> str:
     return "call_" + "".join(secrets.choice(alphabet) for _ in range(24))
 
 
-def generic_tools_prompt(tools: list[dict]) -> str:
-    """The system text that teaches a model with no tool format of its own to call tools."""
+def tools_prompt(tools: list[dict], fmt: str) -> str:
+    """The system text that tells a model whose template does not show tools about them:
+    for a model with no tool format of its own, also how to call them (generic JSON)."""
     described = json.dumps([t["function"] for t in tools], ensure_ascii=False, indent=1)
-    return ("You can call these functions (each given with the JSON schema of its parameters):\n"
-            f"{described}\n\nTo call one or more of them, answer with only a JSON object:\n"
+    text = ("You can call these functions (each given with the JSON schema of its parameters):\n"
+            f"{described}")
+    if fmt != "generic":  # the model knows its own way of calling them
+        return text
+    return (f"{text}\n\nTo call one or more of them, answer with only a JSON object:\n"
             '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}\n'
             "Otherwise answer normally.")
 
@@ -108,7 +125,7 @@ def parse(text: str, fmt: str, final: bool, extract_reasoning: bool = True) -> P
 
 
 _MARKERS = {"hermes": ("<tool_call>",), "llama3": ("<|python_tag|>",),
-            "mistral": ("[TOOL_CALLS]",), "generic": ()}
+            "mistral": ("[TOOL_CALLS]",), "deepseek": (DS_CALLS, DS_CALL), "generic": ()}
 _JSON = json.JSONDecoder()
 
 
@@ -355,8 +372,56 @@ def _mistral_partial(section: str, pos: int) -> ToolCall | None:
     return ToolCall(name.strip(), arguments, call_id.strip() or None) if name.strip() else None
 
 
+def _parse_deepseek(section: str, final: bool):
+    """[<｜tool▁calls▁begin｜>] <｜tool▁call▁begin｜>...<｜tool▁call▁end｜> (repeated)
+    [<｜tool▁calls▁end｜>]."""
+    calls = []
+    pos = len(DS_CALLS) if section.startswith(DS_CALLS) else 0
+    while True:
+        rest = section[pos:].lstrip()
+        if not rest.startswith(DS_CALL):
+            break
+        begin = len(section) - len(rest) + len(DS_CALL)
+        end = section.find(DS_CALL_END, begin)
+        if end < 0:
+            if not final:
+                return calls, "", None
+            end = len(section)
+        call = _deepseek_call(section[begin:end])
+        if call is None:
+            return (calls, section[pos:], None) if calls else (None, "", None)
+        calls.append(call)
+        pos = min(len(section), end + len(DS_CALL_END))
+    rest = section[pos:].lstrip()
+    if rest.startswith(DS_CALLS_END):
+        rest = rest[len(DS_CALLS_END):]
+    elif not final and (DS_CALLS_END.startswith(rest) or DS_CALL.startswith(rest)):
+        rest = ""
+    return calls, rest, None
+
+
+_FENCED = re.compile(r"\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+
+
+def _deepseek_call(body: str) -> ToolCall | None:
+    """function<｜tool▁sep｜>N\n```json\n{...}\n``` (R1) or N<｜tool▁sep｜>{...} (V3.1)."""
+    left, sep, right = body.partition(DS_SEP)
+    if not sep:
+        return None
+    if left.strip() == "function":
+        name, _, fenced = right.partition("\n")
+        match = _FENCED.match(fenced)
+        arguments = match.group(1) if match else fenced.strip()
+    else:
+        name, arguments = left, right.strip()
+    decoded = _decode_json(arguments, 0)
+    if not name.strip() or decoded is None or not isinstance(decoded[0], dict):
+        return None
+    return ToolCall(name.strip(), arguments[:decoded[1]].strip())
+
+
 _SECTION_PARSERS = {"hermes": _parse_hermes, "llama3": _parse_llama3, "mistral": _parse_mistral,
-                    "generic": _parse_json_calls}
+                    "deepseek": _parse_deepseek, "generic": _parse_json_calls}
 
 
 # --- harmony (gpt-oss) --------------------------------------------------------------------------
@@ -442,7 +507,7 @@ def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str
 
     def lit(text: str) -> str:
         token = marker_token(text)
-        return f"<[{token}]>" if token is not None else json.dumps(text)
+        return f"<[{token}]>" if token is not None else json.dumps(text, ensure_ascii=False)
 
     def as_written(schema: dict) -> str:  # JSON laid out as templates write it (tojson)
         return json.dumps({**schema, "x-guidance": _JSON_LAYOUT})
@@ -470,6 +535,14 @@ def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str
             lambda name, params: f'{json.dumps(name)} {lit("[ARGS]")} %json{params}')
     elif fmt == "mistral":
         body = (f'{lit("[TOOL_CALLS]")} "[" %json{schema("name", "arguments")} "]"')
+    elif fmt == "deepseek" and "```json" in template_source:  # R1
+        body = f'{lit(DS_CALLS)} {lit(DS_CALL)} "function" {lit(DS_SEP)} call\n' + per_tool(
+            lambda name, params: f'{json.dumps(name)} "\\n```json\\n" %json{params} "\\n```" '
+                                 f'{lit(DS_CALL_END)} {lit(DS_CALLS_END)}')
+    elif fmt == "deepseek":  # V3.1
+        body = f'{lit(DS_CALLS)} {lit(DS_CALL)} call\n' + per_tool(
+            lambda name, params: f'{json.dumps(name)} {lit(DS_SEP)} %json{params} '
+                                 f'{lit(DS_CALL_END)} {lit(DS_CALLS_END)}')
     elif fmt == "harmony":
         body = f'{lit("<|channel|>")} "commentary to=functions." call\n' + per_tool(
             lambda name, params: f'{json.dumps(name)} " " {lit("<|constrain|>")} "json" '
