@@ -227,7 +227,7 @@ def chat_request(body: dict, template_source: str, settings: ChatSettings) -> Ch
     messages = template_messages(body.get("messages"), fmt)
     if tools:
         if tool_calls.template_renders_tools(template_source):
-            template_vars["tools"] = tools
+            template_vars["tools"] = _template_tools(tools)
         else:  # the template knows no tools: describe them in a system message
             if fmt not in tool_calls.KNOWS_ITS_FORMAT_UNTOLD:
                 fmt = "generic"
@@ -257,6 +257,14 @@ def _tools_field(tools: Any) -> list | None:
             raise RequestError(400, f"tools[{i}].function.parameters must be a JSON schema "
                                     "object", "tools")
     return tools
+
+
+def _template_tools(tools: list) -> list:
+    """Tools as templates read them: a function without a description or parameters gets
+    empty ones (gpt-oss's template, for one, reads both)."""
+    return [{**tool, "type": "function", "function": {
+        "description": "", "parameters": {"type": "object", "properties": {}}, **tool["function"]}}
+        for tool in tools]
 
 
 def _tool_choice_field(choice: Any, tools: list | None) -> Any:
@@ -291,6 +299,8 @@ def template_messages(messages: Any, fmt: str) -> Any:
         if (fmt == "harmony" and isinstance(message, dict)
                 and isinstance(message.get("reasoning_content"), str)):
             message = {**message, "thinking": message["reasoning_content"]}
+            if message.get("tool_calls"):  # gpt-oss's template takes one or the other
+                message["content"] = None
         out.append(message)
     return out
 

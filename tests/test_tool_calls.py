@@ -156,7 +156,10 @@ def test_chat_request_checks_and_settings():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": tools}
     chat = chat_request(body, "{{ tools }}<tool_call>", ChatSettings(reasoning_budget=0))
-    assert chat.fmt == "hermes" and chat.template_vars == {"tools": tools, "enable_thinking": False}
+    assert chat.fmt == "hermes" and chat.template_vars["enable_thinking"] is False
+    # a function without a description or parameters gets empty ones (gpt-oss's template reads them)
+    assert chat.template_vars["tools"] == [{"type": "function", "function": {
+        "name": "f", "description": "", "parameters": {"type": "object"}}}]
     # a template that does not read tools: they are described in a system message
     chat = chat_request(body, "{{ messages }}", ChatSettings())
     assert chat.fmt == "generic" and "tools" not in chat.template_vars
@@ -323,3 +326,23 @@ def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, ope
 MARKERS_OF = {"hermes": [], "llama3": [], "generic": [], "mistral": ["[TOOL_CALLS]"],
               "harmony": ["<|channel|>", "<|constrain|>", "<|message|>"],
               "deepseek": ["<｜tool▁calls▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"]}
+
+
+def test_gpt_oss_takes_back_a_turn_with_thinking_content_and_a_call():
+    """gpt-oss's template refuses an assistant turn with both content and thinking beside a
+    call, and reads every tool's description: the server adapts what clients send."""
+    from runtime.chat import ChatTemplate
+
+    path = TEMPLATES / "openai-gpt-oss-120b.jinja"
+    if not path.exists():
+        pytest.skip(f"llama.cpp's template collection is not at {TEMPLATES}")
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "Let me check.", "reasoning_content": "Need it.",
+                "tool_calls": [{"id": "a", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "a", "content": "sunny"}]
+    chat = chat_request({"messages": history, "tools": tools}, path.read_text(), ChatSettings())
+    text = ChatTemplate(path.read_text()).render(chat.messages, True, **chat.template_vars)
+    assert "<|channel|>analysis<|message|>Need it.<|end|>" in text
+    assert 'to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>' in text
