@@ -96,6 +96,13 @@ class RuntimeCommand(click.Command):
 @click.option("--queue", "queue_limit", type=click.IntRange(0, 4096), default=None, metavar="N",
               help="Requests that may wait for a slot; more get 503 with Retry-After "
                    "(default: 4 per slot, at least 16).")
+@click.option("--metrics", "metrics_endpoint", is_flag=True,
+              help="Serve GET /metrics (Prometheus' text format, llama.cpp's metric names).")
+@click.option("--embeddings", "embeddings_endpoint", is_flag=True,
+              help="Serve /v1/embeddings and /embedding: the model's pooled final hidden states.")
+@click.option("--pooling", type=click.Choice(["none", "mean", "cls", "last"]), default=None,
+              help="How --embeddings pools a text's token states (default: the model's "
+                   "pooling_type; none for a generative model, as llama.cpp).")
 @click.option("--slots/--no-slots", "slots_endpoint", default=True, show_default=True,
               help="Serve GET /slots (each slot's state, as llama.cpp's server).")
 @click.option("--reasoning-format", type=click.Choice(list(REASONING_FORMATS)), default="auto",
@@ -109,7 +116,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
          parallel: int, queue_limit: int | None = None, slots_endpoint: bool = True,
-         metrics_endpoint: bool = False,
+         metrics_endpoint: bool = False, embeddings_endpoint: bool = False,
+         pooling: str | None = None,
          cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
          cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
          reasoning_budget: int = -1) -> None:
@@ -152,7 +160,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
                   allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
                   slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget),
-                  metrics_endpoint=metrics_endpoint,
+                  metrics_endpoint=metrics_endpoint, embeddings=(embeddings_endpoint, pooling),
                   confine_to=None if unsecure else [model])
             return
         from runtime.sampling import SamplingParams
@@ -181,7 +189,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
           queue_limit: int | None = None, slots_endpoint: bool = True,
-          metrics_endpoint: bool = False,
+          metrics_endpoint: bool = False, embeddings: tuple[bool, str | None] = (False, None),
           reasoning: tuple[str, int] = ("auto", -1), confine_to: list[str] | None = None) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
     the model's files; the process may then read only those besides its own (runtime.confine,
@@ -223,7 +231,8 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
             allowed_hosts=allowed_hosts, chat_settings=ChatSettings(*reasoning),
-            slots_endpoint=slots_endpoint, metrics=metrics_endpoint), say=say)
+            slots_endpoint=slots_endpoint, metrics=metrics_endpoint, embeddings=embeddings[0],
+            pooling=embeddings[1]), say=say)
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)

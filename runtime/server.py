@@ -62,7 +62,7 @@ class ModelServer(BoundedHTTPServer):
                  max_body: int = MAX_BODY_BYTES, log: bool = True,
                  workers: int = DEFAULT_WORKERS, allowed_hosts: tuple[str, ...] = (),
                  chat_settings: ChatSettings = ChatSettings(), slots_endpoint: bool = True,
-                 embeddings: bool = False, metrics: bool = False):
+                 embeddings: bool = False, pooling: str | None = None, metrics: bool = False):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, RequestHandler, workers)
@@ -75,6 +75,7 @@ class ModelServer(BoundedHTTPServer):
         self.log = log
         self.slots_endpoint = slots_endpoint  # GET /slots (--slots / --no-slots)
         self.embeddings = embeddings  # /v1/embeddings and /embedding (--embeddings)
+        self.pooling = pooling  # --pooling; None: the model's (runtime.embeddings)
         self.metrics = None  # GET /metrics (--metrics); prometheus_client takes 0.2 s to import
         if metrics:
             from runtime.metrics import ServerMetrics
@@ -424,6 +425,86 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(503, "no slot available", code="unavailable")
         self.send_json(200, slots)
 
+    def post_embeddings(self) -> None:
+        """OpenAI's POST /v1/embeddings, with --embeddings: one pooled, normalized vector per
+        input (runtime.embeddings), as floats or base64 (what the openai client asks for)."""
+        import base64
+
+        body = self._json_body()
+        worker, info = self._loaded()
+        inputs = self._embedding_inputs(body, "input", worker, info)
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise RequestError(400, f"encoding_format must be float or base64, got {fmt!r}",
+                               "encoding_format")
+        pooling, vectors = self._embed(body, worker, inputs)
+        if pooling == "none":
+            raise RequestError(400, "the model's pooling type is none, which gives one vector per "
+                                    "token: not OpenAI's shape. Use /embedding, or restart the "
+                                    "server with --pooling mean (or last, cls)", "input")
+        n = sum(map(len, inputs))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                 if fmt == "base64" else v.tolist()} for i, v in enumerate(vectors)]
+        self.send_json(200, {"object": "list", "data": data, "model": self.server.model_name,
+                             "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def post_native_embedding(self) -> None:
+        """llama.cpp's POST /embedding: [{"index", "embedding": [[...]]}] per input, one row
+        per token when the pooling is none, else the pooled, normalized vector."""
+        body = self._json_body()
+        worker, info = self._loaded()
+        field = "content" if "content" in body else "input"
+        inputs = self._embedding_inputs(body, field, worker, info)
+        _, vectors = self._embed(body, worker, inputs)
+        self.send_json(200, [{"index": i, "embedding": v.reshape(-1, v.shape[-1]).tolist()}
+                             for i, v in enumerate(vectors)])
+
+    MAX_EMBEDDING_INPUTS = 2048  # as OpenAI's API
+
+    def _embedding_inputs(self, body: dict, field: str, worker: EngineWorker,
+                          info: ModelInfo) -> list[list[int]]:
+        """The inputs (a string, token ids, or a list of those) as token lists; a 501 without
+        --embeddings, a 400 naming the field for anything else wrong."""
+        if not self.server.embeddings:
+            raise RequestError(501, "this server does not give embeddings (start it with "
+                                    "--embeddings)", code="not_supported")
+        value = body.get(field)
+        is_ids = lambda v: isinstance(v, list) and all(  # noqa: E731
+            isinstance(t, int) and not isinstance(t, bool) for t in v)
+        items = [value] if isinstance(value, str) or (is_ids(value) and value) else value
+        if not isinstance(items, list) or not items or len(items) > self.MAX_EMBEDDING_INPUTS:
+            raise RequestError(400, f"{field} must be a string, a list of token ids, or a list of "
+                                    f"1..{self.MAX_EMBEDDING_INPUTS} of those", field)
+        out = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                self._refuse_beyond_context(item, info, field)
+                tokens = worker.encode(item)
+            elif is_ids(item) and all(0 <= t < info.n_vocab for t in item):
+                tokens = list(item)
+            else:
+                raise RequestError(400, f"{field}[{i}] must be a string or a list of token ids "
+                                        f"(0..{info.n_vocab - 1})", field)
+            if not tokens:
+                raise RequestError(400, f"{field}[{i}] is empty", field)
+            if len(tokens) > info.n_ctx:
+                raise RequestError(400, f"{field}[{i}] has {len(tokens)} tokens but the context "
+                                        f"holds only {info.n_ctx}", field, "context_length_exceeded")
+            out.append(tokens)
+        return out
+
+    def _embed(self, body: dict, worker: EngineWorker, inputs: list[list[int]]):
+        from runtime.embeddings import DEFAULT_NORMALIZE, EmbeddingError, embed
+
+        norm = int_field(body, "embd_normalize", -1)
+        norm = DEFAULT_NORMALIZE if norm is None else norm
+        pooling = self.server.pooling
+        try:
+            return worker.on_engine_thread(lambda session: embed(session, inputs, pooling, norm))
+        except EmbeddingError as e:
+            raise RequestError(400, f"{e}", "input") from None
+
     def get_metrics(self) -> None:
         """llama.cpp's GET /metrics (runtime.metrics), with --metrics."""
         if self.server.metrics is None:
@@ -636,6 +717,9 @@ ROUTES: dict[str, dict[str, Callable]] = {
     "/props": {"GET": RequestHandler.get_props},
     "/slots": {"GET": RequestHandler.get_slots},
     "/metrics": {"GET": RequestHandler.get_metrics},
+    "/v1/embeddings": {"POST": RequestHandler.post_embeddings},
+    "/embedding": {"POST": RequestHandler.post_native_embedding},
+    "/embeddings": {"POST": RequestHandler.post_native_embedding},
     "/v1/chat/completions": {"POST": RequestHandler.post_chat},
     "/chat/completions": {"POST": RequestHandler.post_chat},
     "/v1/completions": {"POST": RequestHandler.post_completion},

@@ -85,6 +85,7 @@ class EngineWorker:
         self.queue_limit = queue_limit
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
+        self._calls: collections.deque[tuple[Callable, queue.Queue]] = collections.deque()
         self._stopping = False
         self.state = "loading"  # -> "ok" or "failed"
         self.error: str | None = None
@@ -223,6 +224,25 @@ class EngineWorker:
 
         return ConstraintVocabulary.of(self.session.tokenizer, self.info.n_vocab).compile(grammar)
 
+    def on_engine_thread(self, call: Callable[[Any], Any], timeout: float | None = None) -> Any:
+        """call(session) run on the engine thread between two steps (the model is the
+        engine thread's alone), its result or exception returned here."""
+        answer: queue.Queue = queue.Queue(maxsize=1)
+        with self._cond:
+            self._calls.append((call, answer))
+            self._cond.notify()
+        ok, value = answer.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def _run_calls(self, calls: list) -> None:
+        for call, answer in calls:
+            try:
+                answer.put((True, call(self.session)))
+            except Exception as e:  # the caller gets it
+                answer.put((False, e))
+
     def prompt_tokens(self, prompt) -> list[int]:
         """A chat prompt's tokens: message text never becomes control tokens."""
         return prompt.tokens(self.session.tokenizer)
@@ -253,13 +273,18 @@ class EngineWorker:
         running: list[_Task] = []
         while True:
             with self._cond:
-                while not self._waiting and not running and not self._stopping:
+                while not self._waiting and not running and not self._calls and not self._stopping:
                     self._cond.wait()
+                calls = list(self._calls)
+                self._calls.clear()
                 if self._stopping:
                     for task in running:
                         task.job.events.put(("error", "the server is shutting down"))
+                    for _, answer in calls:
+                        answer.put((False, RuntimeError("the server is shutting down")))
                     return
                 self._admit(running)
+            self._run_calls(calls)  # outside the lock: submit() need not wait for them
             try:
                 self._step(running)
             except Exception:  # a bug: every Job of the step fails, the server goes on

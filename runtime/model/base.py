@@ -420,18 +420,22 @@ class Transformer:
             x *= np.float32(self.embedding_scale)
         return x
 
-    def forward(self, tokens, start_pos: int, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, start_pos: int, cache: KVCache, all_logits: bool = False,
+                hidden: bool = False) -> np.ndarray:
         """Run tokens at positions [start_pos, start_pos + n); their K/V go into the cache.
 
         Returns the logits of the last token, float32[n_vocab], or of every token,
         float32[n, n_vocab], when all_logits. One token goes through matvec, more through
-        matmul; callers choose the batch size (the engine's prefill chunks).
+        matmul; callers choose the batch size (the engine's prefill chunks). hidden: every
+        token's final hidden state after the output norm instead, float32[n, n_embd] (what
+        llama.cpp pools into embeddings).
         """
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(tokens) == 0:
             raise ValueError("forward needs at least one token")
-        logits = self._forward(tokens, [Span(cache, start_pos, 0, len(tokens))], all_logits)
-        return logits if all_logits else logits[0]
+        logits = self._forward(tokens, [Span(cache, start_pos, 0, len(tokens))],
+                               all_logits or hidden, hidden)
+        return logits if all_logits or hidden else logits[0]
 
     def forward_batch(self, sequences) -> np.ndarray:
         """Several sequences in one pass: sequences is a list of (tokens, start_pos, cache),
@@ -454,9 +458,10 @@ class Transformer:
             raise ValueError("forward_batch needs at least one sequence")
         return self._forward(np.concatenate(parts), spans, all_logits=False)
 
-    def _forward(self, tokens: np.ndarray, spans: list["Span"], all_logits: bool) -> np.ndarray:
+    def _forward(self, tokens: np.ndarray, spans: list["Span"], all_logits: bool,
+                 hidden: bool = False) -> np.ndarray:
         """The pass over rows `tokens`, grouped into spans (one per sequence); the logits of
-        every row (all_logits) or of each span's last row."""
+        every row (all_logits) or of each span's last row (hidden: the normed states)."""
         hp = self.hp
         for s in spans:
             if s.start < 0 or s.start + s.n > s.cache.n_ctx:
@@ -490,6 +495,8 @@ class Transformer:
             x = np.ascontiguousarray(x[[s.end - 1 for s in spans]])
         out = np.empty_like(x)
         ops.rms_norm(x, self.output_norm, hp.rms_eps, out)
+        if hidden:
+            return out
         logits = self.output(out)
         if self.logit_scale != 1.0:
             logits *= np.float32(self.logit_scale)
