@@ -6,9 +6,9 @@ off, so it never tries to reach the internet. Screenshots are kept in tests/arti
 
 One server (Gemma 3 270M, a base model without a chat template) and one page serve the whole
 module, and the tests run in order on that page's state (its conversations in localStorage).
-The server sends no reasoning yet, so the thinking tests answer /v1/chat/completions from the
-browser (Playwright's route) with a stream as llama.cpp's server sends it; everything else
-talks to the real server.
+Gemma 270M does not think, so the thinking tests answer /v1/chat/completions from the browser
+(Playwright's route) with a stream as llama.cpp's server (and this one: reasoning_content
+deltas, tests/test_server_tools.py) sends it; everything else talks to the real server.
 """
 
 import json

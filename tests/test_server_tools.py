@@ -273,3 +273,15 @@ def test_markers_that_are_control_tokens_reach_the_parser(client, worker):
     (call,) = choice.message.tool_calls
     assert follows_its_schema(call) and call.function.name == "set_alarm"
     assert len(call.id) == 9 and call.id.isalnum()  # what Mistral's templates insist on
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--reasoning-budget", "512"], "--reasoning-budget"),
+    (["--reasoning-format", "loud"], "--reasoning-format")])
+def test_reasoning_flags_are_checked_before_anything_loads(args, says):
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    result = CliRunner().invoke(main, ["-m", "no-such.gguf", *args])
+    assert result.exit_code == 2 and says in result.output
