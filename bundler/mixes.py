@@ -42,6 +42,7 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("Q5_K_S", 16, "Q5_K"), Mix("Q5_K_M", 17, "Q5_K"),
     Mix("Q6_K", 18, "Q6_K"),
     Mix("IQ4_NL", 25, "IQ4_NL"), Mix("IQ4_XS", 30, "IQ4_XS"),
+    Mix("MXFP4_MOE", 38, "MXFP4"),
 ]}
 
 # Rows that do not fill the chosen type's blocks get this type instead (llama.cpp's table;
@@ -197,6 +198,9 @@ def mix_type(mix: Mix, name: str, shape: tuple[int, ...], facts: ModelFacts) -> 
     if mix.base in FLOAT_TYPES:
         return mix.base  # the float "mixes" have no rules
     category = _category(name)
+    if mix.name == "MXFP4_MOE":  # the experts (3-D tensors) in MXFP4, everything else Q8_0
+        experts = len(shape) >= 3 and shape[2] > 1 and category not in ("output", "token_embd")
+        return "MXFP4" if experts else "Q8_0"
     if category == "output" or (category == "token_embd" and facts.tied_output):
         return _output_type(mix, shape[0], facts)
     if category == "attn_v":

@@ -29,8 +29,8 @@ def default_n_ctx(n_ctx_train: int) -> int:
 
 # general.architecture values runtime.model runs (its ARCHITECTURES, which imports the
 # kernels); here so --info can name them without loading Numba
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "granite", "llama", "mistral3", "olmo2", "phi3",
-                           "qwen2", "qwen3", "qwen3moe", "smollm3")
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gpt-oss", "granite", "llama", "mistral3", "olmo2",
+                           "phi3", "qwen2", "qwen3", "qwen3moe", "smollm3")
 
 
 def unsupported_architecture_message(arch: str) -> str:

@@ -7,7 +7,8 @@ on a build of the same sdist. From the repository root:
         .venv/bin/python tests/make_parity_reference.py VOCAB_DIR [ARCH ...]
 
 VOCAB_DIR holds llama.cpp's models/ggml-vocab-*.gguf. For each architecture the script writes
-the F32 model, quantizes it to Q8_0 and Q4_K_M with libllama's own quantizer, and evaluates
+the F32 model, quantizes it to Q8_0 and Q4_K_M (and gpt-oss to MXFP4_MOE, as it ships)
+with libllama's own quantizer, and evaluates
 the fixed sequence on each file in one batch (F32 KV cache, no flash attention, so only the
 weights' and activations' types differ from our engine). Per file it records the sha256,
 and per position the top TOP_K logits (ids, values) and the log-sum-exp of all logits (so
@@ -28,6 +29,8 @@ import numpy as np
 import parity_models as pm
 
 QUANT_FTYPES = {"Q8_0": 7, "Q4_K_M": 15}  # llama_ftype values
+# further file types of one architecture: the quantization it ships in
+ARCH_FTYPES = {"gpt-oss": {"MXFP4_MOE": 38}}
 COMMAND = ("PYTHONPATH=.:tests:<llama-cpp-python 0.3.36 sdist> LLAMA_CPP_LIB_PATH=<its llama.cpp build>/bin "
            ".venv/bin/python tests/make_parity_reference.py <sdist>/vendor/llama.cpp/models {arch}")
 LLAMA_CPP = ("llama.cpp vendored in the llama-cpp-python 0.3.36 sdist from PyPI (ggml 0.25.3), built "
@@ -99,7 +102,7 @@ def main(vocab_dir: str, archs: list[str]) -> None:
             n_vocab = len(pm.GGUFFile(vocab).metadata["tokenizer.ggml.tokens"])
             tokens = pm.tokens(arch, n_vocab)
             files = {"F32": {"sha256": digest, **summary(logits(llama_cpp, f32, tokens))}}
-            for name, ftype in QUANT_FTYPES.items():
+            for name, ftype in {**QUANT_FTYPES, **ARCH_FTYPES.get(arch, {})}.items():
                 q = Path(tmp) / f"{arch}-{name}.gguf"
                 quantize(llama_cpp, f32, q, ftype)
                 files[name] = {"sha256": sha256(q), **summary(logits(llama_cpp, q, tokens))}

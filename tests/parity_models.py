@@ -100,6 +100,22 @@ SPECS: dict[str, dict] = {
                  keys={"rope.dimension_count": (U32, 48), "rope.freq_base": (F32, 1e4),
                        "rope.scaling.attn_factor": (F32, 1.19),
                        "rope.scaling.original_context_length": (U32, 32)}),
+    # gpt-oss-20b's layout scaled down: biases on q/k/v/o, attention sinks, layers 0 and 2
+    # slide over 16 positions, 1 and 3 are global; YaRN as the released files have it
+    # (factor 32 over 4096: its magnitude factor 1.35 bites at once); 8 experts, 4 used per
+    # token, with biases and gpt-oss's clamped SwiGLU (gate and up weights 3x larger, so some
+    # activations reach the clamp at 7). Its o200k_harmony vocabulary is not among the test
+    # vocabularies: llama-bpe's (tiktoken-style byte-level BPE, 128k) with gpt-oss's
+    # pre-tokenizer (gpt-4o), its special tokens renamed to harmony's, and the harmony chat
+    # template (tests/data/chat_templates/gpt-oss.jinja).
+    "gpt-oss": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=64,
+                    n_ff=256, untied=True, bias=True, gpt_oss=True, n_expert=8, n_expert_used=4,
+                    n_ff_exp=256, harmony=True,
+                    keys={"rope.freq_base": (F32, 150000.0), "rope.scaling.type": (STR, "yarn"),
+                          "rope.scaling.factor": (F32, 32.0),
+                          "rope.scaling.original_context_length": (U32, 4096),
+                          "attention.sliding_window": (U32, 16), "expert_count": (U32, 8),
+                          "expert_used_count": (U32, 4), "expert_feed_forward_length": (U32, 256)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -192,16 +208,26 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
             norm(p + "attn_q_norm.weight", q_dim if whole else hd)
             norm(p + "attn_k_norm.weight", kv_dim if whole else hd)
         matrix(p + "attn_output.weight", d, q_dim)
-        if spec.get("post_norms"):
+        gpt_oss = spec.get("gpt_oss", False)
+        if gpt_oss:  # output bias, sink logits; post_attention_norm is the FFN's input norm
+            out.append((p + "attn_output.bias", (d,), 0.5, 0.0))
+            out.append((p + "attn_sinks.weight", (spec["n_head"],), 1.0, 0.0))
+        if spec.get("post_norms") or gpt_oss:
             norm(p + "post_attention_norm.weight", d)
-        if pre_norms:
+        if pre_norms and not gpt_oss:
             norm(p + "ffn_norm.weight", d)
         if spec.get("n_expert"):  # a router and 3-D expert tensors [expert, rows, cols]
             n_exp, n_ff_exp = spec["n_expert"], spec["n_ff_exp"]
+            gain = 3.0 if gpt_oss else 1.0
             matrix(p + "ffn_gate_inp.weight", n_exp, d)
-            out.append((p + "ffn_gate_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
-            out.append((p + "ffn_up_exps.weight", (n_exp, n_ff_exp, d), d ** -0.5, 0.0))
-            out.append((p + "ffn_down_exps.weight", (n_exp, d, n_ff_exp), n_ff_exp ** -0.5, 0.0))
+            out.append((p + "ffn_gate_exps.weight", (n_exp, n_ff_exp, d), gain * d ** -0.5, 0.0))
+            out.append((p + "ffn_up_exps.weight", (n_exp, n_ff_exp, d), gain * d ** -0.5, 0.0))
+            out.append((p + "ffn_down_exps.weight", (n_exp, d, n_ff_exp), n_ff_exp ** -0.5 / gain, 0.0))
+            if gpt_oss:  # router and expert biases, one row per expert
+                out.append((p + "ffn_gate_inp.bias", (n_exp,), 0.5, 0.0))
+                out.append((p + "ffn_gate_exps.bias", (n_exp, n_ff_exp), 0.5, 0.0))
+                out.append((p + "ffn_up_exps.bias", (n_exp, n_ff_exp), 0.5, 0.0))
+                out.append((p + "ffn_down_exps.bias", (n_exp, d), 0.1, 0.0))
         elif spec.get("fused"):
             matrix(p + "ffn_up.weight", 2 * n_ff, d)  # gate rows, then up rows
             matrix(p + "ffn_down.weight", d, n_ff)
@@ -229,9 +255,36 @@ def _metadata(arch: str, spec: dict, vocab: GGUFFile) -> list[tuple[str, ValueTy
           (a + "attention.layer_norm_rms_epsilon", F32, 1e-6),
           ("general.file_type", U32, 0)]  # all F32
     md += [(a + key, vtype, value) for key, (vtype, value) in spec.get("keys", {}).items()]
-    md += [(key, vocab.metadata_types[key], value) for key, value in vocab.metadata.items()
-           if key.startswith("tokenizer.")]
+    tokenizer = {key: (vocab.metadata_types[key], value) for key, value in vocab.metadata.items()
+                 if key.startswith("tokenizer.")}
+    if spec.get("harmony"):
+        tokenizer.update(_harmony_tokenizer(vocab))
+    md += [(key, vtype, value) for key, (vtype, value) in tokenizer.items()]
     return md
+
+
+# Special tokens of llama-bpe's vocabulary renamed to o200k_harmony's (gpt-oss), all control
+# tokens already: the ids of <|begin_of_text|>, <|end_of_text|> and reserved ones.
+HARMONY_TOKENS = {128000: "<|startoftext|>", 128001: "<|endoftext|>", 128002: "<|return|>",
+                  128003: "<|constrain|>", 128004: "<|channel|>", 128005: "<|start|>",
+                  128008: "<|end|>", 128010: "<|message|>", 128011: "<|call|>"}
+HARMONY_TEMPLATE = Path(__file__).resolve().parent / "data" / "chat_templates" / "gpt-oss.jinja"
+
+
+def _harmony_tokenizer(vocab: GGUFFile) -> dict:
+    """The tokenizer keys that make llama-bpe's vocabulary a stand-in for o200k_harmony."""
+    from runtime.gguf import StringArray
+
+    tokens = list(vocab.metadata["tokenizer.ggml.tokens"].bytes_list())
+    for tid, text in HARMONY_TOKENS.items():
+        tokens[tid] = text.encode()
+    packed = b"".join(len(t).to_bytes(8, "little") + t for t in tokens)
+    eos = next(tid for tid, text in HARMONY_TOKENS.items() if text == "<|return|>")
+    return {"tokenizer.ggml.pre": (STR, "gpt-4o"),
+            "tokenizer.ggml.tokens": (ValueType.ARRAY, StringArray(memoryview(packed), packed, 0, len(tokens))),
+            "tokenizer.ggml.bos_token_id": (U32, 128000), "tokenizer.ggml.eos_token_id": (U32, eos),
+            "tokenizer.ggml.add_bos_token": (BOOL, False),
+            "tokenizer.chat_template": (STR, HARMONY_TEMPLATE.read_text())}
 
 
 def write_model(path: str | Path, arch: str, vocab_path: str | Path) -> str:

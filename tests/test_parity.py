@@ -31,7 +31,8 @@ gap below 0.09. So a position agrees when our arg-max is llama.cpp's, or within 
 its maximum logit in llama.cpp's own logits; at least 95% must agree. The KL divergence
 KL(llama.cpp || ours), over llama.cpp's top 32 ids plus one bin for the rest of the
 vocabulary (a lower bound of the full KL, and all of it that the reference keeps), must stay
-under KL_BOUND on average: measured means 5e-6..1e-3 (Q8_0) and 9e-6..2e-3 (Q4_K_M), the
+under KL_BOUND on average: measured means 5e-6..1e-3 (Q8_0), 9e-6..2e-3 (Q4_K_M) and 1.1e-6
+(gpt-oss's MXFP4_MOE, test_shipped_quantization_matches_llamacpp), the
 largest on llama, whose untied output gives the sharpest logits; a wrong RoPE pairing gives
 > 0.1 (test_kl_bound_sees_a_wrong_rope).
 """
@@ -53,7 +54,9 @@ F32_RTOL = 1e-4
 F32_RTOL_GELU = 2.5e-4  # GeGLU families: llama.cpp's f16 GELU, emulated but not bit for bit
 ARGMAX_AGREEMENT = 0.95
 TIE = 0.1  # llama.cpp logits this close to its maximum count as its arg-max (see above)
-KL_BOUND = {"Q8_0": 5e-3, "Q4_K_M": 1e-2}  # mean nats per position: ~5x the largest measured
+KL_BOUND = {"Q8_0": 5e-3, "Q4_K_M": 1e-2, "MXFP4_MOE": 5e-3}  # mean nats per position: ~5x the largest measured
+# The quantization a family ships in, beyond Q8_0 and Q4_K_M (make_parity_reference.ARCH_FTYPES)
+SHIPPED = {"gpt-oss": "MXFP4_MOE"}
 N_BATCH = 56  # tokens in the first forward; the rest go one by one
 
 
@@ -179,6 +182,13 @@ def test_quantized_logits_match_llamacpp(parity_file, arch, qtype):
           f"KL mean {kl.mean():.2e} max {kl.max():.2e}")
     assert agree >= ARGMAX_AGREEMENT, f"arg-max agrees with llama.cpp's at {agree:.1%} of positions"
     assert kl.mean() <= KL_BOUND[qtype], f"mean KL {kl.mean():.3g} > {KL_BOUND[qtype]} (max {kl.max():.3g})"
+
+
+@pytest.mark.parametrize("arch, qtype", sorted(SHIPPED.items()))
+def test_shipped_quantization_matches_llamacpp(parity_file, arch, qtype):
+    """gpt-oss as released: experts in MXFP4, the rest Q8_0 (llama.cpp's MXFP4_MOE), both
+    read against 8-bit activations. Measured: arg-max agreement 1.0, KL mean 1.1e-6."""
+    test_quantized_logits_match_llamacpp(parity_file, arch, qtype)
 
 
 def test_kl_bound_sees_a_wrong_rope(parity_file):

@@ -97,14 +97,9 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
             x[i, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, fastmath=True)
-def softmax_inplace(x, n):
-    """Softmax of x[:n] in place, in float32 with the max subtracted first."""
-    m = x[0]
-    for j in range(1, n):
-        if x[j] > m:
-            m = x[j]
-    total = np.float32(0.0)
+@njit(inline="always", fastmath=True)
+def _exp_normalize(x, n, m, total):
+    """x[:n] = exp(x - m) / (total + their sum), in float32."""
     for j in range(n):
         e = np.float32(math.exp(x[j] - m))
         x[j] = e
@@ -114,9 +109,30 @@ def softmax_inplace(x, n):
         x[j] *= inv
 
 
+@njit(cache=True, fastmath=True)
+def softmax_inplace(x, n):
+    """Softmax of x[:n] in place, in float32 with the max subtracted first."""
+    m = x[0]
+    for j in range(1, n):
+        if x[j] > m:
+            m = x[j]
+    _exp_normalize(x, n, m, np.float32(0.0))
+
+
+@njit(cache=True, fastmath=True)
+def softmax_with_sink(x, n, sink):
+    """Softmax of x[:n] in place with one more logit, `sink`, in the denominator only (an
+    attention sink: gpt-oss's learned per-head logit that lets a head attend to nothing)."""
+    m = sink
+    for j in range(n):
+        if x[j] > m:
+            m = x[j]
+    _exp_normalize(x, n, m, np.float32(math.exp(sink - m)))
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos, n_heads,
-              scale, window, out, softcap=0.0):
+              scale, window, out, softcap=0.0, sinks=None):
     """Causal multi-head attention of n new queries over the cache.
 
     q[n, n_heads*head_dim] holds the queries of the tokens at positions start_pos+i, whose
@@ -125,7 +141,9 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
     Query head h reads KV head h // (n_heads // n_kv_heads) (grouped-query attention). With
     window > 0 the query at position p sees only keys at positions > p - window (sliding
     window). With softcap > 0 each scaled score s becomes softcap * tanh(s / softcap) before
-    the softmax (Gemma 2's attention soft-capping). Writes out[n, n_heads*head_dim_v].
+    the softmax (Gemma 2's attention soft-capping). With sinks (float32[n_heads]), head h's
+    softmax has sinks[h] as one more logit in its denominator (gpt-oss). Writes
+    out[n, n_heads*head_dim_v].
     """
     n = q.shape[0]
     n_kv_heads = k_cache.shape[0]
@@ -150,7 +168,10 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
         if softcap > 0:
             for j in range(n_keys):
                 scores[j] = np.float32(softcap * math.tanh(scores[j] / softcap))
-        softmax_inplace(scores, n_keys)
+        if sinks is None:
+            softmax_inplace(scores, n_keys)
+        else:
+            softmax_with_sink(scores, n_keys, sinks[h])
         acc = np.zeros(head_dim_v, np.float32)
         value = np.empty(head_dim_v, np.float32)
         for j in range(n_keys):

@@ -6,6 +6,7 @@ from .base import HParams, KVCache, Matrix, Transformer, UnsupportedModelError
 from .gemma import Gemma
 from .gemma2 import Gemma2
 from .gemma3 import Gemma3
+from .gptoss import GptOss
 from .granite import Granite
 from .llama import Llama
 from .mistral3 import Mistral3
@@ -18,7 +19,7 @@ from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
     cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Gemma3, Gemma, Gemma2, Granite, Mistral3,
-                                       Olmo2, Phi3, SmolLM3)
+                                       Olmo2, Phi3, SmolLM3, GptOss)
 }
 
 

@@ -114,6 +114,7 @@ class Layer:
     rope_inv_freq: np.ndarray  # radians per position of each rotated pair; empty: no RoPE
     rope_mscale: float  # multiplies the rotated dimensions of q and k (ggml's mscale)
     experts: object = None  # the family's mixture of experts (its feed_forward runs it)
+    attn_sinks: np.ndarray | None = None  # per head, a logit in the softmax's denominator (gpt-oss)
 
 
 class KVCache:
@@ -220,6 +221,7 @@ class Transformer:
     residual_scale: float = 1.0  # multiplies the attention and FFN outputs (Granite)
     logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / its logit_scale)
     attn_softcap: float = 0.0  # > 0: attention scores soft-capped at this (Gemma 2)
+    ffn_norm_tensor: str = "ffn_norm.weight"  # the FFN's input norm (after "blk.N.")
     # layer tensors (after "blk.N.") the family's files may have but this build does not run:
     # refused by name rather than ignored
     unsupported_tensors: tuple[str, ...] = ()
@@ -273,7 +275,7 @@ class Transformer:
                 k_norm=self._vector(p + "attn_k_norm.weight", k_norm_dim) if self.qk_norm else None,
                 post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
                                 if self.post_norms else None),
-                ffn_norm=self._vector(p + "ffn_norm.weight", hp.n_embd) if self.pre_norms else None,
+                ffn_norm=self._vector(p + self.ffn_norm_tensor, hp.n_embd) if self.pre_norms else None,
                 **self.feed_forward_weights(p),
                 post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
                 sliding=self.is_sliding(il),
@@ -530,12 +532,13 @@ class Transformer:
         self.scale_queries(q, positions)
         out = np.empty((n, hp.n_head * hp.head_dim_v), np.float32)
         window = hp.sliding_window if layer.sliding else 0
+        sinks = {} if layer.attn_sinks is None else {"sinks": layer.attn_sinks}
         for span in spans:  # each sequence over its own cache
             cache, a, b = span.cache, span.begin, span.end
             cache.store(il, span.start, k[a:b], v[a:b])
             ops.attention(q[a:b], cache.k[il], cache.k_ggml.id, cache.k_blocks, cache.v[il], cache.v_ggml.id,
                           cache.v_blocks, span.start, hp.n_head, np.float32(self.attention_scale), window,
-                          out[a:b], np.float32(self.attn_softcap))
+                          out[a:b], np.float32(self.attn_softcap), **sinks)
         return layer.wo(out)
 
     def feed_forward(self, layer: Layer, h):

@@ -33,7 +33,8 @@ WEIGHT_SUM_FLOOR = np.float32(6.103515625e-5)  # llama.cpp's clamp of the chosen
 
 class Experts:
     """One layer's router and experts: a SwiGLU FFN per expert, each matrix a BlockMatrix
-    over its expert's slice of the layer's 3-D tensor."""
+    over its expert's slice of the layer's 3-D tensor. A family whose router or experts
+    differ (gpt-oss) overrides route, activate and add_down_bias."""
 
     def __init__(self, router: Matrix, gate: list[Matrix], up: list[Matrix], down: list[Matrix],
                  n_used: int):
@@ -50,6 +51,13 @@ class Experts:
         weights /= np.maximum(weights.sum(axis=1, keepdims=True), WEIGHT_SUM_FLOOR)
         return chosen, weights
 
+    def activate(self, e: int, gate: np.ndarray, up: np.ndarray) -> None:
+        """gate = act(gate) * up for expert e's rows gate, up [n, n_ff_exp], in place."""
+        ops.silu_mul(gate, up)
+
+    def add_down_bias(self, e: int, y: np.ndarray) -> None:
+        """Expert e's down-projection bias, added to its outputs y [n, n_embd] (none here)."""
+
     def __call__(self, h: np.ndarray) -> np.ndarray:
         """The mixture's output for the tokens h [n, n_embd]."""
         chosen, weights = self.route(h)
@@ -62,8 +70,9 @@ class Experts:
                                           self.n_embd, h[0])
             for slot, e in enumerate(experts):
                 act = gate_up[2 * slot].reshape(1, -1)
-                ops.silu_mul(act, gate_up[2 * slot + 1].reshape(1, -1))
+                self.activate(e, act, gate_up[2 * slot + 1].reshape(1, -1))
                 self.down[e].matvec(act[0], out=parts[0, slot])
+                self.add_down_bias(e, parts[0, slot:slot + 1])
         else:
             for e in np.unique(chosen).tolist():
                 rows, slots = np.nonzero(chosen == e)
@@ -73,8 +82,10 @@ class Experts:
                                 kernels.matvec_many([self.gate[e], self.up[e]], self.n_embd, x[0]))
                 else:
                     gate, up = kernels.matmul_many([self.gate[e], self.up[e]], self.n_embd, x)
-                ops.silu_mul(gate, up)
-                parts[rows, slots] = self.down[e](gate)
+                self.activate(e, gate, up)
+                y = self.down[e](gate)
+                self.add_down_bias(e, y)
+                parts[rows, slots] = y
         parts *= weights[:, :, None]
         out = parts[:, 0].copy()
         for slot in range(1, self.n_used):
@@ -82,21 +93,38 @@ class Experts:
         return out
 
 
+def expert_counts(md: dict, arch: str) -> tuple[int, int, int]:
+    """(expert_count, expert_used_count, expert_feed_forward_length or 0) from the metadata,
+    checked."""
+    a = arch + "."
+    for key in ("expert_count", "expert_used_count"):
+        if a + key not in md:
+            raise UnsupportedModelError(f"{arch} model has no metadata key {a + key!r}")
+    n_expert = int(md[a + "expert_count"])
+    n_used = int(_scalar(md[a + "expert_used_count"]))
+    if not 1 <= n_used <= n_expert:
+        raise UnsupportedModelError(
+            f"the model's {a}expert_used_count is {n_used} for {n_expert} experts, "
+            f"but it must be from 1 to {a}expert_count: the file's metadata is wrong")
+    return n_expert, n_used, int(_scalar(md.get(a + "expert_feed_forward_length", 0)))
+
+
+def expert_matrices(model, name: str, rows: int, cols: int, n_expert: int) -> list[Matrix]:
+    """Each expert's rows x cols matrix: a view of its slice of the model's 3-D tensor `name`."""
+    t = model._tensor(name)
+    if tuple(int(s) for s in t.shape) != (cols, rows, n_expert):
+        raise UnsupportedModelError(f"tensor {name} has shape {list(t.shape)}, expected "
+                                    f"[{cols}, {rows}, {n_expert}] (GGUF order)")
+    size = rows * t.type.row_bytes(cols)
+    return [Matrix(f"{name}[{e}]", t.data[e * size:(e + 1) * size], t.type, rows, cols)
+            for e in range(n_expert)]
+
+
 class Qwen3Moe(Qwen3):
     architecture = "qwen3moe"
 
     def __init__(self, gguf_file):
-        md, a = gguf_file.metadata, self.architecture + "."
-        for key in ("expert_count", "expert_used_count"):
-            if a + key not in md:
-                raise UnsupportedModelError(f"qwen3moe model has no metadata key {a + key!r}")
-        self.n_expert = int(md[a + "expert_count"])
-        self.n_expert_used = int(_scalar(md[a + "expert_used_count"]))
-        if not 1 <= self.n_expert_used <= self.n_expert:
-            raise UnsupportedModelError(
-                f"the model's {a}expert_used_count is {self.n_expert_used} for {self.n_expert} experts, "
-                f"but it must be from 1 to {a}expert_count: the file's metadata is wrong")
-        self.n_ff_expert = int(_scalar(md.get(a + "expert_feed_forward_length", 0)))
+        self.n_expert, self.n_expert_used, self.n_ff_expert = expert_counts(gguf_file.metadata, self.architecture)
         super().__init__(gguf_file)
 
     def feed_forward_weights(self, p: str) -> dict:
@@ -111,14 +139,7 @@ class Qwen3Moe(Qwen3):
             n_used=self.n_expert_used))
 
     def _expert_matrices(self, name: str, rows: int, cols: int) -> list[Matrix]:
-        """Each expert's rows x cols matrix: a view of its slice of the 3-D tensor `name`."""
-        t = self._tensor(name)
-        if tuple(int(s) for s in t.shape) != (cols, rows, self.n_expert):
-            raise UnsupportedModelError(f"tensor {name} has shape {list(t.shape)}, expected "
-                                        f"[{cols}, {rows}, {self.n_expert}] (GGUF order)")
-        size = rows * t.type.row_bytes(cols)
-        return [Matrix(f"{name}[{e}]", t.data[e * size:(e + 1) * size], t.type, rows, cols)
-                for e in range(self.n_expert)]
+        return expert_matrices(self, name, rows, cols, self.n_expert)
 
     def feed_forward(self, layer, h):
         return layer.experts(h)
