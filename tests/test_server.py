@@ -545,13 +545,17 @@ def test_serving_from_the_command_line(model_path, spawn):
         taken.bind(("127.0.0.1", port))
         taken.listen()
         proc = cli(spawn, "-m", str(model_path), "--port", str(port), "-c", "128",
-                   preexec_fn=_ignore_sigint)
+                   "--metrics", "--embeddings", "--pooling", "last", preexec_fn=_ignore_sigint)
         wait_until_serving(proc, port + 1)
         line = proc.stdout.readline()  # printed before serving starts
         assert f"http://127.0.0.1:{port + 1}/" in line, line
         status, _, body = request(SimpleNamespace(port=port + 1), "POST", "/v1/chat/completions",
                                   {"messages": HELLO, "max_tokens": 3})
         assert status == 200 and body["usage"]["completion_tokens"] <= 3
+        for path, body in (("/metrics", None), ("/v1/embeddings", {"input": "hello"})):
+            status, _, answer = request(SimpleNamespace(port=port + 1),
+                                        "GET" if body is None else "POST", path, body)
+            assert status == 200, (path, answer)  # the flags reach the server
         confined = "NoNewPrivs:\t1" in Path(f"/proc/{proc.pid}/status").read_text()
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=READY_LIMIT_S)
