@@ -125,6 +125,17 @@ def test_matmul(name, n):
     check(got, raw, name, rows, cols, X)
 
 
+@pytest.mark.parametrize("name", [t for t in INTEGER_TYPES if t not in K_QUANTS])
+def test_blocks_left_after_the_last_step(name):
+    """Rows of 27 blocks of 32: the row dots take 8 blocks a step, then 3 one by one."""
+    rng = np.random.default_rng(27)
+    rows, cols = 5, 27 * 32
+    raw = random_blocks(name, rows * cols, rng)
+    X = rng.standard_normal((6, cols)).astype(np.float32)
+    check(kernels.matmul(raw, name, rows, cols, X), raw, name, rows, cols, X)
+    check(kernels.matvec(raw, name, rows, cols, X[0])[None, :], raw, name, rows, cols, X[:1])
+
+
 # Q/K/V of a Q4_K_M model (Q4_K, Q4_K, Q6_K), a mix of both activation kinds, and gate/up
 # with a float matrix among them (computed apart).
 GROUPS = [[("Q4_K", 9), ("Q4_K", 3), ("Q6_K", 3)], [("Q8_0", 5), ("Q4_K", 1), ("Q5_0", 11)],

@@ -113,12 +113,24 @@ class _Emit:
             vec = self.b.insert_element(vec, w, ir.Constant(_I32, i))
         return self.widen(self.b.bitcast(vec, _v(4 * len(words))))
 
-    def per_block(self, values, lanes):
-        """A float vector: each of `values` repeated over `lanes` lanes."""
+    def floats(self, values):
+        """<n x float> of the n float values."""
         vec = ir.Constant(_v(len(values), _F32), ir.Undefined)
         for i, value in enumerate(values):
             vec = self.b.insert_element(vec, value, ir.Constant(_I32, i))
-        return self.pick(vec, [i for i in range(len(values)) for _ in range(lanes)])
+        return vec
+
+    def per_block(self, values, lanes):
+        """A float vector: each of `values` repeated over `lanes` lanes."""
+        return self.pick(self.floats(values), [i for i in range(len(values)) for _ in range(lanes)])
+
+    def block_scales(self, weight_scales, dy):
+        """The factor of dot4's sums of k blocks of 32 (8 lanes each): weight scale times
+        activation scale, multiplied as one vector (a float for one block)."""
+        if len(dy) == 1:
+            return self.b.fmul(weight_scales[0], dy[0])
+        both = self.b.fmul(self.floats(weight_scales), self.floats(dy))
+        return self.pick(both, [i for i in range(len(dy)) for _ in range(8)])
 
     def bits32_bytes(self, word, value):
         """<32 x i8>: lane i = value if bit i of the i32 `word` is set, else 0."""
@@ -145,7 +157,7 @@ def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
     first from block `yblock` on and each next one `ystride` blocks further; a float32, or a
     tuple of `tokens` float32s.
 
-    body(e, k, blk, y, ys, dy) emits k (= step, or 1 for a last odd block) blocks at pointer
+    body(e, k, blk, y, ys, dy) emits k (= step, or 1 for each block left) blocks at pointer
     blk against activation bytes y, sums ys and scales dy (k floats), and returns terms:
     (int vector, float or float vector) adds int * float, (None, float) adds a float.
     For several tokens the body is emitted once per token; the weight loads and their
@@ -197,11 +209,10 @@ def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
             steps = builder.udiv(nblocks_, ir.Constant(_I64, step))
             with cgutils.for_range(builder, steps) as loop:
                 emit(step, builder.mul(loop.index, ir.Constant(_I64, step)))
-            if step > 1:  # step is 2: at most one block left
-                odd = builder.icmp_unsigned("!=", builder.urem(nblocks_, ir.Constant(_I64, step)),
-                                            ir.Constant(_I64, 0))
-                with builder.if_then(odd):
-                    emit(1, builder.sub(nblocks_, ir.Constant(_I64, 1)))
+            if step > 1:  # the blocks left, one at a time
+                done = builder.mul(steps, ir.Constant(_I64, step))
+                with cgutils.for_range(builder, builder.sub(nblocks_, done)) as loop:
+                    emit(1, builder.add(done, loop.index))
             totals = []
             for slots in accumulators:
                 total = ir.Constant(_F32, 0.0)
@@ -219,20 +230,24 @@ def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
     return row_dot
 
 
+# Blocks of 32 per step of the formats with blocks of 32: their scales multiply as vectors.
+_LEGACY_STEP = 8
+
+
 def _formats(tokens):
     """{type id: row dot intrinsic} for `tokens` activation vectors at once."""
     return {
-        2: _row_dot(18, 32, 2, _legacy_body(18, 2, bias=8), tokens),  # Q4_0
-        3: _row_dot(20, 32, 2, _legacy_body(20, 4, has_min=True), tokens),  # Q4_1
-        6: _row_dot(22, 32, 2, _legacy_body(22, 6, qh_off=2, bias=16), tokens),  # Q5_0
-        7: _row_dot(24, 32, 2, _legacy_body(24, 8, qh_off=4, has_min=True), tokens),  # Q5_1
-        8: _row_dot(34, 32, 2, _q8_0_body, tokens),  # Q8_0
+        2: _row_dot(18, 32, _LEGACY_STEP, _legacy_body(18, 2, bias=8), tokens),  # Q4_0
+        3: _row_dot(20, 32, _LEGACY_STEP, _legacy_body(20, 4, has_min=True), tokens),  # Q4_1
+        6: _row_dot(22, 32, _LEGACY_STEP, _legacy_body(22, 6, qh_off=2, bias=16), tokens),  # Q5_0
+        7: _row_dot(24, 32, _LEGACY_STEP, _legacy_body(24, 8, qh_off=4, has_min=True), tokens),  # Q5_1
+        8: _row_dot(34, 32, _LEGACY_STEP, _q8_0_body, tokens),  # Q8_0
         10: _row_dot(84, 256, 1, _low2_body(16, None), tokens),  # Q2_K
         11: _row_dot(110, 256, 1, _low2_body(32, 0), tokens),  # Q3_K
         12: _row_dot(144, 256, 1, _k4_body(16), tokens),  # Q4_K
         13: _row_dot(176, 256, 1, _k4_body(48, qh_off=16), tokens),  # Q5_K
         14: _row_dot(210, 256, 1, _q6_k_body, tokens),  # Q6_K
-        20: _row_dot(18, 32, 2, _iq4_nl_body, tokens),  # IQ4_NL
+        20: _row_dot(18, 32, _LEGACY_STEP, _iq4_nl_body, tokens),  # IQ4_NL
         23: _row_dot(136, 256, 1, _iq4_xs_body, tokens),  # IQ4_XS
         39: _row_dot(mxfp4.BLOCK_BYTES, 32, 2, mxfp4.row_dot_body, tokens),  # MXFP4
     }
@@ -260,15 +275,12 @@ def _legacy_body(block_bytes, qs_off, qh_off=None, bias=0, has_min=False):
         sums = dot4(b, e.cat(*values), e.load(y, 0, _v(32 * k)))
         if bias:
             sums = b.sub(sums, e.shl(e.at_lane0_of4(e.sums16(ys, 2 * k)), bias.bit_length() - 1))
-        scales = [b.fmul(e.f16(blk, block_bytes * i), dy[i]) for i in range(k)]
-        terms = [(sums, e.per_block(scales, 8) if k > 1 else scales[0])]
-        if has_min:
+        terms = [(sums, e.block_scales([e.f16(blk, block_bytes * i) for i in range(k)], dy))]
+        if has_min:  # m * dy * (sum of the block's activations)
             group = e.sums16(ys, 2 * k)
-            for i in range(k):
-                ysum = b.add(b.extract_element(group, ir.Constant(_I32, 2 * i)),
-                             b.extract_element(group, ir.Constant(_I32, 2 * i + 1)))
-                m = b.fmul(e.f16(blk, block_bytes * i + 2), dy[i])
-                terms.append((None, b.fmul(m, b.sitofp(ysum, _F32))))
+            ysums = b.add(e.pick(group, list(range(0, 2 * k, 2))), e.pick(group, list(range(1, 2 * k, 2))))
+            minima = e.floats([e.f16(blk, block_bytes * i + 2) for i in range(k)])
+            terms.append((ysums, b.fmul(minima, e.floats(dy))))
         return terms
 
     return body
@@ -278,8 +290,7 @@ def _q8_0_body(e, k, blk, y, ys, dy):
     b = e.b
     w = e.cat(*[e.load(blk, 34 * i + 2, _v(32)) for i in range(k)])
     sums = signed_dot4(b, w, e.load(y, 0, _v(32 * k)))
-    scales = [b.fmul(e.f16(blk, 34 * i), dy[i]) for i in range(k)]
-    return [(sums, e.per_block(scales, 8) if k > 1 else scales[0])]
+    return [(sums, e.block_scales([e.f16(blk, 34 * i) for i in range(k)], dy))]
 
 
 
@@ -422,8 +433,7 @@ def _iq4_nl_body(e, k, blk, y, ys, dy):
     b = e.b
     w = byte_lookup(b, IQ4_LEVELS, e.cat(*[_nibbles32(e, blk, 18 * i + 2) for i in range(k)]))
     sums = signed_dot4(b, w, e.load(y, 0, _v(32 * k)))
-    scales = [b.fmul(e.f16(blk, 18 * i), dy[i]) for i in range(k)]
-    return [(sums, e.per_block(scales, 8) if k > 1 else scales[0])]
+    return [(sums, e.block_scales([e.f16(blk, 18 * i) for i in range(k)], dy))]
 
 
 def _iq4_xs_body(e, k, blk, y, ys, dy):
