@@ -285,3 +285,17 @@ def test_reasoning_flags_are_checked_before_anything_loads(args, says):
 
     result = CliRunner().invoke(main, ["-m", "no-such.gguf", *args])
     assert result.exit_code == 2 and says in result.output
+
+
+def test_the_real_model_thinks_when_a_grammar_makes_it(client):
+    """No hook: llama.cpp's `grammar` field makes the random model write a <think> block,
+    and the server returns it as reasoning_content, whole and streamed."""
+    grammar = 'root ::= "<think>" [a-z]{2,12} "</think>" [a-z]{2,8}'
+    message = client.chat.completions.create(model="x", messages=ASK, seed=0, max_tokens=60,
+                                             extra_body={"grammar": grammar}).choices[0].message
+    assert message.reasoning_content.isalpha() and message.content.isalpha(), message
+    chunks = list(client.chat.completions.create(model="x", messages=ASK, seed=0, max_tokens=60,
+                                                 stream=True, extra_body={"grammar": grammar}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == message.content
