@@ -94,9 +94,7 @@ def sampling_params(body: dict, n_vocab: int):
 
 def refuse_unsupported(body: dict) -> None:
     """400 for request fields that ask for what this server does not do."""
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise RequestError(400, f"n must be 1 (this server makes one choice per request), got {n!r}", "n")
+    int_field(body, "n", 1)  # how many the slots allow: the server checks (choices)
     best_of = body.get("best_of")
     if best_of is not None and best_of != 1:
         raise RequestError(400, f"best_of must be 1, got {best_of!r}", "best_of")
@@ -437,6 +435,15 @@ class Reply:
         self.text: list[str] = []
         self.entries: list = []
         self.token_bytes = token_bytes
+        self.index = 0  # the choice this Reply builds (n > 1: one Reply per choice, see sibling)
+        self.finished = False
+
+    def sibling(self, index: int, output: ChatOutput | None = None) -> "Reply":
+        """The Reply of another choice of the same response (n > 1): same id, own text."""
+        other = Reply(self.h, self.token_bytes, self.kind, self.n_prompt, self.stream, self.include_usage,
+                      self.model, self.logprobs_wanted, output)
+        other.id, other.created, other.index = self.id, self.created, index
+        return other
 
     # SSE framing: HTTP/1.1 chunked transfer, so the connection can stay open afterwards.
 
@@ -449,6 +456,10 @@ class Reply:
         h.send_header("Transfer-Encoding", "chunked")
         h.send_cors_headers()
         h.end_headers()
+        self.open_choice()
+
+    def open_choice(self) -> None:
+        """A streamed chat choice begins with the assistant's role."""
         if self.kind == "chat":
             self._event(self._chunk({"role": "assistant", "content": ""}, None))
 
@@ -461,11 +472,11 @@ class Reply:
 
     def _chunk(self, delta: dict | str, finish_reason: str | None, entries=None, **extra) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "delta": delta, "logprobs": self._chat_logprobs(entries),
+            choice = {"index": self.index, "delta": delta, "logprobs": self._chat_logprobs(entries),
                       "finish_reason": finish_reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": 0, "text": delta, "logprobs": self._text_logprobs(entries, 0),
+            choice = {"index": self.index, "text": delta, "logprobs": self._text_logprobs(entries, 0),
                       "finish_reason": finish_reason}
             obj = "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -493,7 +504,11 @@ class Reply:
                 "total_tokens": self.n_prompt + n_gen}
 
     def finish(self, finish_reason: str, n_gen: int, timings: dict) -> None:
-        usage = self._usage(n_gen)
+        self.end([self.finish_choice(finish_reason, timings)], n_gen, timings)
+
+    def finish_choice(self, finish_reason: str, timings: dict) -> dict | None:
+        """This choice is complete: streamed, its last chunk goes out; whole, its choice."""
+        self.finished = True
         text = "".join(self.text)
         if self.output is not None:
             if self.stream:
@@ -509,21 +524,28 @@ class Reply:
             for choice in last["choices"]:
                 choice["logprobs"] = None
             self._event(last)
+            return None
+        if self.kind == "chat":
+            return {"index": self.index, "message": message,
+                    "logprobs": self._chat_logprobs(self.entries), "finish_reason": finish_reason}
+        return {"index": self.index, "text": text, "logprobs": self._text_logprobs(self.entries, 0),
+                "finish_reason": finish_reason}
+
+    def end(self, choices: list, n_gen: int, timings: dict) -> None:
+        """The response is complete: the choices (whole) or the stream's end, with the usage
+        of every choice's n_gen tokens together."""
+        usage = self._usage(n_gen)
+        if self.stream:
             if self.include_usage:
-                self._event({"id": self.id, "object": last["object"], "created": self.created,
+                self._event({"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat"
+                             else "text_completion", "created": self.created,
                              "model": self.model, "choices": [], "usage": usage})
             self._event("[DONE]")
             self._write_chunk(b"")
             return
-        if self.kind == "chat":
-            choice = {"index": 0, "message": message,
-                      "logprobs": self._chat_logprobs(self.entries), "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self._text_logprobs(self.entries, 0),
-                      "finish_reason": finish_reason}
         self.h.send_json(200, {"id": self.id, "object": self.object, "created": self.created,
                                 "model": self.model, "system_fingerprint": "modelrun",
-                                "choices": [choice], "usage": usage, "timings": timings})
+                                "choices": choices, "usage": usage, "timings": timings})
 
     def fail(self, message: str) -> None:
         if self.stream:

@@ -577,8 +577,8 @@ class RequestHandler(BoundedRequestHandler):
         forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
         params.constraint = self._constraint(body, worker, forced)
         job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
-                  spell_special=chat.spell_special)
-        self._run_job(job, info, "chat", stream, body, chat.output(prompt.text, stream))
+                  spell_special=chat.spell_special, n=self._choices(body, info))
+        self._run_job(job, info, "chat", stream, body, [chat.output(prompt.text, stream) for _ in range(job.n)])
 
     def post_completion(self) -> None:
         body = self._json_body()
@@ -588,7 +588,7 @@ class RequestHandler(BoundedRequestHandler):
         top_n = int_field(body, "logprobs", 0, MAX_TOP_LOGPROBS)
         params = sampling_params(body, info.n_vocab)
         params.constraint = self._constraint(body, worker)
-        job = Job(self._prompt_tokens(body, worker, info), params, top_n)
+        job = Job(self._prompt_tokens(body, worker, info), params, top_n, n=self._choices(body, info))
         self._run_job(job, info, "text", stream, body)
 
     def post_native_completion(self) -> None:
@@ -621,6 +621,15 @@ class RequestHandler(BoundedRequestHandler):
         if not tokens:
             raise RequestError(400, "prompt is empty", "prompt")
         return tokens
+
+    @staticmethod
+    def _choices(body: dict, info: ModelInfo) -> int:
+        """n: choices of one prompt, each in a slot of its own, so at most the slots."""
+        n = int_field(body, "n", 1) or 1
+        if n > info.n_slots:
+            raise RequestError(400, f"n must be at most {info.n_slots}, this server's slots (each "
+                                    "choice takes one; start it with --parallel N for more)", "n")
+        return n
 
     def _constraint(self, body: dict, worker: EngineWorker, forced_call=None):
         """The compiled grammar the request's output must follow (None: free text).
@@ -655,7 +664,7 @@ class RequestHandler(BoundedRequestHandler):
     # --- generation ---
 
     def _run_job(self, job: Job, info: ModelInfo, kind: str, stream: bool, body: dict,
-                 output=None, reply: Reply | None = None) -> None:
+                 outputs: list | None = None, reply: Reply | None = None) -> None:
         n_prompt = len(job.prompt_tokens)
         if n_prompt + 1 > info.n_ctx:
             raise RequestError(400, f"the prompt has {n_prompt} tokens but the context holds only "
@@ -666,9 +675,11 @@ class RequestHandler(BoundedRequestHandler):
         options = body.get("stream_options")
         if isinstance(options, dict):
             include_usage = bool(options.get("include_usage"))
+        outputs = outputs or [None] * job.n
         reply = reply or Reply(self, self.server.worker.token_bytes, kind, n_prompt, stream,
                                include_usage, self.server.model_name,
-                               job.top_logprobs is not None, output)
+                               job.top_logprobs is not None, outputs[0])
+        replies = [reply] + [reply.sibling(i, outputs[i]) for i in range(1, job.n)]
         worker = self.server.worker
         try:
             worker.submit(job)
@@ -679,9 +690,12 @@ class RequestHandler(BoundedRequestHandler):
                                            code="server_busy"),
                            extra={"Retry-After": str(e.retry_after)})
             return
+        choices, n_gen, timings = [None] * job.n, 0, {}
         try:
             if stream:
                 reply.start_stream()
+                for other in replies[1:]:
+                    other.open_choice()
             while True:
                 try:
                     event = job.events.get(timeout=POLL_SECONDS)
@@ -690,14 +704,21 @@ class RequestHandler(BoundedRequestHandler):
                         raise ClientGone()
                     continue
                 if event[0] == "piece":
-                    reply.piece(event[2], event[3])
+                    replies[event[1]].piece(event[2], event[3])
                     if stream and self._client_gone():
                         raise ClientGone()
                 elif event[0] == "done":
                     if self.server.metrics is not None:
                         self.server.metrics.record(event[4])
-                    reply.finish(event[2], event[3], event[4])
-                    return
+                    i, finish_reason, n, timings = event[1:]
+                    if job.n == 1:
+                        reply.finish(finish_reason, n, timings)
+                        return
+                    choices[i] = replies[i].finish_choice(finish_reason, timings)
+                    n_gen += n
+                    if all(r.finished for r in replies):
+                        reply.end(choices, n_gen, timings)
+                        return
                 elif event[1] == "cancelled":  # the engine saw the client leave first
                     raise ClientGone()
                 else:

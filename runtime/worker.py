@@ -102,9 +102,11 @@ class EngineWorker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue a Job for its slots; QueueFull when the queue is at its bound."""
+        """Queue a Job for its slots; QueueFull when the queue is at its bound (Jobs that
+        free slots will take at once do not count)."""
         with self._cond:
-            if len(self._waiting) >= self.queue_bound:
+            free = (self.info.n_slots if self.info else 1) - self.n_busy
+            if len(self._waiting) >= self.queue_bound + max(free, 0):
                 raise QueueFull(self.retry_after())
             self._waiting.append(job)
             self._cond.notify()

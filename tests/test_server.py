@@ -72,10 +72,11 @@ def running_server(worker: EngineWorker, **settings):
                                          **settings))
 
 
-def loaded_worker(model_path, kind=EngineWorker) -> EngineWorker:
-    """A started worker (of class `kind`) with the model at model_path loaded."""
+def loaded_worker(model_path, kind=EngineWorker, **session_args) -> EngineWorker:
+    """A started worker (of class `kind`) with the model at model_path loaded (load_session's
+    session_args: n_parallel...)."""
     gguf_file = GGUFFile(model_path)
-    worker = kind(lambda: load_session(gguf_file, N_CTX, 0))
+    worker = kind(lambda: load_session(gguf_file, N_CTX, 0, **session_args))
     worker.start()
     assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
     return worker
