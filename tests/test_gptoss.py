@@ -13,13 +13,12 @@ import re
 import signal
 import subprocess
 
-import openai
 import pytest
 
 import parity_models as pm
 from conftest import READY_LIMIT_S, wait_until_serving
 from test_container import write_fake_payload
-from test_model_run import free_port, invoke
+from test_model_run import ask_hi, free_port, invoke
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +70,7 @@ def test_bundled_with_mxfp4_experts_answers_a_chat_request(gpt_oss_f32, tmp_path
         proc = spawn([run, "--nobrowser", "--port", str(port), "-c", "256"],
                      stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp_path)
     wait_until_serving(proc, port, log=log.read_text)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="gpt-oss", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0)
-    assert reply.choices[0].finish_reason in ("length", "stop")
-    assert reply.usage.completion_tokens >= 1
+    _, reply = ask_hi(port, "gpt-oss", max_tokens=6)
     # the harmony template rendered the turn: system message, user message, assistant start
     assert reply.usage.prompt_tokens > 20
     proc.send_signal(signal.SIGINT)

@@ -46,6 +46,17 @@ def invoke(*args: str) -> str:
     return result.output
 
 
+def ask_hi(port: int, model: str, max_tokens: int = 4):
+    """One greedy chat request "hi" through the OpenAI client: (client, reply), the reply
+    checked to be a finished completion of at least one token."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens, temperature=0)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.usage.completion_tokens >= 1
+    return client, reply
+
+
 @pytest.fixture(scope="module")
 def tiny_run(runtime_payload, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("model_run")
@@ -64,11 +75,7 @@ def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run
                      env=user_env(tmp_path / "cache"), stdout=subprocess.DEVNULL, stderr=stderr,
                      cwd=tmp_path)
     wait_until_serving(proc, port, log=stderr_path.read_text)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
-    assert reply.choices[0].finish_reason in ("length", "stop")
-    assert reply.usage.completion_tokens >= 1
+    client, _ = ask_hi(port, "tiny")
     assert [m.id for m in client.models.list().data] == ["tiny"]
     proc.send_signal(signal.SIGINT)
     proc.wait(READY_LIMIT_S)
