@@ -96,16 +96,15 @@ def run(session, params: SamplingParams) -> tuple[Timers, str, list[float]]:
     decode_times: list[float] = []
     original_decode = engine.decode
 
-    def decode(token):
+    def decode(*args, **kwargs):
         t0 = time.perf_counter()
-        out = original_decode(token)
+        out = original_decode(*args, **kwargs)
         decode_times.append(time.perf_counter() - t0)
         return out
 
     engine.decode = decode
     originals = instrumented(timers)
     try:
-        engine.reset()
         generation = TextGeneration(engine, session.tokenizer, session.tokenizer.encode(PROMPT), params)
         text = "".join(generation)
     finally:

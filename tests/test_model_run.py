@@ -9,6 +9,7 @@ test_payload.py the frozen runtime on its own. This joins the two, once, for rea
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -77,6 +78,13 @@ def test_served_from_an_empty_cache_answers_openai_and_compiles_nothing(tiny_run
     wait_until_serving(proc, port, log=stderr_path.read_text)
     client, _ = ask_hi(port, "tiny")
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    # structured output: the payload ships llguidance (its native module and metadata)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=100, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": schema}})
+    assert json.loads(reply.choices[0].message.content) in ({"ok": True}, {"ok": False}), reply
     proc.send_signal(signal.SIGINT)
     proc.wait(READY_LIMIT_S)
     log = stderr_path.read_text()

@@ -66,6 +66,23 @@ def test_streamed_json_schema_answer_validates(client):
     check_schema(json.loads(text))
 
 
+def test_the_clients_parse_helper_gets_its_pydantic_object(client):
+    """client.chat.completions.parse sends a pydantic model's strict schema (titles, enums,
+    additionalProperties false) and builds the object from the answer."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Reply(BaseModel):
+        answer: Literal["yes", "no"]
+        ok: bool
+
+    completion = client.chat.completions.parse(model="any", messages=HELLO, max_tokens=60,
+                                               seed=11, temperature=1.0, response_format=Reply)
+    parsed = completion.choices[0].message.parsed
+    assert isinstance(parsed, Reply) and parsed.answer in ("yes", "no")
+
+
 def test_json_object_gives_an_object(client):
     # a bias towards "}" keeps the random model's object short; the grammar still decides
     # where "}" may go
