@@ -1,6 +1,7 @@
 """Structured output through the HTTP API with the official openai client: response_format
 (json_object, json_schema), llama.cpp's `json_schema` and `grammar` (GBNF) fields, on chat and
-text completions, streamed and not; every answer parses and follows its schema or grammar.
+text completions (and llama.cpp's /completion), streamed and not; every answer parses and
+follows its schema or grammar.
 
 The model is test_server.py's tiny random-weight qwen3 with a 320-piece vocabulary (bytes,
 letters, a few words): left alone it writes noise, so whatever structure its answers have
@@ -116,6 +117,17 @@ def test_gbnf_grammar_restricts_text_completions(client):
     check_schema(json.loads(reply.choices[0].message.content))
 
 
+def test_llamacpp_completion_takes_grammar_and_json_schema(server):
+    status, _, reply = request(server, "POST", "/completion", {
+        "prompt": "hello", "n_predict": 20, "seed": 4, "temperature": 1.0, "grammar": GBNF})
+    assert status == 200 and re.fullmatch(r"(yes|no) [0-9][0-9]?\.", reply["content"]), reply
+    assert reply["stop_type"] == "eos"
+    status, _, reply = request(server, "POST", "/completion", {
+        "prompt": "hello", "n_predict": 100, "seed": 6, "temperature": 1.0, "json_schema": SCHEMA})
+    assert status == 200, reply
+    check_schema(json.loads(reply["content"]))
+
+
 @pytest.mark.parametrize("extra, param, message", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "properties": {"a": {"type": "strnig"}}}}}},
@@ -132,7 +144,7 @@ def test_gbnf_grammar_restricts_text_completions(client):
 ])
 def test_bad_schemas_and_grammars_get_a_400_that_says_why(server, extra, param, message):
     for path, body in (("/v1/chat/completions", {"messages": HELLO}),
-                       ("/v1/completions", {"prompt": "hello"})):
+                       ("/v1/completions", {"prompt": "hello"}), ("/completion", {"prompt": "hello"})):
         status, _, reply = request(server, "POST", path, {**body, "max_tokens": 2, **extra})
         assert status == 400, reply
         error = reply["error"]
