@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test runtime bench bench-kernels bench-engine bench-startup clean
+.PHONY: demo test runtime bench bench-kernels bench-engine bench-startup bench-concurrency clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ bench-engine: dist/runtime.json
 bench-startup: dist/runtime.json
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/startup.py --bundle
+
+# aggregate tok/s of 1, 2 and 4 concurrent streams, --parallel 4 against llama-server -np 4
+# (llama-server on PATH or LLAMA_SERVER=path):
+#   make bench-concurrency BENCH_ARGS="--model llama-3.2-1b --threads 1"
+bench-concurrency: $(STAMP)
+	$(BIN)/python bench/concurrency.py $(BENCH_ARGS)
 
 bench: bench-engine bench-startup
 
