@@ -55,6 +55,27 @@ def exercise_entry_points() -> None:
         mats = [(blocks[name], name, _ROWS) for name in group]
         kernels.matvec_many(mats, _COLS, x)
         kernels.matmul_many(mats, _COLS, X)
+    # A mixture of experts decodes gate and up of every chosen expert in one launch: 8
+    # matrices for gpt-oss (4 experts, MXFP4), 16 for Qwen3-30B-A3B (8 experts).
+    for name, count in (("MXFP4", 8), ("Q4_K", 16)):
+        kernels.matvec_many([(blocks[name], name, _ROWS)] * count, _COLS, x)
+    _attention_with_sinks()
+
+
+def _attention_with_sinks() -> None:
+    """ops.attention with per-head sinks (gpt-oss; no synthetic model of run_models has them),
+    with the argument types runtime.model.base passes: queries of a batch (C-contiguous) and of
+    one token (a column slice of the fused q/k/v output), the cache a uint8 slab."""
+    from runtime.kernels import ops
+
+    n_heads, head_dim, n_ctx = 2, 32, 4
+    cache = np.zeros((1, n_ctx, head_dim * 2), np.uint8)  # one KV head, f16 rows
+    sinks = np.zeros(n_heads, np.float32)
+    for q in (np.zeros((2, n_heads * head_dim), np.float32),
+              np.zeros((1, 2 * n_heads * head_dim), np.float32)[:, :n_heads * head_dim]):
+        out = np.empty((q.shape[0], n_heads * head_dim), np.float32)
+        ops.attention(q, cache, 1, head_dim, cache, 1, head_dim, 0, n_heads, np.float32(0.125), 0, out,
+                      np.float32(0.0), sinks=sinks)
 
 
 def run_models(paths: list[str]) -> None:
