@@ -200,7 +200,8 @@ def test_bad_files_get_one_clear_line(bad_files):
 
 def test_without_an_action_it_serves_and_a_model_that_cannot_load_is_one_line(tmp_path, write_gguf):
     path = write_gguf(tmp_path / "ok.gguf", lambda w: _synthetic(w, unsupported=False))
-    result = run("-m", str(path), "--port", "0", "--nobrowser")
+    # --unsecure: serving confines the process it runs in (runtime.confine), here pytest's
+    result = run("-m", str(path), "--port", "0", "--nobrowser", "--unsecure")
     assert result.exit_code == 1  # the model is at fault, not the command line
     assert re.match(r"modelrun: serving Tiny Test at http://127\.0\.0\.1:\d+/ ", result.stdout)
     assert result.stderr == "error: BPE tokenizer without tokenizer.ggml.merges\n"
