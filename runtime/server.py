@@ -576,6 +576,8 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(400, f"{e}", "messages") from None
         forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
         params.constraint = self._constraint(body, worker, forced)
+        if params.constraint is not None and forced is None:
+            chat.reasoning_format = "none"  # the answer is the grammar's, even after an opened <think>
         job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
                   spell_special=chat.spell_special, n=self._choices(body, info))
         self._run_job(job, info, "chat", stream, body, [chat.output(prompt.text, stream) for _ in range(job.n)])
