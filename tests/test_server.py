@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -652,22 +652,27 @@ def test_a_template_bomb_gets_a_400_and_health_stays_quick(server, worker, bomb)
 # --- /props (issue 17: the chat page asks whether the model has a chat template) -----------------
 
 def test_props_give_the_models_own_chat_template(server, tmp_path):
-    from conftest import write_synthetic_model_with_tokenizer
-
     status, _, body = request(server, "GET", "/props")  # this model has no template of its own
     assert status == 200 and body == {"chat_template": "", "default_generation_settings": {"n_ctx": N_CTX},
                                       "total_slots": 1}
     template = "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
-    path = tmp_path / "templated.gguf"
+    with serving_with_template(tmp_path, template) as templated:
+        status, _, body = request(templated, "GET", "/props")
+    assert status == 200 and body["chat_template"] == template
+
+
+@contextmanager
+def serving_with_template(folder, template: str):
+    """A server of this module's tiny model with `template` as its chat template."""
+    from conftest import write_synthetic_model_with_tokenizer
+
+    path = folder / "templated.gguf"
     write_synthetic_model_with_tokenizer(path, "qwen3", tokenizer_vocabulary(), seed=3, n_ctx_train=N_CTX,
                                          more=lambda w: w.add_chat_template(template))
-    worker = EngineWorker(lambda: load_session(GGUFFile(path), N_CTX, 0))
-    worker.start()
+    worker = loaded_worker(path)
     try:
-        assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
-        with running_server(worker) as templated:
-            status, _, body = request(templated, "GET", "/props")
-        assert status == 200 and body["chat_template"] == template
+        with running_server(worker) as server:
+            yield server
     finally:
         worker.stop()
 

@@ -87,31 +87,18 @@ def test_the_clients_parse_helper_gets_its_pydantic_object(client):
 def test_an_answer_after_a_prompt_that_opened_thinking_is_content(tmp_path):
     """A template that ends its prompt with <think> (DeepSeek-R1's) would make the answer
     thinking; a constrained answer is the grammar's text, so it comes as content."""
-    from conftest import READY_LIMIT_S, write_synthetic_model_with_tokenizer
-    from runtime.gguf import GGUFFile
-    from runtime.session import load_session
-    from runtime.worker import EngineWorker
-    from test_server import N_CTX, running_server, tokenizer_vocabulary
+    from test_server import serving_with_template
 
     template = ("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
                 "<|im_start|><think>\n")
-    path = tmp_path / "thinking.gguf"
-    write_synthetic_model_with_tokenizer(path, "qwen3", tokenizer_vocabulary(), seed=3, n_ctx_train=N_CTX,
-                                         more=lambda w: w.add_chat_template(template))
-    worker = EngineWorker(lambda: load_session(GGUFFile(path), N_CTX, 0))
-    worker.start()
-    try:
-        assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
-        with running_server(worker) as thinking:
-            status, _, reply = request(thinking, "POST", "/v1/chat/completions", {
-                "messages": HELLO, "max_tokens": 100, "seed": 1, "temperature": 1.0,
-                "response_format": RESPONSE_FORMAT})
-        assert status == 200, reply
-        message = reply["choices"][0]["message"]
-        check_schema(json.loads(message["content"]))
-        assert not message.get("reasoning_content")
-    finally:
-        worker.stop()
+    with serving_with_template(tmp_path, template) as thinking:
+        status, _, reply = request(thinking, "POST", "/v1/chat/completions", {
+            "messages": HELLO, "max_tokens": 100, "seed": 1, "temperature": 1.0,
+            "response_format": RESPONSE_FORMAT})
+    assert status == 200, reply
+    message = reply["choices"][0]["message"]
+    check_schema(json.loads(message["content"]))
+    assert not message.get("reasoning_content")
 
 
 def test_json_object_gives_an_object(client):
