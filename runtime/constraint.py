@@ -11,11 +11,11 @@ token, thanks to its token trie and "slices"). This module wraps it in three ste
     constraint = vocab.compile(grammar)       # checked: ConstraintError says what is wrong
 
 then `SamplingParams(constraint=constraint)`: the Sampler starts a fresh TokenMatcher from it
-for each generation (a Constraint is immutable and may serve any number of them), masks the
-logits before every other stage (disallowed tokens get -inf, so penalties, top-k/p and the
-draw only ever see what the grammar allows), lets an end-of-generation token through only
-where the grammar is complete, and feeds the chosen token back. `Sampler.finished` turns
-true when the grammar can take nothing more, and the generation loop stops there.
+for each generation (a Constraint is immutable and may serve any number of them), looks only
+at the tokens the grammar allows next (as if every other logit were -inf, before any other
+stage: top-k/p and the draw never see the rest), lets an end-of-generation token through
+only where the grammar is complete, and feeds the chosen token back. `Sampler.finished`
+turns true when the grammar can take nothing more, and the generation loop stops there.
 
 Every bad schema or grammar, wherever it is found (converting GBNF, compiling, checking
 against the vocabulary), becomes a ConstraintError (a ValueError) whose message names the

@@ -195,3 +195,24 @@ def test_a_constraint_is_shared_by_generations_and_checked_against_the_model(tok
 
 def test_the_vocabulary_is_built_once_per_tokenizer(tok, vocab):
     assert ConstraintVocabulary.of(tok, tok.vocab_size + EXTRA) is vocab
+
+
+def test_gemmas_vocabulary_digits_and_control_tokens(gemma_metadata):
+    """On Gemma's real 262,144-token vocabulary: the tokens allowed where 1-3 digits may
+    come are exactly those that spell 1-3 digits; a grammar that writes a control token's
+    text gets it as text, never as the control token (so grammar text cannot end a turn)."""
+    tok = Tokenizer.from_metadata(gemma_metadata)
+    vocab = ConstraintVocabulary(tok, tok.vocab_size)
+    digits = vocab.compile(Grammar.regex("[0-9]{1,3}")).matcher().allowed()
+    spelled_digits = {i for i in range(tok.vocab_size) if not tok.is_control(i)
+                      and 1 <= len(p := tok.token_to_piece(i)) <= 3 and p.isdigit()}
+    assert set(np.flatnonzero(digits)) == spelled_digits and len(spelled_digits) >= 10
+    end_of_turn = tok.token_id("<end_of_turn>")
+    matcher = vocab.compile(Grammar.lark('start: "<end_of_turn>"')).matcher()
+    text = b""
+    while not matcher.finished:
+        allowed = np.flatnonzero(matcher.allowed())
+        assert end_of_turn not in allowed
+        matcher.consume(int(allowed[0]))
+        text += tok.token_to_piece(int(allowed[0]))
+    assert text == b"<end_of_turn>"
