@@ -9,6 +9,14 @@ Weights are spread over enough copies to exceed the CPU caches (>= 512 MiB), as 
 model's weights do when decoding, so matvec figures are DRAM figures.
 
     python bench/kernels.py [--types Q4_K,Q8_0] [--batch 64] [--seconds 0.5]
+    python bench/kernels.py --types Q4_K,Q6_K --shapes 2048x8192 --batch 512 --llama llama-3.2-1b
+
+With --llama MODEL (a bench/engine.py model name) it also runs llama.cpp's llama-bench on
+that model (prefill of 512 tokens at each thread count) and prints its matrix work per
+second: prompt tok/s times 2 x the weights of its matrices (the embedding lookup and the
+output matrix left out: llama-bench computes logits for the last token only). Attention and
+the rest are in its time too, so this is a lower bound on llama.cpp's matmul GFLOP/s, to
+set beside the matmul column.
 """
 
 import argparse
@@ -69,6 +77,26 @@ def bench_type(name, rows, cols, batch, seconds, rng, integer):
     return one.nbytes, t_mv, t_mm
 
 
+def llama_matmul_rate(model, threads):
+    """(llama-bench's prefill tok/s at 512, GFLOP/s of matrix work) for a bench model, or a
+    note saying why not."""
+    from types import SimpleNamespace
+
+    from bench import engine
+    from runtime.gguf import GGUFFile
+
+    exe = engine.llama_bench_path()
+    if exe is None:
+        return "llama-bench not found (put it on PATH or set LLAMA_BENCH)"
+    path = engine.model_path(model, "Q4_K_M")
+    gguf = GGUFFile(str(path))
+    weights = sum(int(np.prod(t.shape)) for name, t in gguf.tensors.items()
+                  if len(t.shape) >= 2 and not name.startswith(("token_embd", "output.")))
+    args = SimpleNamespace(prompt_tokens=512, gen_tokens=1, repeats=1)
+    tok_s = max(engine.llama_bench(exe, path, threads, args).prefill)
+    return tok_s, 2.0 * weights * tok_s / 1e9
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", default=",".join(sorted(kernels.SUPPORTED_TYPES, key=lambda n: ggml_type(n).id)))
@@ -76,6 +104,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=0.4)
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="rows x cols, comma-separated")
     ap.add_argument("--paths", default="float,int8", help="float, int8 or both (int8 only where a type has it)")
+    ap.add_argument("--llama", default="", help="bench model names for llama.cpp's figure (see the docstring)")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -106,6 +135,14 @@ def main():
                     gflops = 2.0 * rows * cols * args.batch / t_mm / 1e9
                     print(f"{name:7} {path:5} {f'{rows}x{cols}':>11} {th:>3} | {t_mv * 1e3:9.3f} {gbs:6.1f} "
                           f"{100 * gbs * 1e9 / bandwidth[th]:4.0f}% | {t_mm * 1e3:9.2f} {gflops:8.1f}", flush=True)
+    for model in filter(None, args.llama.split(",")):
+        for th in thread_counts:
+            rate = llama_matmul_rate(model, th)
+            if isinstance(rate, str):
+                print(f"llama.cpp: {rate}")
+                break
+            print(f"llama.cpp {model}, {th} thr: prefill 512 at {rate[0]:.1f} tok/s = "
+                  f"{rate[1]:.1f} GFLOP/s of matrix work (at least; matmul column above)", flush=True)
 
 
 if __name__ == "__main__":
