@@ -37,7 +37,8 @@ def runtime_stamp() -> bytes:
     build = frozen_build_id()
     if build is None:
         here = Path(__file__).parent
-        sources = [*sorted((here / "tokenizer").glob("*.py")), here / "gguf.py"]
+        sources = [*sorted((here / "tokenizer").glob("*.py")), here / "gguf.py",
+                   here / "gguf_strings.py"]
         build = hashlib.sha256(b"".join(path.read_bytes() for path in sources)).hexdigest()
     return b"\0".join((FORMAT, build.encode(), sys.version.encode(), np.__version__.encode()))
 
