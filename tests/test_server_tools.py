@@ -18,6 +18,7 @@ openai = pytest.importorskip("openai")
 from conftest import write_synthetic_model_with_tokenizer  # noqa: E402
 from runtime.openai_api import ChatSettings  # noqa: E402
 from runtime.worker import EngineWorker  # noqa: E402
+from test_gptoss import gpt_oss_f32  # noqa: E402,F401  (a fixture)
 from test_server import N_CTX, loaded_worker, running_server, tokenizer_vocabulary  # noqa: E402
 
 # a Qwen-like template: tools in a system turn, calls as <tool_call>, thinking switchable
@@ -298,3 +299,29 @@ def test_the_real_model_thinks_when_a_grammar_makes_it(client):
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
     assert "".join(d.content or "" for d in deltas) == message.content
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_client(gpt_oss_f32):
+    """The tiny gpt-oss model (tests/parity_models.py: harmony's tokens and chat template),
+    served."""
+    worker = loaded_worker(gpt_oss_f32)
+    try:
+        with running_server(worker) as server:
+            yield client_of(server)
+    finally:
+        worker.stop()
+
+
+def test_gpt_oss_calls_a_tool_in_harmony(gpt_oss_client):
+    """No hook: the forced call is written in harmony's tokens (<|channel|>commentary
+    to=functions.N <|constrain|>json<|message|>...), spelled out for the parser, and comes back
+    as one call. (The tiny gpt-oss decodes slowly for its size, its 128k-token output layer:
+    one request.)"""
+    named = {"type": "function", "function": {"name": "set_alarm"}}
+    response = gpt_oss_client.chat.completions.create(
+        model="x", messages=ASK, tools=BOUNDED_TOOLS, tool_choice=named, seed=0, max_tokens=40)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+    (call,) = choice.message.tool_calls
+    assert follows_its_schema(call) and call.function.name == "set_alarm"
