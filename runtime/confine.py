@@ -10,7 +10,8 @@ And to the serving process (runtime.cli's serve), files only: Landlock holds for
 that asks and the threads and processes it starts afterwards, so the main thread confines
 itself before the HTTP threads and the engine thread exist. It may then read the model, the
 runtime's and Python's own folders and the system's libraries and settings, and write only
-in its cache folder (kernels, tokenizers); every other file is refused (PermissionError).
+in its cache folder (kernels, tokenizers) and /dev/shm (semaphores); every other file is
+refused (PermissionError).
 
 Both restrictions are irreversible and inherited. On a kernel without Landlock or seccomp,
 or without libseccomp, the process runs without them: the confine_* functions say why, and
@@ -54,6 +55,8 @@ def confine_renderer() -> str | None:
 SYSTEM_READ_FOLDERS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc", "/proc",
                        "/sys/devices/system/cpu", "/sys/fs/cgroup")
 SYSTEM_READ_FILES = ("/dev/null", "/dev/urandom", "/dev/random")
+# Where POSIX semaphores live (a memory file system): Numba takes one when its threads start.
+SYSTEM_WRITE_FOLDERS = ("/dev/shm",)
 
 
 def confine_server(model_files: Iterable[str | Path]) -> str | None:
@@ -80,7 +83,8 @@ def _serving_write_folders() -> list[Path]:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:  # not writable anyway: leave it out
             pass
-    return [f for f in folders if f.is_dir()]
+    return [f for f in folders if f.is_dir()] + [Path(f) for f in SYSTEM_WRITE_FOLDERS
+                                                  if os.path.isdir(f)]
 
 
 def _python_read_folders() -> list[Path]:
