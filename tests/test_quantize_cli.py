@@ -109,6 +109,18 @@ def test_rules_that_depend_on_the_model():
     assert typed("Q4_K_M", "blk.5.ffn_down.weight", model=falcon) == "Q4_K"
 
 
+def test_mxfp4_moe_puts_the_experts_in_mxfp4_and_the_rest_in_q8_0():
+    """llama.cpp's MXFP4_MOE (gpt-oss's files): 3-D expert tensors MXFP4, every other
+    quantizable tensor Q8_0, the output and a tied embedding included. (The whole rule is
+    also checked byte for byte against llama.cpp's file in tests/test_parity.py.)"""
+    mix, moe = mixes.MIXES["MXFP4_MOE"], facts(n_expert=8)
+    assert mixes.mix_type(mix, "blk.0.ffn_down_exps.weight", (256, 64, 8), moe) == "MXFP4"
+    assert mixes.mix_type(mix, "blk.0.ffn_gate_exps.weight", (64, 256, 8), moe) == "MXFP4"
+    for name in ("blk.0.attn_v.weight", "blk.0.ffn_down.weight", "output.weight", "token_embd.weight"):
+        assert mixes.mix_type(mix, name, (64, 256), moe) == "Q8_0", name
+    assert typed("MXFP4_MOE", "token_embd.weight", model=facts(tied=True)) == "Q8_0"
+
+
 @pytest.mark.parametrize("mix, name, ncols, expected", [
     ("Q2_K", "blk.0.attn_q.weight", 640, "Q4_0"), ("Q3_K_S", "blk.0.attn_q.weight", 640, "Q4_0"),
     ("Q4_K_M", "blk.0.attn_q.weight", 640, "Q5_0"), ("Q5_K_S", "blk.0.attn_q.weight", 640, "Q5_1"),
