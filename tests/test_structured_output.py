@@ -128,9 +128,13 @@ def test_gbnf_grammar_restricts_text_completions(client):
             choice = client.completions.create(**args).choices[0]
             text, finish = choice.text, choice.finish_reason
         assert re.fullmatch(r"(yes|no) [0-9][0-9]?\.", text) and finish == "stop", text
-    # and chat, with llama.cpp's json_schema field
+    # and chat, with llama.cpp's json_schema field, and its json_object with a schema
     reply = client.chat.completions.create(model="any", messages=HELLO, max_tokens=100, seed=5,
                                            temperature=1.0, extra_body={"json_schema": SCHEMA})
+    check_schema(json.loads(reply.choices[0].message.content))
+    reply = client.chat.completions.create(model="any", messages=HELLO, max_tokens=100, seed=8,
+                                           temperature=1.0, response_format={
+                                               "type": "json_object", "schema": SCHEMA})
     check_schema(json.loads(reply.choices[0].message.content))
 
 
