@@ -191,6 +191,29 @@ def test_shipped_quantization_matches_llamacpp(parity_file, arch, qtype):
     test_quantized_logits_match_llamacpp(parity_file, arch, qtype)
 
 
+def test_gpt_oss_f32_check_sees_its_sinks_and_its_clamp(parity_file, monkeypatch):
+    """The gpt-oss model exercises what is its own: without the attention sinks, or without
+    the SwiGLU's clamp (1% of its gate and 2% of its up activations pass 7), the F32 logits
+    move by far more than F32_RTOL (measured: 0.9 and 0.3 of the largest logit)."""
+    from runtime.model import gptoss
+
+    path, reference = parity_file("gpt-oss", "F32")
+    ref = reference["files"]["F32"]
+    ids, values = np.array(ref["top_ids"]), np.array(ref["top_values"])
+
+    def worst(ours):
+        return float((np.abs(np.take_along_axis(ours, ids, axis=1) - values).max(axis=1)
+                      / np.abs(values).max(axis=1)).max())
+
+    def without_sinks(model):
+        for layer in model.layers:
+            layer.attn_sinks = None
+
+    assert worst(our_logits(path, reference["tokens"], mutate=without_sinks)) > 100 * F32_RTOL
+    monkeypatch.setattr(gptoss, "SWIGLU_LIMIT", np.float32(1e9))
+    assert worst(our_logits(path, reference["tokens"])) > 100 * F32_RTOL
+
+
 def test_kl_bound_sees_a_wrong_rope(parity_file):
     """The quantized checks are not blind: a model that rotates the wrong pairs fails them."""
     path, reference = parity_file("llama", "Q4_K_M")
