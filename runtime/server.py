@@ -576,11 +576,12 @@ class RequestHandler(BoundedRequestHandler):
             raise RequestError(400, f"{e}", "messages") from None
         forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
         params.constraint = self._constraint(body, worker, forced)
-        if params.constraint is not None and forced is None:
-            chat.reasoning_format = "none"  # the answer is the grammar's, even after an opened <think>
+        # A grammar of the request's own decides the answer from its first token: a <think>
+        # the prompt opened does not hold it (a <think> block the grammar writes still does).
+        opened_by = "" if params.constraint is not None and forced is None else prompt.text
         job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
                   spell_special=chat.spell_special, n=self._choices(body, info))
-        self._run_job(job, info, "chat", stream, body, [chat.output(prompt.text, stream) for _ in range(job.n)])
+        self._run_job(job, info, "chat", stream, body, [chat.output(opened_by, stream) for _ in range(job.n)])
 
     def post_completion(self) -> None:
         body = self._json_body()
