@@ -35,6 +35,7 @@ import os
 import re
 import resource
 from datetime import datetime
+from collections.abc import Iterator
 from typing import Any
 
 import jinja2
@@ -117,9 +118,18 @@ def _strftime_now(fmt: str) -> str:
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
             sort_keys: bool = False) -> str:
-    """HF's tojson: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML)."""
+    """HF's tojson: plain json.dumps (jinja2's own escapes <, >, & and ' for HTML). A
+    generator (`tools | map(attribute='function')` in llama.cpp's DeepSeek-R1 template) is
+    written as the list it yields, as llama.cpp's template engine does; transformers' would
+    refuse it."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+                      sort_keys=sort_keys, default=_iterated)
+
+
+def _iterated(value: Any) -> list:
+    if isinstance(value, Iterator):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _environment() -> _Sandbox:

@@ -522,3 +522,15 @@ def test_literal_spans_only_unparse_control_tokens(gemma_tokenizer):
     kept = gemma_tokenizer.encode(text, add_special=False, literal_spans=[(0, 15)])
     assert kept.count(START_OF_TURN) == 0 and kept.count(END_OF_TURN) == 1
     assert kept[:len(kept) - 2] == gemma_tokenizer.encode("<start_of_turn>user\nx", False, False)
+
+
+def test_tojson_writes_a_mapped_sequence_as_its_list():
+    """llama.cpp's DeepSeek-R1 template writes `tools | map(attribute='function') | tojson`:
+    a generator, which json.dumps alone refuses; llama.cpp's engine writes the list."""
+    tools = [{"type": "function", "function": {"name": "a"}},
+             {"type": "function", "function": {"name": "b"}}]
+    text = ChatTemplate("{{ tools | map(attribute='function') | tojson }}").render(
+        CONVERSATION[:1], tools=tools)
+    assert json.loads(text) == [{"name": "a"}, {"name": "b"}]
+    with pytest.raises(ChatTemplateError, match="not JSON serializable"):
+        ChatTemplate("{{ range(2) | tojson }}").render(CONVERSATION[:1])
