@@ -30,7 +30,7 @@ def default_n_ctx(n_ctx_train: int) -> int:
 # general.architecture values runtime.model runs (its ARCHITECTURES, which imports the
 # kernels); here so --info can name them without loading Numba
 SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gpt-oss", "granite", "llama", "mistral3", "olmo2",
-                           "phi3", "qwen2", "qwen3", "qwen3moe", "smollm3")
+                           "phi3", "qwen2", "qwen3", "qwen35", "qwen35moe", "qwen3moe", "smollm3")
 
 
 def unsupported_architecture_message(arch: str) -> str:
@@ -43,6 +43,67 @@ class UnsupportedModelError(ValueError):
 
 class CacheTypeError(ValueError):
     """A KV cache type (-ctk/-ctv) that does not exist or does not fit the model's heads."""
+
+
+@dataclass(frozen=True)
+class RecurrentShape:
+    """The Gated DeltaNet layers of a hybrid model (qwen35, qwen35moe) and the state each
+    carries from token to token, from the `{arch}.ssm.*` keys as llama.cpp reads them:
+    a convolution window of the last conv_kernel - 1 projected rows (q, k and v of every
+    head: 2 * group_count * state_size + inner_size channels) and a state_size x head_v
+    matrix per value head (time_step_rank heads of inner_size / time_step_rank), float32."""
+
+    layers: tuple[int, ...]  # the recurrent layers; the others are full attention
+    d_conv: int  # ssm.conv_kernel
+    n_k_heads: int  # ssm.group_count
+    n_v_heads: int  # ssm.time_step_rank
+    head_k: int  # ssm.state_size
+    head_v: int  # ssm.inner_size / ssm.time_step_rank
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.n_k_heads * self.head_k + self.n_v_heads * self.head_v
+
+    @property
+    def layer_bytes(self) -> int:
+        """One layer's state for one sequence: the convolution window and the delta-rule matrices."""
+        return 4 * ((self.d_conv - 1) * self.conv_channels + self.n_v_heads * self.head_v * self.head_k)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.layers) * self.layer_bytes
+
+    @classmethod
+    def from_metadata(cls, md: dict, arch: str, n_layer: int) -> "RecurrentShape | None":
+        a = arch + "."
+        if a + "ssm.conv_kernel" not in md:
+            return None
+        marks = md.get(a + "attention.recurrent_layers")
+        if marks is not None:
+            layers = tuple(i for i, m in enumerate(np.asarray(marks).reshape(-1)[:n_layer].tolist()) if m)
+        else:
+            interval = int(md.get(a + "full_attention_interval", 4))
+            if interval < 1:
+                raise UnsupportedModelError(f"the model's {a}full_attention_interval is {interval}, but it "
+                                            "must be at least 1: the file's metadata is wrong")
+            layers = tuple(i for i in range(n_layer) if (i + 1) % interval)
+        try:
+            shape = cls(layers=layers, d_conv=int(md[a + "ssm.conv_kernel"]), n_k_heads=int(md[a + "ssm.group_count"]),
+                        n_v_heads=int(md[a + "ssm.time_step_rank"]), head_k=int(md[a + "ssm.state_size"]),
+                        head_v=int(md[a + "ssm.inner_size"]) // max(1, int(md[a + "ssm.time_step_rank"])))
+        except KeyError as e:
+            raise UnsupportedModelError(f"{arch} model has no metadata key {e.args[0]!r}") from None
+        for what, value in (("ssm.conv_kernel", shape.d_conv), ("ssm.group_count", shape.n_k_heads),
+                            ("ssm.time_step_rank", shape.n_v_heads), ("ssm.state_size", shape.head_k)):
+            if value < 1:
+                raise UnsupportedModelError(f"the model's {a}{what} is {value}, but it must be at least 1: "
+                                            "the file's metadata is wrong")
+        if shape.n_v_heads % shape.n_k_heads or shape.head_v != shape.head_k:
+            raise UnsupportedModelError(
+                f"{arch}: {shape.n_v_heads} value heads of {shape.head_v} over {shape.n_k_heads} key heads of "
+                f"{shape.head_k} is not a Gated DeltaNet layout llama.cpp runs (the value heads must be a "
+                "multiple of the key heads, of the same size): the file's metadata is wrong")
+        return shape
 
 
 @dataclass(frozen=True)
@@ -67,6 +128,12 @@ class HParams:
     final_logit_softcap: float  # 0: none
     rope_scaling: str = "none"  # rope.scaling.type: none, linear or yarn
     n_ctx_orig: int = 0  # rope.scaling.original_context_length (YaRN, LongRoPE), else n_ctx_train
+    recurrent: RecurrentShape | None = None  # hybrid models: the layers with a recurrent state
+
+    @property
+    def n_kv_layers(self) -> int:
+        """Layers with a KV cache: all but the recurrent ones."""
+        return self.n_layer - (len(self.recurrent.layers) if self.recurrent else 0)
 
     @classmethod
     def from_metadata(cls, md: dict, n_vocab: int) -> "HParams":
@@ -91,12 +158,14 @@ class HParams:
             raise UnsupportedModelError(f"RoPE scaling type {scaling!r} is not supported")
         rope_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
         n_ctx_train = int(get("context_length"))
+        # multi-token-prediction blocks (nextn) follow the trunk's; the forward pass skips them
+        n_layer = int(get("block_count")) - int(get("nextn_predict_layers", 0))
         return check_hparams(cls(
             arch=arch,
             n_vocab=n_vocab,
             n_ctx_train=n_ctx_train,
             n_embd=n_embd,
-            n_layer=int(get("block_count")),
+            n_layer=n_layer,
             n_ff=int(_scalar(get("feed_forward_length"))),
             n_head=n_head,
             n_head_kv=n_head_kv,
@@ -110,6 +179,7 @@ class HParams:
             final_logit_softcap=float(get("final_logit_softcapping", 0.0)),
             rope_scaling=scaling,
             n_ctx_orig=int(get("rope.scaling.original_context_length", n_ctx_train)),
+            recurrent=RecurrentShape.from_metadata(md, arch, n_layer),
         ))
 
 
@@ -182,9 +252,9 @@ def kv_row_bytes(cache_type: str, head_dim: int, flag: str = "--cache-type-k") -
 def kv_cache_shapes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
                     type_v: str = DEFAULT_KV_CACHE_TYPE) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Byte shapes of the K and V arrays of a cache of n_ctx positions (runtime.model.KVCache):
-    [n_layer, n_kv_head, n_ctx, bytes of one head's row]."""
-    return ((hp.n_layer, hp.n_head_kv, n_ctx, kv_row_bytes(type_k, hp.head_dim, "--cache-type-k")),
-            (hp.n_layer, hp.n_head_kv, n_ctx, kv_row_bytes(type_v, hp.head_dim_v, "--cache-type-v")))
+    [layers with a KV cache, n_kv_head, n_ctx, bytes of one head's row]."""
+    return ((hp.n_kv_layers, hp.n_head_kv, n_ctx, kv_row_bytes(type_k, hp.head_dim, "--cache-type-k")),
+            (hp.n_kv_layers, hp.n_head_kv, n_ctx, kv_row_bytes(type_v, hp.head_dim_v, "--cache-type-v")))
 
 
 def kv_cache_bytes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,

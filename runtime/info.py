@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from runtime.gguf import GGUFFile, StringArray
-from runtime.hparams import SUPPORTED_ARCHITECTURES, unsupported_architecture_message
+from runtime.hparams import (SUPPORTED_ARCHITECTURES, RecurrentShape, UnsupportedModelError,
+                             unsupported_architecture_message)
 from runtime.terminal import printable
 from runtime.units import format_bytes
 
@@ -104,6 +105,14 @@ def describe(gguf: GGUFFile, path: str) -> str:
         if active is not None:
             rows.append(("active per token", f"{_count(active)}, {_percent(active, weights)} of the "
                                              f"parameters (a token reads only its experts')"))
+    recurrent = _recurrent(gguf, str(arch), key("block_count"), key("nextn_predict_layers"))
+    if recurrent is not None:
+        n_layer = int(key("block_count")) - int(key("nextn_predict_layers") or 0)
+        rows.append(("recurrent layers", f"{len(recurrent.layers)} of {n_layer} are Gated DeltaNet (linear "
+                                         f"attention, {recurrent.n_v_heads} heads of {recurrent.head_v}), "
+                                         "the others full attention"))
+        rows.append(("recurrent state", f"{format_bytes(recurrent.nbytes)} per sequence, whatever the "
+                                        "context (a conversation is reused only as a whole)"))
     if key("attention.sliding_window") is not None:
         rows.append(("sliding window", _number(key("attention.sliding_window"))))
     rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))
@@ -136,6 +145,15 @@ def describe(gguf: GGUFFile, path: str) -> str:
     lines += kernel_lines()
     lines.append(memory_line(gguf))
     return printable("\n".join(lines), keep_layout=True)  # the file's text may hold escapes
+
+
+def _recurrent(gguf: GGUFFile, arch: str, block_count: Any, nextn: Any) -> RecurrentShape | None:
+    """The Gated DeltaNet layers of a hybrid model, or None (none, or metadata too broken to say)."""
+    try:
+        n_layer = int(block_count) - int(nextn or 0)
+        return RecurrentShape.from_metadata(gguf.metadata, arch, n_layer)
+    except (UnsupportedModelError, TypeError, ValueError):
+        return None
 
 
 def memory_line(gguf: GGUFFile) -> str:

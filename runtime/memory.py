@@ -6,8 +6,10 @@ The estimate is the sum of
 - the KV cache: the engine's own formula (runtime.hparams.kv_cache_bytes), all of it, as a
   conversation that fills the context touches every position;
 - working memory: the Python runtime with NumPy, Numba and the loaded kernels (a constant),
-  the tokenizer (in proportion to the vocabulary), and one prefill batch's activations and
-  the logits (from the model's shapes).
+  the tokenizer (in proportion to the vocabulary), one prefill batch's activations and
+  the logits (from the model's shapes), and a hybrid model's recurrent state (Qwen3.5's
+  Gated DeltaNet layers: a fixed size per sequence, runtime.hparams.RecurrentShape); its KV
+  cache covers the attention layers only.
 
 The constants were measured with this runtime (peak RSS, /proc/self/status VmHWM) with
 kernels from a warm cache: a tiny synthetic model for the runtime constant, Gemma 3 270M
@@ -77,7 +79,9 @@ def working_bytes(hp: HParams) -> int:
     kv_dim = hp.n_head_kv * (hp.head_dim + hp.head_dim_v)
     per_token = 3 * hp.n_embd + 2 * q_dim + kv_dim + 2 * hp.n_ff
     activations = FLOAT_BYTES * (PREFILL_CHUNK * per_token + 3 * hp.n_vocab)
-    return RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * hp.n_vocab + activations
+    # a hybrid model's recurrent layers keep a state of fixed size, whatever the context
+    recurrent = hp.recurrent.nbytes if hp.recurrent else 0
+    return RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * hp.n_vocab + activations + recurrent
 
 
 def available_bytes(meminfo: str | None = None) -> int | None:

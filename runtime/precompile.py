@@ -60,6 +60,7 @@ def exercise_entry_points() -> None:
     for name, count in (("MXFP4", 8), ("Q4_K", 16)):
         kernels.matvec_many([(blocks[name], name, _ROWS)] * count, _COLS, x)
     _attention_with_sinks()
+    exercise_delta_net(rng)
 
 
 def _attention_with_sinks() -> None:
@@ -76,6 +77,28 @@ def _attention_with_sinks() -> None:
         out = np.empty((q.shape[0], n_heads * head_dim), np.float32)
         ops.attention(q, cache, 1, head_dim, cache, 1, head_dim, 0, n_heads, np.float32(0.125), 0, out,
                       np.float32(0.0), sinks=sinks)
+
+
+def exercise_delta_net(rng) -> None:
+    """The Gated DeltaNet kernels (qwen35, qwen35moe) with the array layouts the model passes:
+    a decoded token and a batch, from no model file (the payload's models are not hybrid)."""
+    from runtime.kernels import deltanet
+
+    heads, size, d_conv = 2, 32, 4
+    channels = 3 * heads * size
+    conv_w = rng.standard_normal((channels, d_conv)).astype(np.float32)
+    for n in (1, 3):
+        x = rng.standard_normal((n, channels)).astype(np.float32)
+        conv = np.zeros((1, d_conv - 1, channels), np.float32)
+        mixed = np.empty_like(x)
+        deltanet.conv_silu(x, conv[0], conv_w, mixed)
+        q = np.ascontiguousarray(mixed[:, :heads * size])
+        deltanet.l2_norm_heads(q, heads, size, 1e-6)
+        qh = q.reshape(n, heads, size)
+        g = -np.ones((n, heads), np.float32)
+        state = np.zeros((1, heads, size, size), np.float32)
+        out = np.empty((n, heads, size), np.float32)
+        deltanet.gated_delta_rule(qh, qh, qh, g, g, state[0], out)
 
 
 def run_models(paths: list[str]) -> None:

@@ -28,7 +28,7 @@ ALIGNMENT = 32
 N_TOKENS = 64  # the fixed sequence whose logits are compared
 TOP_K = 32  # logits kept per position in the reference
 
-U32, F32, STR, BOOL = ValueType.UINT32, ValueType.FLOAT32, ValueType.STRING, ValueType.BOOL
+U32, F32, STR, BOOL, ARRAY = ValueType.UINT32, ValueType.FLOAT32, ValueType.STRING, ValueType.BOOL, ValueType.ARRAY
 
 # Per architecture: the test vocabulary whose tokenizer metadata the model carries, its shapes,
 # and the metadata keys (after "{arch}.") beyond the common ones. Where no test vocabulary is
@@ -116,6 +116,28 @@ SPECS: dict[str, dict] = {
                           "rope.scaling.original_context_length": (U32, 4096),
                           "attention.sliding_window": (U32, 16), "expert_count": (U32, 8),
                           "expert_used_count": (U32, 4), "expert_feed_forward_length": (U32, 256)}),
+    # Qwen3.5's layout scaled down, with its own vocabulary (pre-tokenizer qwen35): four
+    # layers, Gated DeltaNet ones (0, 2) and gated full-attention ones (1, 3); 2 key heads and
+    # 4 value heads of 32 in the DeltaNet layers (their channels 256), RoPE over 16 of 64 head
+    # dimensions in Qwen3.5's three interleaved sections
+    "qwen35": dict(vocab="qwen35", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=64,
+                   n_ff=512, qk_norm=True, hybrid=dict(interval=2, d_conv=4, n_k_heads=2, n_v_heads=4, head=32),
+                   keys={"rope.freq_base": (F32, 1e7), "rope.dimension_count": (U32, 16),
+                         "rope.dimension_sections": (ARRAY, np.array([3, 3, 2, 0], np.int32)), "full_attention_interval": (U32, 2),
+                         "ssm.conv_kernel": (U32, 4), "ssm.state_size": (U32, 32), "ssm.group_count": (U32, 2),
+                         "ssm.time_step_rank": (U32, 4), "ssm.inner_size": (U32, 128)}),
+    # Qwen3.5-35B-A3B's layout on the qwen35 model above: 8 experts of 256, 2 used per token,
+    # and a shared expert of 256 behind its sigmoid gate
+    "qwen35moe": dict(vocab="qwen35", n_embd=64, n_layer=4, n_head=4, n_head_kv=2, head_dim=64,
+                      n_ff=512, qk_norm=True, hybrid=dict(interval=2, d_conv=4, n_k_heads=2, n_v_heads=4, head=32),
+                      n_expert=8, n_expert_used=2, n_ff_exp=256, n_ff_shexp=256,
+                      keys={"rope.freq_base": (F32, 1e7), "rope.dimension_count": (U32, 16),
+                            "rope.dimension_sections": (ARRAY, np.array([3, 3, 2, 0], np.int32)), "full_attention_interval": (U32, 2),
+                            "ssm.conv_kernel": (U32, 4), "ssm.state_size": (U32, 32), "ssm.group_count": (U32, 2),
+                            "ssm.time_step_rank": (U32, 4), "ssm.inner_size": (U32, 128),
+                            "expert_count": (U32, 8), "expert_used_count": (U32, 2),
+                            "expert_feed_forward_length": (U32, 256),
+                            "expert_shared_feed_forward_length": (U32, 256)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -190,11 +212,33 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
         out.append((f"rope_factors_{which}.weight", (n_rot // 2,), 0.2, 2.0 if which == "long" else 1.2))
 
     pre_norms = spec.get("pre_norms", True)
+    hybrid = spec.get("hybrid")
     for il in range(spec["n_layer"]):
         p = f"blk.{il}."
         if pre_norms:
             norm(p + "attn_norm.weight", d)
-        if spec.get("fused"):
+        if hybrid and (il + 1) % hybrid["interval"]:  # a Gated DeltaNet layer
+            key_dim, value_dim = hybrid["n_k_heads"] * hybrid["head"], hybrid["n_v_heads"] * hybrid["head"]
+            channels = 2 * key_dim + value_dim
+            matrix(p + "attn_qkv.weight", channels, d)
+            matrix(p + "attn_gate.weight", value_dim, d)
+            out.append((p + "ssm_conv1d.weight", (channels, hybrid["d_conv"]), 0.5, 0.0))
+            out.append((p + "ssm_dt.bias", (hybrid["n_v_heads"],), 0.5, 0.0))
+            out.append((p + "ssm_a", (hybrid["n_v_heads"],), 0.2, -1.0))  # -exp(A_log): negative
+            matrix(p + "ssm_beta.weight", hybrid["n_v_heads"], d)
+            matrix(p + "ssm_alpha.weight", hybrid["n_v_heads"], d)
+            norm(p + "ssm_norm.weight", hybrid["head"])
+            matrix(p + "ssm_out.weight", d, value_dim)
+        elif hybrid:  # a full-attention layer: each head's query and output gate side by side
+            matrix(p + "attn_q.weight", 2 * q_dim, d)
+            matrix(p + "attn_k.weight", kv_dim, d)
+            matrix(p + "attn_v.weight", kv_dim, d)
+            norm(p + "attn_q_norm.weight", hd)
+            norm(p + "attn_k_norm.weight", hd)
+            matrix(p + "attn_output.weight", d, q_dim)
+        if hybrid:
+            norm(p + "post_attention_norm.weight", d)
+        elif spec.get("fused"):
             matrix(p + "attn_qkv.weight", q_dim + 2 * kv_dim, d)
         else:
             matrix(p + "attn_q.weight", q_dim, d)
@@ -203,18 +247,19 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
         if spec.get("bias"):
             for c, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 out.append((f"{p}attn_{c}.bias", (n,), 0.5, 0.0))
-        if spec.get("qk_norm"):  # per head, or "whole": over the whole projection
+        if spec.get("qk_norm") and not hybrid:  # per head, or "whole": over the whole projection
             whole = spec["qk_norm"] == "whole"
             norm(p + "attn_q_norm.weight", q_dim if whole else hd)
             norm(p + "attn_k_norm.weight", kv_dim if whole else hd)
-        matrix(p + "attn_output.weight", d, q_dim)
+        if not hybrid:
+            matrix(p + "attn_output.weight", d, q_dim)
         gpt_oss = spec.get("gpt_oss", False)
         if gpt_oss:  # output bias, sink logits; post_attention_norm is the FFN's input norm
             out.append((p + "attn_output.bias", (d,), 0.5, 0.0))
             out.append((p + "attn_sinks.weight", (spec["n_head"],), 1.0, 0.0))
         if spec.get("post_norms") or gpt_oss:
             norm(p + "post_attention_norm.weight", d)
-        if pre_norms and not gpt_oss:
+        if pre_norms and not gpt_oss and not hybrid:
             norm(p + "ffn_norm.weight", d)
         if spec.get("n_expert"):  # a router and 3-D expert tensors [expert, rows, cols]
             n_exp, n_ff_exp = spec["n_expert"], spec["n_ff_exp"]
@@ -228,6 +273,12 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
                 out.append((p + "ffn_gate_exps.bias", (n_exp, n_ff_exp), 0.5, 0.0))
                 out.append((p + "ffn_up_exps.bias", (n_exp, n_ff_exp), 0.5, 0.0))
                 out.append((p + "ffn_down_exps.bias", (n_exp, d), 0.1, 0.0))
+            if spec.get("n_ff_shexp"):  # a shared expert behind a sigmoid gate
+                n_sh = spec["n_ff_shexp"]
+                out.append((p + "ffn_gate_inp_shexp.weight", (d,), d ** -0.5, 0.0))
+                matrix(p + "ffn_gate_shexp.weight", n_sh, d)
+                matrix(p + "ffn_up_shexp.weight", n_sh, d)
+                matrix(p + "ffn_down_shexp.weight", d, n_sh)
         elif spec.get("fused"):
             matrix(p + "ffn_up.weight", 2 * n_ff, d)  # gate rows, then up rows
             matrix(p + "ffn_down.weight", d, n_ff)

@@ -47,7 +47,7 @@ import pytest
 
 import parity_models as pm
 from runtime.gguf import GGUFFile
-from runtime.model import ARCHITECTURES, KVCache, load_model
+from runtime.model import ARCHITECTURES, load_model
 
 ARCHS = sorted(pm.SPECS)
 F32_RTOL = 1e-4
@@ -125,7 +125,7 @@ def our_logits(path, tokens, mutate=None) -> np.ndarray:
     model = load_model(GGUFFile(path))
     if mutate is not None:
         mutate(model)
-    cache = KVCache(model.hp, len(tokens), "f32", "f32")  # as llama.cpp ran: -ctk f32 -ctv f32
+    cache = model.new_cache(len(tokens), "f32", "f32")  # as llama.cpp ran: -ctk f32 -ctv f32
     first = model.forward(tokens[:N_BATCH], 0, cache, all_logits=True)
     rest = [model.forward(tokens[i:i + 1], i, cache) for i in range(N_BATCH, len(tokens))]
     return np.vstack([first, *rest]).astype(np.float64)
@@ -224,3 +224,72 @@ def test_kl_bound_sees_a_wrong_rope(parity_file):
 
     ours = our_logits(path, reference["tokens"], mutate=wrong_rope)
     assert kl_top(ref, ours).mean() > 10 * KL_BOUND["Q4_K_M"]
+
+
+def test_hybrid_cache_is_reused_whole_or_not_at_all(parity_file):
+    """qwen35's recurrent state cannot drop a suffix: the engine reuses the cache when the new
+    sequence continues the processed one, else recomputes from the first token; a pass that
+    fails midway leaves no half-advanced state behind. Each answer must equal a fresh run's
+    (float32, same order of operations: equal to 1e-5 of the largest logit)."""
+    from runtime.engine import Engine
+
+    path, reference = parity_file("qwen35", "F32")
+    tokens = reference["tokens"]
+    engine = Engine(load_model(GGUFFile(path)), n_ctx=64, cache_type_k="f32", cache_type_v="f32")
+
+    def fresh(seq):
+        return Engine(engine.model, n_ctx=64, cache_type_k="f32", cache_type_v="f32").eval(seq)
+
+    def same(a, b):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+    engine.eval(tokens[:20])
+    computed = engine.n_computed
+    same(engine.eval(tokens[:30]), fresh(tokens[:30]))  # continues: only the 10 new tokens run
+    assert engine.n_computed - computed == 10
+    computed = engine.n_computed
+    other = tokens[:12] + tokens[40:50]
+    same(engine.eval(other), fresh(other))  # diverges at 12: all 22 recomputed
+    assert engine.n_computed - computed == 22
+
+    calls = []
+
+    def failing(layer, h, real=engine.model.feed_forward):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a cancelled or crashed pass would stop midway
+        return real(layer, h)
+
+    engine.model.feed_forward = failing
+    with pytest.raises(KeyboardInterrupt):
+        engine.eval(other + tokens[50:55])
+    del engine.model.feed_forward
+    computed = engine.n_computed
+    same(engine.eval(other + tokens[50:55]), fresh(other + tokens[50:55]))
+    assert engine.n_computed - computed == 27
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_hybrid_model_answers_a_chat_through_the_openai_client(parity_file, arch):
+    """The server path a model.run takes (session, worker, HTTP) on the Q4_K_M parity model,
+    with its vocabulary's own chat template: a chat request gets an answer of the asked length."""
+    openai = pytest.importorskip("openai")
+    from conftest import READY_LIMIT_S, serving_in_thread
+    from runtime.server import ModelServer
+    from runtime.session import load_session
+    from runtime.worker import EngineWorker
+
+    path, _ = parity_file(arch, "Q4_K_M")
+    worker = EngineWorker(lambda: load_session(GGUFFile(path), 256, 0))
+    worker.start()
+    try:
+        assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
+        with serving_in_thread(ModelServer(("127.0.0.1", 0), worker, arch, log=False)) as server:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+            reply = client.chat.completions.create(model=arch, max_tokens=8, temperature=0,
+                                                   messages=[{"role": "user", "content": "hello"}])
+            assert reply.choices[0].finish_reason in ("length", "stop")
+            assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 1
+    finally:
+        worker.stop()

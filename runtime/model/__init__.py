@@ -15,11 +15,13 @@ from .phi3 import Phi3
 from .qwen2 import Qwen2
 from .qwen3 import Qwen3
 from .qwen3moe import Qwen3Moe
+from .qwen35 import Qwen35
+from .qwen35moe import Qwen35Moe
 from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
-    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Gemma3, Gemma, Gemma2, Granite, Mistral3,
-                                       Olmo2, Phi3, SmolLM3, GptOss)
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Qwen35, Qwen35Moe, Gemma3, Gemma, Gemma2,
+                                       Granite, Mistral3, Olmo2, Phi3, SmolLM3, GptOss)
 }
 
 

@@ -252,41 +252,44 @@ class Transformer:
             self.output = self._matrix("output.weight", hp.n_vocab, hp.n_embd)
         else:
             self.output = self.token_embd  # tied: the projection runs on the quantized embedding
-        rope_factors = (self._vector("rope_freqs.weight", hp.n_rot // 2)
-                        if "rope_freqs.weight" in self._tensors else np.zeros(0, np.float32))
-
-        q_dim, kv_dim, v_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim_v
-        self.layers: list[Layer] = []
-        q_norm_dim, k_norm_dim = (q_dim, kv_dim) if self.qk_norm_whole else (hp.head_dim, hp.head_dim)
-        for il in range(hp.n_layer):
-            p = f"blk.{il}."
-            has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
-            base, scale = self.rope_for_layer(il)
-            yarn = hp.rope_scaling == "yarn" and (base, scale) == (hp.rope_base, hp.rope_scale)
-            wq, wk, wv = self.attention_matrices(p, q_dim, kv_dim, v_dim)
-            self.layers.append(Layer(
-                attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
-                wq=wq, wk=wk, wv=wv, qkv=Projections(wq, wk, wv),
-                wo=self._matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
-                bq=self._vector(p + "attn_q.bias", q_dim) if has_bias else None,
-                bk=self._vector(p + "attn_k.bias", kv_dim) if has_bias else None,
-                bv=self._vector(p + "attn_v.bias", v_dim) if has_bias else None,
-                q_norm=self._vector(p + "attn_q_norm.weight", q_norm_dim) if self.qk_norm else None,
-                k_norm=self._vector(p + "attn_k_norm.weight", k_norm_dim) if self.qk_norm else None,
-                post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
-                                if self.post_norms else None),
-                ffn_norm=self._vector(p + self.ffn_norm_tensor, hp.n_embd) if self.pre_norms else None,
-                **self.feed_forward_weights(p),
-                post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
-                sliding=self.is_sliding(il),
-                rope_inv_freq=(np.zeros(0, np.float64) if not self.has_rope(il)
-                               else self.yarn_inv_freq(rope_factors) if yarn
-                               else ops.rope_inv_freq(hp.n_rot, base, scale, rope_factors)),
-                rope_mscale=self.rope_attn_factor * (self.yarn_mscale() if yarn else 1.0),
-            ))
+        self.rope_factors = (self._vector("rope_freqs.weight", hp.n_rot // 2)
+                             if "rope_freqs.weight" in self._tensors else np.zeros(0, np.float32))
+        self.layers: list[Layer] = [self.load_layer(il) for il in range(hp.n_layer)]
         self.attention_scale = self.attention_scale_for(hp)
 
     # --- what a family may override -------------------------------------------------------
+
+    def load_layer(self, il: int) -> Layer:
+        """Layer il's weights, views on the memory map (a family with other kinds of layer
+        overrides this)."""
+        hp = self.hp
+        q_dim, kv_dim, v_dim = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim, hp.n_head_kv * hp.head_dim_v
+        q_norm_dim, k_norm_dim = (q_dim, kv_dim) if self.qk_norm_whole else (hp.head_dim, hp.head_dim)
+        p = f"blk.{il}."
+        has_bias = self.attention_bias or p + "attn_q.bias" in self._tensors
+        base, scale = self.rope_for_layer(il)
+        yarn = hp.rope_scaling == "yarn" and (base, scale) == (hp.rope_base, hp.rope_scale)
+        wq, wk, wv = self.attention_matrices(p, q_dim, kv_dim, v_dim)
+        return Layer(
+            attn_norm=self._vector(p + "attn_norm.weight", hp.n_embd) if self.pre_norms else None,
+            wq=wq, wk=wk, wv=wv, qkv=Projections(wq, wk, wv),
+            wo=self._matrix(p + "attn_output.weight", hp.n_embd, hp.n_head * hp.head_dim_v),
+            bq=self._vector(p + "attn_q.bias", q_dim) if has_bias else None,
+            bk=self._vector(p + "attn_k.bias", kv_dim) if has_bias else None,
+            bv=self._vector(p + "attn_v.bias", v_dim) if has_bias else None,
+            q_norm=self._vector(p + "attn_q_norm.weight", q_norm_dim) if self.qk_norm else None,
+            k_norm=self._vector(p + "attn_k_norm.weight", k_norm_dim) if self.qk_norm else None,
+            post_attn_norm=(self._vector(p + "post_attention_norm.weight", hp.n_embd)
+                            if self.post_norms else None),
+            ffn_norm=self._vector(p + self.ffn_norm_tensor, hp.n_embd) if self.pre_norms else None,
+            **self.feed_forward_weights(p),
+            post_ffn_norm=self._vector(p + "post_ffw_norm.weight", hp.n_embd) if self.post_norms else None,
+            sliding=self.is_sliding(il),
+            rope_inv_freq=(np.zeros(0, np.float64) if not self.has_rope(il)
+                           else self.yarn_inv_freq(self.rope_factors) if yarn
+                           else ops.rope_inv_freq(hp.n_rot, base, scale, self.rope_factors)),
+            rope_mscale=self.rope_attn_factor * (self.yarn_mscale() if yarn else 1.0),
+        )
 
     def adjust_hparams(self, hp: HParams) -> HParams:
         """The family's defaults for what its files may leave out (llama.cpp's loader's)."""
