@@ -293,3 +293,20 @@ def test_hybrid_model_answers_a_chat_through_the_openai_client(parity_file, arch
             assert reply.usage.completion_tokens >= 1 and reply.usage.prompt_tokens > 1
     finally:
         worker.stop()
+
+
+def test_hybrid_sequences_batched_with_their_own_states(parity_file):
+    """Several slots' sequences in one pass (forward_batch), each with its own recurrent state
+    and KV cache, give what each gives alone (float32: to 1e-5 of the largest logit)."""
+    path, reference = parity_file("qwen35", "F32")
+    tokens = reference["tokens"]
+    model = load_model(GGUFFile(path))
+    sequences = (tokens[:9], tokens[20:25])
+    solo = [model.forward(seq, 0, model.new_cache(32, "f32", "f32")) for seq in sequences]
+    caches = [model.new_cache(32, "f32", "f32") for _ in sequences]
+    for seq, cache in zip(sequences, caches):
+        model.forward(seq[:-1], 0, cache)
+    # the last token of each sequence in one decode step of two slots
+    batched = model.forward_batch([(seq[-1:], len(seq) - 1, cache) for seq, cache in zip(sequences, caches)])
+    for got, want in zip(batched, solo):
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
