@@ -107,11 +107,12 @@ class Engine:
             raise ContextOverflowError(
                 f"the {what} has {n_tokens} tokens but the context holds only {self.n_ctx}")
 
-    def step(self, work: list[tuple[int, list[int]]]) -> np.ndarray:
+    def step(self, work: list[tuple[int, list[int]]], prefills: int = 0) -> np.ndarray:
         """One forward pass of several slots: work is [(slot, tokens)], each slot's tokens
         appended to its sequence (one for a decode step, a chunk for a prefill), all through
-        the weight matrices as one batch. Returns float32[len(work), n_vocab]: each slot's
-        last token's logits."""
+        the weight matrices as one batch; the first `prefills` items are prompt chunks (the
+        rest decoded tokens, as the stats count them). Returns float32[len(work), n_vocab]:
+        each slot's last token's logits."""
         sequences = []
         for slot_id, tokens in work:
             slot = self.slots[slot_id]
@@ -126,11 +127,11 @@ class Engine:
         elapsed = time.perf_counter() - t0
         self.n_steps += 1
         n_total = sum(len(tokens) for _, tokens in work)
-        for slot_id, tokens in work:
+        for i, (slot_id, tokens) in enumerate(work):
             slot = self.slots[slot_id]
             slot.tokens.extend(int(t) for t in tokens)
             slot.last_used = self.n_steps
-            kind = "decode" if len(tokens) == 1 else "prefill"
+            kind = "prefill" if i < prefills else "decode"
             self.stats[f"{kind}_tokens"] += len(tokens)
             self.stats[f"{kind}_s"] += elapsed * len(tokens) / n_total
         self.n_computed += n_total
@@ -144,7 +145,7 @@ class Engine:
         self.check_fits(len(self.slots[slot].tokens) + len(tokens), "prompt")
         logits = None
         for i in range(0, len(tokens), self.prefill_chunk):
-            logits = self.step([(slot, tokens[i:i + self.prefill_chunk])])[0]
+            logits = self.step([(slot, tokens[i:i + self.prefill_chunk])], prefills=1)[0]
         if len(tokens) > 1:
             return_freed_memory()  # the batch's activations (~18 MB for 512 tokens on Gemma)
         return logits

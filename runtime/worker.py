@@ -342,7 +342,7 @@ class EngineWorker:
                     work.append((g.slot, [g.pending]))
                     owners.append(g)
         if work:
-            for owner, logits in zip(owners, engine.step(work)):
+            for owner, logits in zip(owners, engine.step(work, prefills=int(prefilling is not None))):
                 if isinstance(owner, _Task):
                     owner.prefilled(len(work[0][1]), logits)
                 else:
