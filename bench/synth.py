@@ -4,7 +4,7 @@
     python bench/synth.py --list
 
 Every model of SHAPES (Llama 3.2 1B/3B, Llama 3.1 8B, Qwen2.5 1.5B/7B, Qwen3 1.7B/8B, Gemma 3
-1B/4B) is written with its real layer count, widths, heads, head size, vocabulary size, RoPE
+1B/4B, the mixture of experts Qwen3-30B-A3B) is written with its real layer count, widths, heads, head size, vocabulary size, RoPE
 base and scaling, tied or untied output, in llama.cpp's Q4_K_M mix (the tensor types its
 quantizer picks: bundler.mixes' rules, which mirror llama.cpp's) or "pure" in one type
 (Q8_0, Q4_0, Q6_K, IQ4_XS; llama.cpp's --pure: every matrix that type, rows too short for it
@@ -63,6 +63,9 @@ class Shape:
     llama3_rope: tuple[float, float, float, int] | None = None  # factor, low, high, original ctx
     linear_rope: float = 0.0  # rope.scaling.factor of linear scaling (Gemma 3 4B's global layers)
     sliding_window: int = 0
+    n_expert: int = 0  # a mixture of experts: experts per layer (3-D *_exps tensors), 0 if dense
+    n_expert_used: int = 0  # experts each token runs
+    n_ff_expert: int = 0  # each expert's feed-forward width
 
 
 SHAPES: dict[str, Shape] = {
@@ -80,6 +83,10 @@ SHAPES: dict[str, Shape] = {
                         sliding_window=512),
     "gemma-3-4b": Shape("gemma3", 34, 2560, 10240, 8, 4, 256, 262208, 131072, 1e6, 1e-6, True, "gemma3",
                         linear_rope=8.0, sliding_window=1024),
+    # n_ff is config.json's intermediate_size (the dense width llama.cpp's converter writes
+    # as feed_forward_length); the experts' own width is moe_intermediate_size
+    "qwen3-30b-a3b": Shape("qwen3moe", 48, 2048, 6144, 32, 4, 128, 151936, 40960, 1e6, 1e-6, False,
+                           "qwen2", n_expert=128, n_expert_used=8, n_ff_expert=768),
 }
 
 
@@ -210,7 +217,7 @@ def llama3_rope_factors(shape: Shape) -> np.ndarray:
 
 
 def tensor_list(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, (rows, cols) or (n,)) of every tensor, in llama.cpp's order."""
+    """(name, (rows, cols), (n_expert, rows, cols) or (n,)) of every tensor, in llama.cpp's order."""
     d, hd = shape.n_embd, shape.head_dim
     q, kv = shape.n_head * hd, shape.n_head_kv * hd
     out = [("token_embd.weight", (shape.n_vocab, d)), ("output_norm.weight", (d,))]
@@ -220,12 +227,17 @@ def tensor_list(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
         out.append(("rope_freqs.weight", (hd // 2,)))
     for il in range(shape.n_layer):
         layer = [("attn_norm.weight", (d,)), ("attn_q.weight", (q, d)), ("attn_k.weight", (kv, d)),
-                 ("attn_v.weight", (kv, d)), ("attn_output.weight", (d, q)), ("ffn_norm.weight", (d,)),
-                 ("ffn_gate.weight", (shape.n_ff, d)), ("ffn_up.weight", (shape.n_ff, d)),
-                 ("ffn_down.weight", (d, shape.n_ff))]
+                 ("attn_v.weight", (kv, d)), ("attn_output.weight", (d, q)), ("ffn_norm.weight", (d,))]
+        if shape.n_expert:
+            n, ff = shape.n_expert, shape.n_ff_expert
+            layer += [("ffn_gate_inp.weight", (n, d)), ("ffn_gate_exps.weight", (n, ff, d)),
+                      ("ffn_up_exps.weight", (n, ff, d)), ("ffn_down_exps.weight", (n, d, ff))]
+        else:
+            layer += [("ffn_gate.weight", (shape.n_ff, d)), ("ffn_up.weight", (shape.n_ff, d)),
+                      ("ffn_down.weight", (d, shape.n_ff))]
         if shape.arch == "qwen2":
             layer += [("attn_q.bias", (q,)), ("attn_k.bias", (kv,)), ("attn_v.bias", (kv,))]
-        if shape.arch in ("qwen3", "gemma3"):
+        if shape.arch in ("qwen3", "qwen3moe", "gemma3"):
             layer += [("attn_q_norm.weight", (hd,)), ("attn_k_norm.weight", (hd,))]
         if shape.arch == "gemma3":
             layer += [("post_attention_norm.weight", (d,)), ("post_ffw_norm.weight", (d,))]
@@ -235,18 +247,18 @@ def tensor_list(shape: Shape) -> list[tuple[str, tuple[int, ...]]]:
 
 def tensor_type(name: str, dims: tuple[int, ...], ftype: str, facts: ModelFacts) -> str:
     """The type llama.cpp's quantizer gives the tensor in the file type `ftype` (a mix name,
-    or a pure type): 1-D tensors stay F32."""
+    or a pure type): 1-D tensors and the router stay F32."""
     if not is_quantizable(name, dims[::-1]):
         return "F32"
     mix: Mix = mix_by_name(ftype)
     wanted = mix_type(mix, name, dims[::-1], facts) if ftype == "Q4_K_M" else mix.base
-    return fit_rows(wanted, dims[1])
+    return fit_rows(wanted, dims[-1])
 
 
 def typed_tensors(shape: Shape, ftype: str) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, dims, type) of every tensor of the model in file type `ftype`."""
     facts = ModelFacts(arch=shape.arch, n_layer=shape.n_layer, n_gqa=shape.n_head // shape.n_head_kv,
-                       n_expert=0, tied_output=shape.tied)
+                       n_expert=shape.n_expert, tied_output=shape.tied)
     return [(name, dims, tensor_type(name, dims, ftype, facts)) for name, dims in tensor_list(shape)]
 
 
@@ -275,6 +287,10 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int, name: str) -> N
         w.add_rope_scaling_factor(shape.linear_rope)
     if shape.sliding_window:
         w.add_sliding_window(shape.sliding_window)
+    if shape.n_expert:
+        w.add_expert_count(shape.n_expert)
+        w.add_expert_used_count(shape.n_expert_used)
+        w.add_expert_feed_forward_length(shape.n_ff_expert)
     w.add_file_type(mix_by_name(ftype).file_type)
     w.add_quantization_version(2)
     for key, value, vtype, sub_type in tokenizer_metadata(shape.vocabulary, shape.n_vocab):
@@ -288,8 +304,8 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int, name: str) -> N
         if type_name in FLOATS:
             w.add_tensor_info(name, dims, np.dtype(FLOATS[type_name]), n_bytes)
         else:
-            w.add_tensor_info(name, (dims[0], n_bytes // dims[0]), np.dtype(np.uint8), n_bytes,
-                              raw_dtype=gguf.GGMLQuantizationType[type_name])
+            w.add_tensor_info(name, (*dims[:-1], n_bytes // math.prod(dims[:-1])), np.dtype(np.uint8),
+                              n_bytes, raw_dtype=gguf.GGMLQuantizationType[type_name])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -301,8 +317,8 @@ def write_model(path: Path, shape: Shape, ftype: str, seed: int, name: str) -> N
             data = (rng.standard_normal(dims, np.float32) * 0.02).astype(np.float32)
         elif len(dims) == 1:  # norm weights
             data = np.ones(dims, np.float32)
-        else:
-            data = random_matrix(rng, type_name, *dims)
+        else:  # a matrix, or experts' matrices stacked: rows of all experts, one after the other
+            data = random_matrix(rng, type_name, math.prod(dims[:-1]), dims[-1]).reshape(*dims[:-1], -1)
         w.write_tensor_data(data)
         del data
     w.close()
@@ -338,7 +354,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.list or not args.model:
         for name, s in SHAPES.items():
-            print(f"{name:14} {s.arch:7} layers {s.n_layer:2}  d {s.n_embd:4}  ffn {s.n_ff:5}  heads "
+            ffn = f"{s.n_expert}x{s.n_ff_expert} ({s.n_expert_used} used)" if s.n_expert else f"{s.n_ff}"
+            print(f"{name:14} {s.arch:8} layers {s.n_layer:2}  d {s.n_embd:4}  ffn {ffn:5}  heads "
                   f"{s.n_head:2}/{s.n_head_kv}x{s.head_dim:3}  vocab {s.n_vocab}  "
                   f"{'tied' if s.tied else 'untied'}")
         return

@@ -35,8 +35,18 @@ def prompt_tokens(tokenizer, n: int) -> list[int]:
 
 def weight_bytes_per_token(gguf) -> int:
     """Bytes of weights one decode step reads: every matrix once (the embedding lookup reads
-    one row, but a tied output projection reads the whole embedding anyway)."""
-    return sum(t.n_bytes for t in gguf.tensors.values() if len(t.shape) >= 2)
+    one row, but a tied output projection reads the whole embedding anyway), and of a mixture
+    of experts' 3-D *_exps tensors only the share of the experts a token runs."""
+    arch = gguf.metadata.get("general.architecture", "")
+    n_expert = int(gguf.metadata.get(f"{arch}.expert_count", 0))
+    n_used = int(gguf.metadata.get(f"{arch}.expert_used_count", 0))
+    total = 0
+    for t in gguf.tensors.values():
+        if len(t.shape) < 2:
+            continue
+        experts = "_exps." in t.name and 0 < n_used <= n_expert
+        total += t.n_bytes * n_used // n_expert if experts else t.n_bytes
+    return total
 
 
 def prefill_and_decode(engine, prompt: list[int], n_gen: int) -> tuple[float, float]:

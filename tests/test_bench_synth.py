@@ -60,11 +60,15 @@ def test_llama3_rope_factors():
     assert np.all(np.diff(factors) >= 0) and ((factors > 1) & (factors < 32)).any()
 
 
+def written(tmp_path_factory, shape: synth.Shape, name: str, seed: int) -> Path:
+    path = tmp_path_factory.mktemp("synth") / f"{name}.gguf"
+    synth.write_model(path, shape, "Q4_K_M", seed=seed, name=name)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("synth") / "tiny.gguf"
-    synth.write_model(path, TINY, "Q4_K_M", seed=3, name="tiny")
-    return path
+    return written(tmp_path_factory, TINY, "tiny", 3)
 
 
 def test_written_model_is_llamacpps_q4_k_m_mix_and_reads_back(tiny_model):
@@ -120,3 +124,68 @@ def test_engine_logits_are_finite_on_a_synthetic_model(tiny_model):
         engine = Engine.from_gguf(parsed, n_ctx=32)
         logits = engine.prefill(list(range(100, 116)))
         assert np.isfinite(logits).all() and logits.std() > 0
+
+
+# A tiny Qwen3 mixture of experts: Qwen's real vocabulary, 4 experts of which 2 run, 2 layers
+# (llama.cpp's Q4_K_M gives layer 1's ffn_down_exps and attn_v Q6_K, layer 0's Q4_K).
+TINY_MOE = synth.Shape("qwen3moe", n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, head_dim=64,
+                       n_vocab=151936, n_ctx_train=64, rope_base=1e6, rms_eps=1e-6, tied=False,
+                       vocabulary="qwen2", n_expert=4, n_expert_used=2, n_ff_expert=256)
+
+
+def test_qwen3_30b_a3b_tensors_as_llamacpps_q4_k_m():
+    """579 tensors of which 241 F32 (48 layers x attn_norm, q/k norms, ffn_norm, router, plus
+    output_norm), as llama.cpp's loader lists the real Qwen3-30B-A3B Q4_K_M files; the others
+    Q4_K but the 49 that llama-quant.cpp's Q4_K_M rules give Q6_K: output, and attn_v and
+    ffn_down_exps in the 24 layers of use_more_bits (first and last 6, every third between)."""
+    tensors = synth.typed_tensors(synth.SHAPES["qwen3-30b-a3b"], "Q4_K_M")
+    types = [t for _, _, t in tensors]
+    assert {t: types.count(t) for t in set(types)} == {"F32": 241, "Q4_K": 289, "Q6_K": 49}
+    dims = dict((name, d) for name, d, _ in tensors)
+    assert dims["blk.0.ffn_gate_exps.weight"] == (128, 768, 2048)
+    assert dims["blk.0.ffn_down_exps.weight"] == (128, 2048, 768)
+    assert dims["blk.0.ffn_gate_inp.weight"] == (128, 2048)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory) -> Path:
+    return written(tmp_path_factory, TINY_MOE, "tiny-moe", 5)
+
+
+def test_written_moe_is_llamacpps_q4_k_m_mix_and_reads_back(tiny_moe):
+    """The experts as 3-D tensors in GGUF order [cols, rows, experts], the mix as
+    bundler.mixes.plan reads it from the written file, the expert metadata, and each expert's
+    weights at the asked spread as the gguf package dequantizes them."""
+    reader = gguf.GGUFReader(tiny_moe)
+    got = {t.name: t.tensor_type.name for t in reader.tensors}
+    with GGUFFile(tiny_moe) as parsed:
+        assert got == {p.info.name: p.type.name for p in plan(parsed, mix_by_name("Q4_K_M"))}
+    assert [got[f"blk.{i}.ffn_down_exps.weight"] for i in (0, 1)] == ["Q4_K", "Q6_K"]
+    assert got["blk.0.ffn_gate_inp.weight"] == "F32" and got["output.weight"] == "Q6_K"
+    shapes = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    assert shapes["blk.0.ffn_up_exps.weight"] == [256, 256, 4]
+    assert shapes["blk.1.ffn_down_exps.weight"] == [256, 256, 4]
+    assert shapes["blk.0.ffn_gate_inp.weight"] == [256, 4]
+    fields = reader.fields
+    for key, value in (("expert_count", 4), ("expert_used_count", 2), ("expert_feed_forward_length", 256)):
+        assert int(fields[f"qwen3moe.{key}"].parts[-1][0]) == value
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    experts = gguf.quants.dequantize(np.asarray(down.data), down.tensor_type)
+    assert experts.shape == (4, 256, 256)
+    for e in range(4):
+        assert abs(experts[e].std() * math.sqrt(256) - 1) < 0.05
+
+
+def test_engine_runs_a_synthetic_moe_and_counts_its_active_bytes(tiny_moe):
+    """The runtime's qwen3moe loads it with finite logits; the bench's bytes per token count
+    2 of the 4 experts' blocks."""
+    from runtime.benchmark import weight_bytes_per_token
+    from runtime.engine import Engine
+
+    with GGUFFile(tiny_moe) as parsed:
+        engine = Engine.from_gguf(parsed, n_ctx=32)
+        logits = engine.prefill(list(range(100, 116)))
+        assert np.isfinite(logits).all() and logits.std() > 0
+        matrices = [t for t in parsed.tensors.values() if len(t.shape) >= 2]
+        experts = sum(t.n_bytes for t in matrices if "_exps." in t.name)
+        assert weight_bytes_per_token(parsed) == sum(t.n_bytes for t in matrices) - experts // 2
