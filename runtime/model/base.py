@@ -30,7 +30,7 @@ from runtime import kernels
 from runtime.ggml_types import GGMLType, UnsupportedTypeError, ggml_type
 from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, HParams, UnsupportedModelError,  # noqa: F401
                              kv_cache_shapes)
-from runtime.kernels import ops
+from runtime.kernels import ops, q8
 
 
 # The feed-forward's gated activations, act(gate) * up: the op in runtime.kernels.ops of each.
@@ -42,21 +42,27 @@ class Matrix(kernels.BlockMatrix):
     checked once at load (runtime.kernels.BlockMatrix). The blocks are held read-only, as
     the memory map gives them, so every matrix shares one compiled kernel signature."""
 
-    __slots__ = ("name",)
+    __slots__ = ("name", "_alone")
 
     def __init__(self, name: str, raw: np.ndarray, qtype: GGMLType, rows: int, cols: int):
         raw = np.asarray(raw).view()
         raw.flags.writeable = False
         super().__init__(raw, qtype, rows, cols)
         self.name = name
+        self._alone = None
 
     def __call__(self, X: np.ndarray) -> np.ndarray:
         """X[n, cols] @ W.T -> [n, rows]: matvec for one token, matmul for a batch."""
         if X.shape[0] == 1:
-            out = np.empty((1, self.rows), np.float32)
-            self.matvec(X[0], out=out[0])
-            return out
+            return self.alone(X)[0]
         return self.matmul(X)
+
+    @property
+    def alone(self) -> "Projections":
+        """This matrix as a group of one (its one-token fast path)."""
+        if self._alone is None:
+            self._alone = Projections(self)
+        return self._alone
 
     def rows_f32(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
@@ -73,20 +79,31 @@ class Projections:
 
     def __init__(self, *matrices: Matrix):
         self.matrices = matrices
+        self.cols = matrices[0].cols
         self.type_ids = np.array([m.type.id for m in matrices], np.int64)
         self.raws = tuple(m.raw for m in matrices)
+        self.row_counts = np.array([m.rows for m in matrices], np.int64)
         self.row_bytes = np.array([m.row_bytes for m in matrices], np.int64)
         self.row_blocks = np.array([m.row_blocks for m in matrices], np.int64)
         self.ends = np.cumsum([m.rows for m in matrices]).astype(np.int64)
         self.bounds = list(zip([0, *self.ends[:-1].tolist()], self.ends.tolist()))
+        # every matrix on the integer path: one token goes straight to the kernel, with the
+        # arguments above, checked once here (a decoded token makes ~4 calls per layer)
+        self.integer = all(m.type.id in q8.INTEGER_TYPES and m.cols == self.cols for m in matrices)
 
     def __call__(self, X: np.ndarray) -> list[np.ndarray]:
         """[X @ W.T for each matrix W], each [n, W.rows]."""
-        cols = self.matrices[0].cols
         if X.shape[0] != 1:
-            return kernels.matmul_many(self.matrices, cols, X)
+            return kernels.matmul_many(self.matrices, self.cols, X)
         out = np.empty((1, int(self.ends[-1])), np.float32)
-        kernels.matvec_many(self.matrices, cols, X[0], [out[0, a:b] for a, b in self.bounds])
+        x = X[0]
+        if self.integer and kernels.INTEGER_PATH and x.shape == (self.cols,):
+            if x.dtype != np.float32 or not x.flags.c_contiguous:
+                x = np.ascontiguousarray(x, np.float32)
+            q8.matvec_kernel(self.type_ids, self.raws, self.row_counts, self.row_bytes, self.cols, x,
+                             tuple(out[0, a:b] for a, b in self.bounds))
+        else:
+            kernels.matvec_many(self.matrices, self.cols, x, [out[0, a:b] for a, b in self.bounds])
         return [out[:, a:b] for a, b in self.bounds]
 
 
