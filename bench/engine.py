@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # the read-bandwidth probe runs on the runtime's threading layer (runtime/__main__.py)
-os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
+os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench import synth  # noqa: E402
 from bench.common import read_bandwidth  # noqa: E402

@@ -21,13 +21,18 @@ def main() -> None:
     except cpu.CpuTierError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    # One threading layer for model.run and a checkout alike: numba's workqueue. Measured on
-    # this project's 2-core machine while other work shared its cores, it decoded 3-7x faster
-    # than the OpenMP layer, at 1 and 2 threads (README). The payload ships OpenMP too, with
-    # its own libgomp: NUMBA_THREADING_LAYER=omp selects it. Workqueue must not be entered
-    # from two threads at once, which the engine's single thread guarantees.
+    # One threading layer for model.run and a checkout alike: numba's OpenMP layer (the payload
+    # ships it with its own libgomp). A parallel launch costs ~2 us there against 20-130 us on
+    # workqueue, and a decoded token makes ~90 of them: on a quiet 2-core machine Gemma 3 270M
+    # decoded in 20 ms a token against 44 ms (bench/launches.py). OpenMP's threads spin while
+    # they wait for the next launch; with libgomp's default spin (~300k rounds) they hold a
+    # core that another busy process needs, and decoding went 3-10x slower than workqueue on a
+    # loaded machine. GOMP_SPINCOUNT=2000 keeps the spin to tens of microseconds: measured under
+    # that load it decoded faster than workqueue (README). NUMBA_THREADING_LAYER=workqueue and
+    # GOMP_SPINCOUNT from the environment win.
     if os.environ.get("NUMBA_THREADING_LAYER") not in ("omp", "workqueue"):
-        os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+        os.environ["NUMBA_THREADING_LAYER"] = "omp"
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
     job = os.environ.pop("MODELRUN_PRECOMPILE", None)
     if job:  # a hidden entry for bundler/payload.py, not a user option
         from runtime import precompile

@@ -133,11 +133,11 @@ def test_frozen_prompt_equals_python_and_compiles_nothing(runtime_payload, extra
 
 
 def test_frozen_threading_layers_and_bench_entry(extracted, tiny_model, tmp_path):
-    """The parallel kernels run on numba's workqueue layer; NUMBA_THREADING_LAYER=omp runs them
-    on OpenMP with the libgomp shipped inside the payload (a user's machine needs none). The
+    """The parallel kernels run on numba's OpenMP layer with the libgomp shipped inside the
+    payload (a user's machine needs none); NUMBA_THREADING_LAYER=workqueue runs them there. The
     hidden bench entry (runtime/benchmark.py) measures the frozen runtime as bench/engine.py
     reads it."""
-    for layer in ("default", "omp"):
+    for layer in ("default", "workqueue"):
         job, out = tmp_path / f"job-{layer}.json", tmp_path / f"result-{layer}.json"
         job.write_text(json.dumps({"threads": [1, 2], "prompt_tokens": 12, "gen_tokens": 3,
                                    "repeats": 2, "out": str(out)}))
@@ -149,7 +149,7 @@ def test_frozen_threading_layers_and_bench_entry(extracted, tiny_model, tmp_path
         assert done.returncode == 0, done.stderr
         result = json.loads(out.read_text())
         assert result["frozen"]
-        if layer == "default":
+        if layer == "workqueue":
             assert result["threading_layer"] == "workqueue" and not result["openmp"]
         else:
             assert result["threading_layer"] == "omp"
