@@ -118,6 +118,14 @@ def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
 
 _TOKENS = q8dot.MATMUL_TOKENS
 _NANS = (np.float32(np.nan),) * _TOKENS  # for a type without a row dot (never reached)
+_WIDE = q8dot.WIDE_TOKENS
+_WIDE_NANS = (np.float32(np.nan),) * _WIDE
+_WIDE_TYPES = q8dot.WIDE_TYPES
+if not set(_WIDE_TYPES) <= set(Q8_K_TYPES):
+    raise ImportError("q8dot.WIDE_TYPES must be k-quants: matmul gives them Q8_K activations")
+_wide_11 = q8dot.ROW_DOT_WIDE.get(11)  # Q3_K
+_wide_13 = q8dot.ROW_DOT_WIDE.get(13)  # Q5_K
+_wide_23 = q8dot.ROW_DOT_WIDE.get(23)  # IQ4_XS
 
 
 @njit(cache=True)
@@ -152,6 +160,25 @@ def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
     elif type_id == 39:
         return _dot4_39(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
     return _NANS
+
+
+@njit(inline="always")
+def is_wide(type_id):
+    """Whether matmul runs the type's rows q8dot.WIDE_TOKENS vectors at a time."""
+    return type_id in _WIDE_TYPES
+
+
+@njit(cache=True)
+def dot_row_wide(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
+    """dot_row_blocked for q8dot.WIDE_TOKENS vectors, for the types in q8dot.WIDE_TYPES."""
+    t = F16_TO_F32
+    if type_id == 13:
+        return _wide_13(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 11:
+        return _wide_11(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    elif type_id == 23:
+        return _wide_23(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
+    return _WIDE_NANS
 
 
 @njit(inline="always")
@@ -235,6 +262,12 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         for row in range(first, last):
             off = row * row_bytes[m]
             t = 0
+            if is_wide(ty):  # k-quants only: Q8_K activations
+                while t + _WIDE <= n:
+                    wide = dot_row_wide(ty, raw, off, nb, q_big, d_big, s_big, t * nb, nb)
+                    for j in range(_WIDE):
+                        out[t + j, row] = wide[j]
+                    t += _WIDE
             while t + _TOKENS <= n:
                 if small_blocks:
                     sums = dot_row_blocked(ty, raw, off, nb, q_small, d_small, s_small, t * nb, nb)

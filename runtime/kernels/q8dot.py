@@ -457,3 +457,9 @@ def _iq4_xs_body(e, k, blk, y, ys, dy):
 MATMUL_TOKENS = 4
 ROW_DOT = _formats(1)
 ROW_DOT_BLOCKED = _formats(MATMUL_TOKENS)
+# The formats whose matmul gains from twice as many vectors per unpacked block: Q3_K, Q5_K
+# and IQ4_XS, whose unpacking costs more than the accumulators that spill (2048x2048, 96
+# vectors, v4-vnni: +10-25%); Q2_K, Q4_K and Q6_K measured equal or slower.
+WIDE_TOKENS = 2 * MATMUL_TOKENS
+WIDE_TYPES = (11, 13, 23)
+ROW_DOT_WIDE = {t: f for t, f in _formats(WIDE_TOKENS).items() if t in WIDE_TYPES}
