@@ -43,7 +43,7 @@ def test_kv_cache_estimate_is_the_engines_own(synthetic_models, gemma):
 
     for path, _ in synthetic_models.values():
         gguf = GGUFFile(path)
-        for n_ctx in (1, 17, 64):
+        for n_ctx in (2, 17, 64):  # one slot needs two positions (runtime.engine)
             assert memory.estimate(gguf, n_ctx).kv_cache == Engine.from_gguf(gguf, n_ctx).kv_cache_bytes
         assert (memory.estimate(gguf, 17, "q8_0", "f32").kv_cache
                 == Engine.from_gguf(gguf, 17, cache_type_k="q8_0", cache_type_v="f32").kv_cache_bytes)
@@ -58,16 +58,19 @@ def test_kv_cache_estimate_is_the_engines_own(synthetic_models, gemma):
 
 def _peak_rss_of_prompt_run(gemma_path, tokenizer, n_ctx: int) -> int:
     """Peak RSS (bytes) of `-p` with a prompt that fills the context (so the whole KV cache
-    is written), run until the kernels came from the cache rather than being compiled."""
+    is written), run again until the kernels and the tokenizer came from their caches."""
     ids = tokenizer.encode(TEXT.read_text(encoding="utf-8"), add_special=False)
     prompt = tokenizer.decode(ids[:n_ctx - 24])
-    for _ in range(2):
+    for attempt in range(3):
         out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, "-m", str(gemma_path), "-c",
                               str(n_ctx), "-n", "2", "--temp", "0", "-p", prompt],
                              capture_output=True, text=True, timeout=900, cwd=ROOT)
         assert out.returncode == 0, out.stderr
-        if re.search(r"kernels: .* 0 compiled", out.stderr):  # compiling peaks far higher
+        # compiling peaks far higher, and a first run also builds the tokenizer's cache
+        # (runtime.tokenizer_cache, ~7 MB more): measure a second run with nothing compiled
+        if attempt and re.search(r"kernels: .* 0 compiled", out.stderr):
             break
+    assert re.search(r"kernels: .* 0 compiled", out.stderr), out.stderr  # else not comparable
     return int(re.search(r"peak_kb (\d+)", out.stderr).group(1)) * 1024
 
 
