@@ -1,5 +1,5 @@
 """What a request must be before the server does any work for it: the checks that keep a web
-page, a rebinding DNS name or a malformed request from using the server (runtime.server
+page, a rebinding DNS name or a malformed request from using the server (runtime.http_handler
 applies them; each returns a refusal's message or raises ValueError, nothing here sends).
 
 - Host: the server answers only to names that are its own. A page on evil.example can make
