@@ -108,8 +108,11 @@ class RuntimeCommand(click.Command):
 @click.option("--reasoning-format", type=click.Choice(list(REASONING_FORMATS)), default="auto",
               show_default=True, help="A thinking model's thoughts: auto/deepseek return them "
               "as reasoning_content; none leaves them in the content; deepseek-legacy does both.")
-@click.option("--reasoning-budget", type=click.IntRange(-1, 0), default=-1, show_default=True,
-              metavar="N", help="-1: the model may think; 0: ask it not to (enable_thinking=false).")
+@click.option("--reasoning-budget", type=click.IntRange(-1, 2**31 - 1), default=-1, show_default=True,
+              metavar="N", help="Thinking tokens at most: -1 no limit; 0 ask the model not to think "
+              "(enable_thinking=false); N > 0 end its thinking after N tokens.")
+@click.option("--reasoning-budget-message", metavar="MESSAGE", default="",
+              help="Text written before the end of thinking when --reasoning-budget runs out.")
 def main(model: str | None, container: str | None, info: bool, verify: bool, prompt: str | None,
          chat: bool, perplexity_file: str | None, chunks: int, n_predict: int, temp: float,
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
@@ -120,7 +123,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          pooling: str | None = None,
          cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
          cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
-         reasoning_budget: int = -1) -> None:
+         reasoning_budget: int = -1, reasoning_budget_message: str = "") -> None:
     """Run a GGUF language model on this computer, offline.
 
     Without -p, --chat or --info it serves a chat page and an OpenAI-compatible API
@@ -159,7 +162,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
                   allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
-                  slots_endpoint=slots_endpoint, reasoning=(reasoning_format, reasoning_budget),
+                  slots_endpoint=slots_endpoint,
+                  reasoning=(reasoning_format, reasoning_budget, reasoning_budget_message),
                   metrics_endpoint=metrics_endpoint, embeddings=(embeddings_endpoint, pooling),
                   confine_to=None if unsecure else [model])
             return
@@ -190,7 +194,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
           queue_limit: int | None = None, slots_endpoint: bool = True,
           metrics_endpoint: bool = False, embeddings: tuple[bool, str | None] = (False, None),
-          reasoning: tuple[str, int] = ("auto", -1), confine_to: list[str] | None = None) -> None:
+          reasoning: tuple[str, int, str] = ("auto", -1, ""), confine_to: list[str] | None = None) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
     the model's files; the process may then read only those besides its own (runtime.confine,
     applied before any other thread starts)."""

@@ -65,8 +65,11 @@ def post_chat(h: RequestHandler) -> None:
     # A grammar of the request's own decides the answer from its first token: a <think>
     # the prompt opened does not hold it (a <think> block the grammar writes still does).
     opened_by = "" if params.constraint is not None and forced is None else prompt.text
+    # a grammar decides every token: no thinking budget may force one of its own
+    budget = None if params.constraint is not None else chat.budget(
+        worker.encode, worker.chat_template_source(), prompt.text)
     job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
-              spell_special=chat.spell_special, n=_choices(body, info))
+              spell_special=chat.spell_special, n=_choices(body, info), budget=budget)
     _run_job(h, job, info, "chat", stream, body, [chat.output(opened_by, stream) for _ in range(job.n)])
 
 

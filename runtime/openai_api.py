@@ -157,11 +157,12 @@ _FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """The server's chat settings (its flags): llama.cpp's --reasoning-format and
-    --reasoning-budget (runtime/reasoning.py)."""
+    """The server's chat settings (its flags): llama.cpp's --reasoning-format,
+    --reasoning-budget and --reasoning-budget-message (runtime/reasoning.py)."""
 
     reasoning_format: str = "auto"
     reasoning_budget: int = -1
+    reasoning_budget_message: str = ""
 
 
 @dataclass
@@ -175,6 +176,8 @@ class ChatRequest:
     tool_choice: Any  # "auto", "none", "required" or {"type": "function", "function": {...}}
     reasoning_format: str
     spell_special: bool  # the generation must spell the format's control tokens
+    thinking_budget: int = -1  # thinking tokens at most (-1: no limit)
+    budget_message: str = ""  # written before the forced end of thinking
 
     @property
     def forced(self) -> list | None:
@@ -195,6 +198,16 @@ class ChatRequest:
         return tool_calls.forced_call_grammar(
             self.fmt, self.forced, tool_calls.marker_token_finder(encode), template_source,
             reasoning.prompt_opens_thinking(prompt_text))
+
+    def budget(self, encode: Callable[..., list[int]], template_source: str,
+               prompt_text: str) -> reasoning.ReasoningBudget | None:
+        """The thinking budget of this chat (None: unlimited, or a model that does not
+        think); encode: the model's tokenizer's."""
+        tags = reasoning.thinking_tags(template_source, self.fmt == "harmony")
+        if self.thinking_budget < 0 or tags is None:
+            return None
+        return reasoning.ReasoningBudget.of(self.thinking_budget, tags, self.budget_message,
+                                            prompt_text, encode)
 
     def output(self, prompt_text: str, stream: bool) -> ChatOutput:
         return ChatOutput(self.fmt, self.tools is not None, self.reasoning_format,
@@ -220,7 +233,8 @@ def chat_request(body: dict, template_source: str, settings: ChatSettings) -> Ch
         raise RequestError(400, "chat_template_kwargs must be an object of template variables",
                            "chat_template_kwargs")
     template_vars = {k: v for k, v in kwargs.items() if k not in ("messages", "add_generation_prompt")}
-    if settings.reasoning_budget == 0:
+    budget, message = _budget_fields(body, settings)
+    if budget == 0:
         template_vars["enable_thinking"] = False
     messages = template_messages(body.get("messages"), fmt)
     if tools:
@@ -231,7 +245,25 @@ def chat_request(body: dict, template_source: str, settings: ChatSettings) -> Ch
                 fmt = "generic"
             messages = _with_system_text(messages, tool_calls.tools_prompt(tools, fmt))
     return ChatRequest(messages, template_vars, fmt, tools, choice, reasoning_format,
-                       fmt in tool_calls.SPELLS_SPECIAL_TOKENS)
+                       fmt in tool_calls.SPELLS_SPECIAL_TOKENS, budget, message)
+
+
+def _budget_fields(body: dict, settings: ChatSettings) -> tuple[int, str]:
+    """The thinking budget and its message: llama.cpp's reasoning_budget_tokens (or
+    thinking_budget_tokens; -1 or absent: the server's --reasoning-budget) and
+    reasoning_budget_message (absent: the server's)."""
+    name = "reasoning_budget_tokens" if body.get("reasoning_budget_tokens") is not None \
+        else "thinking_budget_tokens"
+    budget = int_field(body, name, -1, 2**31 - 1)
+    if budget is None or budget == -1:
+        budget = settings.reasoning_budget
+    message = body.get("reasoning_budget_message")
+    if message is None:
+        message = settings.reasoning_budget_message
+    elif not isinstance(message, str):
+        raise RequestError(400, f"reasoning_budget_message must be a string, got "
+                                f"{type(message).__name__}", "reasoning_budget_message")
+    return budget, message
 
 
 def _tools_field(tools: Any) -> list | None:

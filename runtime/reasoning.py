@@ -4,16 +4,24 @@ split from the answer into `reasoning_content`, as llama.cpp's server does.
 --reasoning-format (llama.cpp's values): `none` leaves the thinking inline in the content;
 `auto` and `deepseek` move it to reasoning_content, streamed too; `deepseek-legacy` keeps the
 <think> tags in the content and also fills reasoning_content (streamed: inline only).
---reasoning-budget: -1 thinks freely; 0 asks the template not to think (enable_thinking=false,
-which Qwen3's template turns into an empty <think></think>), as llama.cpp's -1 and 0.
-(gpt-oss thinks in harmony's analysis channel: runtime/tool_calls.py reads those messages.)
+--reasoning-budget N (llama.cpp's, and its per-request reasoning_budget_tokens): -1 thinks
+freely; N >= 0 lets the thinking run N tokens, after which the end of thinking is forced:
+the tokens of --reasoning-budget-message, then the end tag (ThinkingBudget). 0 also asks the
+template not to think (enable_thinking=false, which Qwen3's template turns into an empty
+<think></think>); a model that thinks anyway is closed at once.
+(gpt-oss thinks in harmony's analysis channel: runtime/tool_calls.py reads those messages;
+its budget counts an analysis message's tokens and forces its <|end|>.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
-REASONING_BUDGETS = (-1, 0)
 OPEN, CLOSE = "<think>", "</think>"
+# harmony (gpt-oss): thinking is an analysis message; the end of a message ends it
+HARMONY_OPEN, HARMONY_CLOSE = "<|channel|>analysis<|message|>", "<|end|>"
 
 
 def template_thinks(template_source: str) -> bool:
@@ -53,3 +61,110 @@ def held_back(text: str, markers: tuple[str, ...]) -> str:
         if any(m.startswith(text[i:]) for m in markers):
             return text[:i]
     return text
+
+
+# --- the reasoning budget ---------------------------------------------------------------------
+
+def thinking_tags(template_source: str, harmony: bool) -> tuple[str, str] | None:
+    """(start, end) of a model's thinking as its template writes them; None for a model
+    that does not think (a budget then has nothing to count)."""
+    if harmony:
+        return HARMONY_OPEN, HARMONY_CLOSE
+    if template_thinks(template_source):
+        return OPEN, CLOSE
+    return None
+
+
+@dataclass(frozen=True)
+class ReasoningBudget:
+    """A request's budget in tokens (llama.cpp's reasoning-budget sampler): `tokens` thinking
+    tokens at most, counted from a `start` sequence (or from the first token when the prompt
+    opened the thinking); an `end` sequence closes the thinking naturally; when the budget is
+    spent, `forced` (the message's tokens, then `end`) is written token by token."""
+
+    tokens: int
+    start: tuple[int, ...]
+    end: tuple[int, ...]
+    forced: tuple[int, ...]
+    opened: bool = False
+
+    @classmethod
+    def of(cls, tokens: int, tags: tuple[str, str], message: str, prompt_text: str,
+           encode: Callable[..., list[int]]) -> ReasoningBudget:
+        """The budget of a chat whose thinking is tagged `tags`, as token ids (encode: the
+        model's tokenizer's). The tags are the model's own (special tokens parsed); the
+        message is plain text, as any text from a request."""
+        start, end = (tuple(encode(tag, add_special=False, parse_special=True)) for tag in tags)
+        said = tuple(encode(message, add_special=False, parse_special=False)) if message else ()
+        return cls(tokens, start, end, said + end, prompt_text.rstrip().endswith(tags[0]))
+
+    def counter(self, token_bytes: Callable[[int], bytes]) -> ThinkingBudget:
+        """A fresh count for one generation; token_bytes(id): the token's text (a budget
+        never ends inside a character)."""
+        return ThinkingBudget(self, token_bytes)
+
+
+IDLE, COUNTING, WAITING_UTF8, FORCING, DONE = "idle", "counting", "waiting-utf8", "forcing", "done"
+
+
+class ThinkingBudget:
+    """One generation's thinking, counted token by token (llama.cpp's states): idle until the
+    start sequence, counting then (the end sequence ends it: done), once `tokens` are spent
+    waiting for the current character to be complete, then forcing `forced` (forced_token
+    says which token comes next, accept takes each token generated), done again after it.
+    A new start sequence after the end opens a fresh budget (a model may think twice)."""
+
+    def __init__(self, budget: ReasoningBudget, token_bytes: Callable[[int], bytes]):
+        self.budget, self.token_bytes = budget, token_bytes
+        self.state, self.remaining, self.position = IDLE, budget.tokens, 0
+        self._recent: list[int] = []  # the last tokens, to find a start or end sequence
+        self._tail = b""  # the last bytes of the thinking's text, for complete characters
+        if budget.opened:
+            self._open()
+
+    def forced_token(self) -> int | None:
+        """The token the generation must take next, None when it samples freely."""
+        return self.budget.forced[self.position] if self.state == FORCING else None
+
+    def accept(self, token: int) -> None:
+        """The token generated (sampled or forced)."""
+        self._recent = (self._recent + [token])[-max(len(self.budget.start), len(self.budget.end)):]
+        if self.state in (IDLE, DONE):
+            if self._ends_with(self.budget.start):
+                self._open()
+        elif self.state == FORCING:
+            self.position += 1
+            if self.position == len(self.budget.forced):
+                self.state = DONE
+                self._recent = []
+        elif self._ends_with(self.budget.end):  # counting or waiting: the model closed it
+            self.state = DONE
+            self._recent = []
+        else:
+            self._tail = (self._tail + self.token_bytes(token))[-4:]
+            if self.state == COUNTING:
+                self.remaining -= 1
+            if self.remaining <= 0:
+                self.state = FORCING if utf8_complete(self._tail) else WAITING_UTF8
+                if self.state == FORCING:
+                    self._force()
+
+    def _open(self) -> None:
+        self.state, self.remaining, self._recent, self._tail = COUNTING, self.budget.tokens, [], b""
+        if self.remaining <= 0:
+            self._force()
+
+    def _force(self) -> None:
+        self.state, self.position, self._recent = FORCING, 0, []
+
+    def _ends_with(self, sequence: tuple[int, ...]) -> bool:
+        return bool(sequence) and tuple(self._recent[-len(sequence):]) == sequence
+
+
+def utf8_complete(data: bytes) -> bool:
+    """Whether data ends with a whole UTF-8 character (or is empty)."""
+    for i in range(1, min(4, len(data)) + 1):
+        byte = data[-i]
+        if byte & 0xC0 != 0x80:  # the lead byte of the last character
+            return i >= (4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1)
+    return not data

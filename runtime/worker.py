@@ -65,6 +65,7 @@ class Job:
     top_logprobs: int | None = None  # None: no logprobs; N: the chosen token and N alternatives
     spell_special: bool = False  # control tokens in the text (a tool-call format's markers)
     n: int = 1  # choices: each samples on its own, after one prefill of the prompt
+    budget: Any = None  # a runtime.reasoning.ReasoningBudget: thinking tokens at most
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -435,7 +436,8 @@ class _JobGeneration(TextGeneration):
         params = job.params
         if choice and params.seed is not None:
             params = dataclasses.replace(params, seed=params.seed + choice)
-        super().__init__(engine, tokenizer, job.prompt_tokens, params, cancel=job.cancelled, slot=slot)
+        super().__init__(engine, tokenizer, job.prompt_tokens, params, cancel=job.cancelled, slot=slot,
+                         budget=job.budget)
         self.skip_special = not job.spell_special
         self.job = job
         self.entries: list[TokenLogprobs] = []  # one per sampled token, when asked for

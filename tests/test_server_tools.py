@@ -276,7 +276,8 @@ def test_markers_that_are_control_tokens_reach_the_parser(client, worker):
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--reasoning-budget", "512"], "--reasoning-budget"),
+    (["--reasoning-budget", "-2"], "--reasoning-budget"),
+    (["--reasoning-budget", "lots"], "--reasoning-budget"),
     (["--reasoning-format", "loud"], "--reasoning-format")])
 def test_reasoning_flags_are_checked_before_anything_loads(args, says):
     from click.testing import CliRunner
