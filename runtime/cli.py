@@ -198,7 +198,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
     """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
     the model's files; the process may then read only those besides its own (runtime.confine,
     applied before any other thread starts)."""
-    from runtime.openai_api import ChatSettings
+    from runtime.openai_chat import ChatSettings
     from runtime.server import ModelServer, bind_server
     from runtime.worker import EngineWorker
 

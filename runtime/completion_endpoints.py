@@ -1,5 +1,5 @@
 """The generation endpoints: POST /v1/chat/completions, /v1/completions (OpenAI's),
-/completion and /apply-template (llama.cpp's). A request is checked (runtime.openai_api),
+/completion and /apply-template (llama.cpp's). A request is checked (runtime.openai_api, openai_chat),
 its prompt rendered and tokenized through the worker's text interface, and run as a Job
 whose events are relayed to its Reply (whole or streamed) until the choices are done; a
 client that goes away withdraws its Job.
@@ -11,16 +11,17 @@ import queue
 
 from runtime.http_handler import ClientGone, RequestHandler
 from runtime.llamacpp_api import NativeReply, completion_body
-from runtime.openai_api import (MAX_TOP_LOGPROBS, Reply, RequestError, bool_field, chat_request,
-                                error_body, int_field, refuse_unsupported, requested_grammar,
-                                sampling_params)
+from runtime.openai_api import (MAX_TOP_LOGPROBS, RequestError, bool_field, error_body, int_field,
+                                refuse_unsupported, requested_grammar, sampling_params)
+from runtime.openai_chat import chat_request
+from runtime.openai_responses import Reply
 from runtime.worker import EngineWorker, Job, ModelInfo, QueueFull
 
 POLL_SECONDS = 0.1  # how often a waiting HTTP thread checks whether its client is still there
 
 
 def _chat_prompt(h: RequestHandler, body: dict, worker: EngineWorker, info: ModelInfo):
-    """The request's chat (runtime.openai_api.ChatRequest) and its prompt rendered by the
+    """The request's chat (runtime.openai_chat.ChatRequest) and its prompt rendered by the
     model's template; a 400 naming messages when they cannot be rendered or fit."""
     from runtime.chat import ChatTemplateError
 

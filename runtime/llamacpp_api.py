@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.openai_api import Reply, RequestError, error_body, int_field
+from runtime.openai_api import RequestError, error_body, int_field
+from runtime.openai_responses import Reply
 
 # Native field -> the OpenAI-style name runtime.openai_api.sampling_params reads.
 _RENAMED = {"n_predict": "max_tokens"}

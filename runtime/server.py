@@ -28,7 +28,8 @@ from runtime import completion_endpoints, embedding_endpoints
 from runtime.http_checks import is_loopback_host, machine_names
 from runtime.http_connections import DEFAULT_WORKERS, BoundedHTTPServer
 from runtime.http_handler import RequestHandler
-from runtime.openai_api import ChatSettings, RequestError, bool_field, error_body
+from runtime.openai_api import RequestError, bool_field, error_body
+from runtime.openai_chat import ChatSettings
 from runtime.worker import EngineWorker
 
 MAX_BODY_BYTES = 8 * 2**20

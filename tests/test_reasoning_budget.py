@@ -17,7 +17,8 @@ import re
 
 import pytest
 
-from runtime.openai_api import ChatSettings, RequestError, chat_request
+from runtime.openai_api import RequestError
+from runtime.openai_chat import ChatSettings, chat_request
 from runtime.reasoning import (COUNTING, DONE, FORCING, IDLE, WAITING_UTF8, ReasoningBudget,
                                ThinkingBudget, thinking_tags, utf8_complete)
 

@@ -16,7 +16,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from conftest import write_synthetic_model_with_tokenizer  # noqa: E402
-from runtime.openai_api import ChatSettings  # noqa: E402
+from runtime.openai_chat import ChatSettings  # noqa: E402
 from runtime.worker import EngineWorker  # noqa: E402
 from test_gptoss import gpt_oss_f32  # noqa: E402,F401  (a fixture)
 from test_server import N_CTX, loaded_worker, running_server, tokenizer_vocabulary  # noqa: E402

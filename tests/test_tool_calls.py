@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from runtime import reasoning
-from runtime.openai_api import ChatOutput, RequestError, chat_request, ChatSettings, template_messages
+from runtime.openai_api import RequestError
+from runtime.openai_chat import ChatOutput, ChatSettings, chat_request, template_messages
 from runtime.tool_calls import detect_format, parse
 
 TEMPLATES = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates")
