@@ -21,7 +21,7 @@ Every bad schema or grammar, wherever it is found (converting GBNF, compiling, c
 against the vocabulary), becomes a ConstraintError (a ValueError) whose message names the
 problem; the HTTP layer answers it with a 400.
 
-For tool calls (runtime/openai_api.py): a Lark grammar can put literal markup around a JSON
+For tool calls (runtime/tool_call_grammar.py): a Lark grammar can put literal markup around a JSON
 value that follows a schema, e.g.
     Grammar.lark('start: "<tool_call>" %json{"type": "object", ...} "</tool_call>"')
 and name a special (control) token of the vocabulary as `<|name|>` or by id as `<[12345]>`.

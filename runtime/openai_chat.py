@@ -1,8 +1,8 @@
 """OpenAI's chat requests as data: tools, tool_choice, the thinking settings and the
 messages made ready for the model's chat template (ChatRequest), and the assistant's message
 read back from the generated text (ChatOutput): its thinking, content and tool calls, whole
-or as a stream's deltas. The formats themselves are runtime/tool_calls.py's and
-runtime/reasoning.py's.
+or as a stream's deltas. The formats themselves are runtime/tool_calls.py's (with
+tool_call_parsers.py and tool_call_grammar.py) and runtime/reasoning.py's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from runtime import reasoning, tool_calls
+from runtime import reasoning, tool_call_parsers, tool_calls
+from runtime.tool_call_grammar import forced_call_grammar, marker_token_finder
 from runtime.openai_api import RequestError, int_field
 
 TOOL_CHOICES = ("auto", "none", "required")
@@ -59,8 +60,8 @@ class ChatRequest:
         the model's tokenizer's (to find the control tokens of the call's markup)."""
         if not self.forced:
             return None
-        return tool_calls.forced_call_grammar(
-            self.fmt, self.forced, tool_calls.marker_token_finder(encode), template_source,
+        return forced_call_grammar(
+            self.fmt, self.forced, marker_token_finder(encode), template_source,
             reasoning.prompt_opens_thinking(prompt_text))
 
     def budget(self, encode: Callable[..., list[int]], template_source: str,
@@ -243,17 +244,17 @@ class ChatOutput:
         self.ids: list[str] = []  # the calls' ids, in order
         self.sent_arguments: list[str] = []  # what streamed of each call's arguments
 
-    def parse(self, text: str, final: bool) -> tool_calls.Parsed:
+    def parse(self, text: str, final: bool) -> tool_call_parsers.Parsed:
         if self.fmt == "harmony":
-            parsed = tool_calls.parse(text, "harmony", final, self.extract)
+            parsed = tool_call_parsers.parse(text, "harmony", final, self.extract)
             if not self.parse_tools:
                 parsed.calls = []
             return parsed
         thought, content = reasoning.split(text, self.opened, final) if self.extract else ("", text)
         if self.parse_tools:
-            parsed = tool_calls.parse(content, self.fmt, final)
+            parsed = tool_call_parsers.parse(content, self.fmt, final)
         else:
-            parsed = tool_calls.Parsed(content=content)
+            parsed = tool_call_parsers.Parsed(content=content)
         parsed.reasoning = thought
         if self.legacy and thought:
             parsed.content = f"{reasoning.OPEN}{thought}{reasoning.CLOSE}{parsed.content}"

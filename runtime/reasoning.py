@@ -9,7 +9,7 @@ freely; N >= 0 lets the thinking run N tokens, after which the end of thinking i
 the tokens of --reasoning-budget-message, then the end tag (ThinkingBudget). 0 also asks the
 template not to think (enable_thinking=false, which Qwen3's template turns into an empty
 <think></think>); a model that thinks anyway is closed at once.
-(gpt-oss thinks in harmony's analysis channel: runtime/tool_calls.py reads those messages;
+(gpt-oss thinks in harmony's analysis channel: runtime/tool_call_parsers.py reads those messages;
 its budget counts an analysis message's tokens and forces its <|end|>.)
 """
 

@@ -14,7 +14,7 @@ import pytest
 from runtime import reasoning
 from runtime.openai_api import RequestError
 from runtime.openai_chat import ChatOutput, ChatSettings, chat_request, template_messages
-from runtime.tool_calls import detect_format, parse
+from runtime.tool_calls import detect_format
 
 TEMPLATES = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates")
 
@@ -295,7 +295,7 @@ def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, ope
     import numpy as np
 
     from runtime.constraint import ConstraintVocabulary
-    from runtime.tool_calls import marker_token_finder, forced_call_grammar
+    from runtime.tool_call_grammar import forced_call_grammar, marker_token_finder
 
     tok = marker_tokenizer
     grammar = forced_call_grammar(fmt, FORCED_TOOLS, marker_token_finder(tok.encode), source, opened)
