@@ -67,12 +67,13 @@ class ChatRequest:
     def budget(self, encode: Callable[..., list[int]], template_source: str,
                prompt_text: str) -> reasoning.ReasoningBudget | None:
         """The thinking budget of this chat (None: unlimited, or a model that does not
-        think); encode: the model's tokenizer's."""
+        think, or whose tags its vocabulary cannot write); encode: the model's tokenizer's."""
         tags = reasoning.thinking_tags(template_source, self.fmt == "harmony")
         if self.thinking_budget < 0 or tags is None:
             return None
-        return reasoning.ReasoningBudget.of(self.thinking_budget, tags, self.budget_message,
-                                            prompt_text, encode)
+        budget = reasoning.ReasoningBudget.of(self.thinking_budget, tags, self.budget_message,
+                                              prompt_text, encode)
+        return budget if budget.start and budget.end else None
 
     def output(self, prompt_text: str, stream: bool) -> ChatOutput:
         return ChatOutput(self.fmt, self.tools is not None, self.reasoning_format,

@@ -105,6 +105,10 @@ def test_thinking_tags_and_the_budget_fields_of_a_request():
     # -1 from a request means the server's budget, as llama.cpp's server reads it
     assert chat_request({**body, "reasoning_budget_tokens": -1}, "<think>", settings).thinking_budget == 5
     assert "enable_thinking" not in chat.template_vars
+    assert chat.budget(lambda text, **_: [ord(c) for c in text], "<think>", "<think>\n").forced == \
+        tuple(map(ord, "</think>"))
+    assert chat.budget(lambda text, **_: [], "<think>", "") is None  # tags it cannot write
+    assert chat_request(body, "{{ messages }}", settings).budget(ord, "{{ messages }}", "") is None
     assert chat_request({**body, "reasoning_budget_tokens": 0}, "<think>",
                         settings).template_vars["enable_thinking"] is False
     for field, value in (("reasoning_budget_tokens", -2), ("thinking_budget_tokens", "3"),
