@@ -14,6 +14,10 @@ def main() -> None:
         from runtime import chat_worker
 
         sys.exit(chat_worker.main(renderer))
+    # numpy's OpenBLAS starts a pool of threads when it loads. The runtime makes no BLAS call
+    # (its kernels are Numba's), and a thread that exists before the server confines itself
+    # stays unconfined (runtime.confine): one thread, no pool.
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
     from runtime import cpu
 
     try:

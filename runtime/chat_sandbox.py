@@ -1,5 +1,5 @@
 """The chat-template sandbox: Jinja2 rendering as Hugging Face does it, run only inside the
-renderer process (runtime.chat_worker starts it; its `main` is the process's loop).
+renderer processes (runtime.chat_worker forks them; `serve` is a renderer's loop).
 
 A template is Jinja2 source that ships in the model file, so it is untrusted code. It is
 rendered in jinja2's ImmutableSandboxedEnvironment, with changes that make a probe fail
@@ -43,7 +43,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from runtime.chat_worker import FRAME
+from runtime.chat_worker import FRAME, write_all
 
 MAX_OUTPUT_CHARS = 4 * 2**20  # a rendered prompt: more than any context holds (~4 chars a token)
 MAX_REPEAT_ITEMS = 2**20  # `seq * n` results
@@ -255,15 +255,9 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _send(fd: int, answer: dict) -> None:
     data = json.dumps(answer).encode()
-    _write_all(fd, FRAME.pack(len(data)) + data)
+    write_all(fd, FRAME.pack(len(data)) + data)
 
 
 def _vm_bytes() -> int | None:
@@ -282,20 +276,14 @@ def _limit(kind: int, soft: int, usual: tuple[int, int]) -> None:
     resource.setrlimit(kind, (soft, usual[1]))
 
 
-def main(memory_bytes: int, cpu_seconds: int, confine: bool = True) -> int:
-    """The renderer's loop: framed JSON requests on stdin, answers on stdout. While a request
-    is answered, the address space may grow by memory_bytes and the CPU time by cpu_seconds
-    (the parent's wall-clock deadline is the tighter one; this is the backstop should the
-    parent be gone). After running out of memory it answers and exits: the parent starts a
-    fresh process. confine: give up writing files, running programs and sockets first
-    (runtime.confine; the ready message says when that was not possible)."""
-    unconfined = "--unsecure" if not confine else None
-    if confine:
-        from runtime.confine import confine_renderer
-
-        unconfined = confine_renderer()
-    fd_in, fd_out = 0, os.dup(1)
-    os.dup2(2, 1)  # a stray print must not corrupt the answers
+def serve(fd_in: int, fd_out: int, memory_bytes: int, cpu_seconds: int,
+          unconfined: str | None) -> int:
+    """A renderer's loop (runtime.chat_worker forks it from its launcher): framed JSON
+    requests on fd_in, answers on fd_out. While a request is answered, the address space may
+    grow by memory_bytes and the CPU time by cpu_seconds (the server's wall-clock deadline
+    is the tighter one; this is the backstop should the server be gone). After running out
+    of memory it answers and exits: the server asks for a fresh renderer. unconfined: why
+    the launcher is not confined (runtime.confine), said in the ready message."""
     usual = {kind: resource.getrlimit(kind) for kind in (resource.RLIMIT_AS, resource.RLIMIT_CPU)}
     _send(fd_out, {"ready": True, "unconfined": unconfined})
     while True:
@@ -320,6 +308,6 @@ def main(memory_bytes: int, cpu_seconds: int, confine: bool = True) -> int:
             data = json.dumps(answer).encode()
         for kind, limits in usual.items():
             resource.setrlimit(kind, limits)
-        _write_all(fd_out, FRAME.pack(len(data)) + data)
+        write_all(fd_out, FRAME.pack(len(data)) + data)
         if answer.get("error") == "memory":
             return 0

@@ -89,7 +89,8 @@ class RuntimeCommand(click.Command):
                                 "without holding one.")
 @click.option("--unsecure", is_flag=True,
               help="Run the server and the chat template renderer without confining them "
-                   "(no Landlock or seccomp; the renderer's time and memory limits stay).")
+                   "(no Landlock or seccomp: they may then write any of your files, run "
+                   "programs and connect out; the renderer's time and memory limits stay).")
 @click.option("-np", "--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Slots: requests generated at once, decoded together; the context (-c) is "
                    "split among them, as llama.cpp does.")
@@ -148,8 +149,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             from runtime.confine import availability
 
             click.echo(describe(gguf, model))
-            click.echo(f"  confinement: the server (files) and the chat template renderer, "
-                       f"{'off (--unsecure)' if unsecure else 'with ' + availability()}")
+            click.echo("  confinement of the server and the chat template renderer: "
+                       + ("off (--unsecure)" if unsecure else availability()))
             return
         if unsecure:
             from runtime.chat_worker import renderer
@@ -196,8 +197,10 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
           metrics_endpoint: bool = False, embeddings: tuple[bool, str | None] = (False, None),
           reasoning: tuple[str, int, str] = ("auto", -1, ""), confine_to: list[str] | None = None) -> None:
     """Bind at once, load the model on the engine thread, serve until Ctrl-C. confine_to:
-    the model's files; the process may then read only those besides its own (runtime.confine,
-    applied before any other thread starts)."""
+    the model's files; the process may then read only those besides its own, and runs no
+    program and opens no connection (runtime.confine, applied once the port is bound and
+    before any other thread starts)."""
+    from runtime.chat_worker import renderer
     from runtime.openai_chat import ChatSettings
     from runtime.server import ModelServer, bind_server
     from runtime.worker import EngineWorker
@@ -225,12 +228,7 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
 
         threading.Thread(target=lambda: webbrowser.open(browser_url.get()), daemon=True,
                          name="browser").start()
-    if confine_to is not None:
-        from runtime.confine import confine_server
-
-        unconfined = confine_server(confine_to)
-        if unconfined:
-            say(f"note: {unconfined}")
+    renderer().start()  # the template renderers' launcher: the one program it runs
     try:
         server = bind_server(host, port, lambda address: ModelServer(
             address, worker, name, api_key=api_key, cors_origin=cors, workers=threads_http,
@@ -240,6 +238,13 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
     except OSError as e:
         raise UserError(f"cannot serve on {host}:{port}: {e.strerror or e}") from None
     server_box.append(server)
+    if confine_to is not None:  # bound, no thread started yet (they start serving)
+        from runtime.confine import confine_server
+
+        confinement = confine_server(confine_to)
+        say(f"confined: {confinement.summary()}")
+        if confinement.warning("the server"):
+            say(f"warning: {confinement.warning('the server')}")
     shown_host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if ":" in shown_host:
         shown_host = f"[{shown_host}]"

@@ -168,12 +168,18 @@ class BoundedHTTPServer(HTTPServer):
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
         super().__init__(address, handler_class)  # binds (or closes all and raises)
-        self._threads = [threading.Thread(target=self._wait_for_heads, name="http heads",
-                                          daemon=True)]
-        self._threads += [threading.Thread(target=self._work, name=f"http {i}", daemon=True)
-                          for i in range(workers)]
-        for thread in self._threads:
-            thread.start()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Start the threads, then accept. The threads start here, not when binding: a
+        process that confines itself in between (runtime.confine) has them confined too."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._wait_for_heads, name="http heads",
+                                              daemon=True)]
+            self._threads += [threading.Thread(target=self._work, name=f"http {i}", daemon=True)
+                              for i in range(self.workers)]
+            for thread in self._threads:
+                thread.start()
+        super().serve_forever(poll_interval)
 
     # -- the waiting thread ---------------------------------------------------------------------
 
