@@ -281,10 +281,12 @@ def _post(port: int, content: str) -> tuple[int, dict]:
 
 
 def _children(pid: int) -> list[int]:
+    """pid's child processes that are alive (a killed renderer stays a zombie until the
+    launcher is asked for the next one: it reaps then)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         found += [int(c) for c in (task / "children").read_text().split()]
-    return found
+    return [c for c in found if "State:\tZ" not in _status(c)]
 
 
 def _free_port() -> int:
