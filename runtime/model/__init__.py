@@ -2,7 +2,8 @@
 
 from runtime.hparams import unsupported_architecture_message
 
-from .base import HParams, KVCache, Matrix, Transformer, UnsupportedModelError
+from .base import HParams, Matrix, Transformer, UnsupportedModelError
+from .kv_cache import KVCache
 from .gemma import Gemma
 from .gemma2 import Gemma2
 from .gemma3 import Gemma3

@@ -17,7 +17,8 @@ import numpy as np
 
 from runtime.kernels import ops
 
-from .base import KVCache, Layer, Matrix, Transformer
+from .base import Layer, Matrix, Transformer
+from .kv_cache import KVCache
 
 
 def _row_views(m: Matrix, sizes: tuple[int, ...]) -> list[Matrix]:

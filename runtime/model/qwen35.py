@@ -29,7 +29,8 @@ import numpy as np
 from runtime.hparams import DEFAULT_KV_CACHE_TYPE
 from runtime.kernels import deltanet, ops
 
-from .base import Layer, Matrix, Projections, Span, Transformer, UnsupportedModelError
+from .base import Layer, Matrix, Projections, Transformer, UnsupportedModelError
+from .kv_cache import Span
 from .recurrent import HybridCache
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from runtime.hparams import DEFAULT_KV_CACHE_TYPE, HParams
 
-from .base import KVCache
+from .kv_cache import KVCache
 
 
 class RecurrentState:
