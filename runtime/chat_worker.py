@@ -147,6 +147,12 @@ class Renderer:
                 self._launcher = subprocess.Popen(
                     _command(), stdin=theirs, env=_environment(self.confine), close_fds=True,
                     start_new_session=True)
+            except PermissionError:  # a confined server (runtime.confine) runs no program
+                ours.close()
+                raise ChatTemplateError(
+                    "the chat template renderer's launcher has ended, and a confined server "
+                    "cannot start another: restart modelrun (--unsecure does not confine "
+                    "it)") from None
             except OSError as e:
                 ours.close()
                 raise ChatTemplateError(f"the chat template renderer cannot start: "

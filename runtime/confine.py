@@ -15,8 +15,8 @@ that asks and the threads and processes it starts afterwards):
 - network (Landlock ABI 4, Linux 6.7+): no TCP connection and no new TCP port; the
   listening socket, bound before, goes on accepting;
 - programs and sockets (seccomp): no execve/execveat, no new socket of any family (UDP,
-  Unix, netlink: every connection comes through the listening socket), no ptrace or
-  reading/writing another process's memory. A renderer killed on overrun is replaced by a
+  Unix, netlink: every connection comes through the listening socket), no io_uring, no
+  ptrace or reading/writing another process's memory. A renderer killed on overrun is replaced by a
   fork of the launcher (runtime.chat_worker), so the server never needs to run a program.
 
 Why the network rules are written here and not by the `landlock` package: its version 1.0
@@ -43,11 +43,12 @@ from pathlib import Path
 # network or socket use (its pipes and its launcher's socket are already open).
 RENDERER_DENIED_SYSCALLS = ("execve", "execveat", "socket", "socketpair", "connect", "bind",
                             "listen", "accept", "accept4", "ptrace", "process_vm_writev",
-                            "process_vm_readv")
+                            "process_vm_readv", "io_uring_setup")
 # What the serving process is refused once serving: running programs, making sockets (it
-# accepts on the one it listens on), and reaching into other processes.
+# accepts on the one it listens on), and reaching into other processes. Both are refused
+# io_uring too, whose operations (a socket, a connect) are not system calls seccomp sees.
 SERVER_DENIED_SYSCALLS = ("execve", "execveat", "socket", "ptrace", "process_vm_writev",
-                          "process_vm_readv")
+                          "process_vm_readv", "io_uring_setup")
 
 # Landlock's network rights and scopes (linux/landlock.h), and the ABI that brought them
 NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1

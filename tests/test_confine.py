@@ -42,6 +42,14 @@ def _run_probe(probe: str, *args, env=None) -> dict[str, str]:
 
 
 ATTEMPT = r"""
+import os
+def io_uring():  # a ring would make sockets and connect without those system calls
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(425, 1, ctypes.create_string_buffer(120))  # io_uring_setup, x86-64
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "io_uring_setup")
+    os.close(fd)
 def attempt(name, act):
     try:
         act()
@@ -62,6 +70,7 @@ if missing:
 attempt("write", lambda: open(sys.argv[1], "w").write("x"))
 attempt("exec", lambda: subprocess.run(["/bin/true"]))
 attempt("socket", lambda: socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5))
+attempt("io_uring", io_uring)
 attempt("read", lambda: open(__import__("runtime").__file__).read())
 for name, result in results.items():
     print(name, result)
@@ -80,13 +89,14 @@ def test_a_confined_renderer_cannot_write_exec_or_open_sockets(tmp_path):
         target = tmp_path / "written"
         result = _run_probe(RENDERER_PROBE, target, listener.getsockname()[1])
     assert result == {"write": f"refused {EACCES}", "exec": f"refused {EPERM}",
-                      "socket": f"refused {EPERM}", "read": "allowed"}
+                      "socket": f"refused {EPERM}", "io_uring": f"refused {EPERM}",
+                      "read": "allowed"}
     assert not target.exists()
 
 
 SERVER_PROBE = r"""
 import os, socket, subprocess, sys, threading
-from runtime.chat import ChatTemplate, ChatTemplateLimitError
+from runtime.chat import ChatTemplate, ChatTemplateError, ChatTemplateLimitError
 from runtime.chat_worker import renderer
 from runtime.confine import confine_server
 model, outside, cache, port = sys.argv[1:5]
@@ -113,11 +123,20 @@ def bomb():
         results["bomb"] = f"rendered {render('bomb')}"
     except ChatTemplateLimitError:
         results["bomb"] = "stopped at the limit"
+def launcher_gone():  # it cannot be started again without exec: said so
+    os.kill(renderer()._launcher.pid, 9)
+    renderer()._launcher.wait()
+    renderer()._stop()
+    try:
+        results["launcher-gone"] = f"rendered {render('hi')}"
+    except ChatTemplateError as e:
+        results["launcher-gone"] = "restart" if "restart modelrun" in str(e) else str(e)
 def probe():  # a thread started afterwards, as the server's are
     attempt("exec-subprocess", lambda: subprocess.run(["/bin/true"]))
     attempt("exec-execv", lambda: os.execv("/bin/true", ["/bin/true"]))
     attempt("connect", lambda: made_before.connect(("127.0.0.1", int(port))))
     attempt("new-socket", lambda: socket.socket())
+    attempt("io_uring", io_uring)
     attempt("bind", lambda: bound_before.bind(("127.0.0.1", 0)))
     attempt("accept", lambda: listening.accept()[0].close())
     attempt("read-model", lambda: open(model, "rb").read(4))
@@ -129,6 +148,7 @@ def probe():  # a thread started afterwards, as the server's are
     bomb()
     attempt("render-again", lambda: render("hi") == "hi" or 1 / 0)
     results["renderers"] = str(renderer().starts)
+    launcher_gone()
 thread = threading.Thread(target=probe)
 thread.start()
 thread.join()
@@ -164,6 +184,7 @@ def test_the_serving_process_cannot_exec_connect_or_write_outside_its_cache(tmp_
     assert result == {
         "exec-subprocess": f"refused {EPERM}", "exec-execv": f"refused {EPERM}",
         "connect": f"refused {EACCES}", "new-socket": f"refused {EPERM}",
+        "io_uring": f"refused {EPERM}", "launcher-gone": "restart",
         "bind": f"refused {EACCES}", "accept": "allowed",
         "read-model": "allowed", "read-outside": f"refused {EACCES}",
         "write-outside": f"refused {EACCES}", "write-cache": "allowed", "import": "allowed",
