@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 EACCES, EPERM = errno.EACCES, errno.EPERM
 
 
-def _run_probe(probe: str, *args, env=None) -> dict[str, str]:
+def _run_probe(probe: str, *args) -> dict[str, str]:
     """Run probe (Python source) in a fresh `python`, return {name: result} from its lines
     "name result"; skip when it says UNAVAILABLE (a layer this kernel lacks)."""
     out = subprocess.run([sys.executable, "-c", probe, *map(str, args)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, env=env)
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     if out.stdout.startswith("UNAVAILABLE"):
         pytest.skip(out.stdout)
