@@ -152,6 +152,13 @@ SYNTHETIC_SPECS = {
                    sliding_window=4, rope_base=1e6,
                    types={"attn_q": "Q4_K", "attn_k": "Q8_0", "attn_v": "Q6_K", "attn_output": "Q4_0",
                           "ffn_gate": "Q6_K", "ffn_up": "Q4_K", "ffn_down": "Q4_K", "token_embd": "Q8_0"}),
+    # Mixtures of experts, MXFP4 and Gated DeltaNet: the layouts of tests/parity_models.py (the
+    # models proven against llama.cpp) with a vocabulary of n_vocab and no tokenizer, quantized
+    # as each family ships (`quantized`: llama.cpp's mix, by bundler.quantize)
+    "qwen3moe": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
+    "gpt-oss": dict(parity=True, n_vocab=256, quantized="MXFP4_MOE"),
+    "qwen35": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
+    "qwen35moe": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
 }
 
 
@@ -212,6 +219,8 @@ def write_synthetic_model(path, arch: str, seed: int = 0, **overrides) -> dict:
     from gguf import GGMLQuantizationType as Q
 
     spec = {**SYNTHETIC_SPECS[arch], **overrides}
+    if spec.get("parity"):
+        return _write_parity_layout(path, arch, spec)
     rng = np.random.default_rng(seed)
     n_embd, n_head, n_kv, hd, n_ff = (spec[k] for k in ("n_embd", "n_head", "n_head_kv", "head_dim", "n_ff"))
     w = gguf.GGUFWriter(str(path), arch)
@@ -288,6 +297,31 @@ def write_synthetic_model(path, arch: str, seed: int = 0, **overrides) -> dict:
     return tensors
 
 
+def _write_parity_layout(path, arch: str, spec: dict) -> dict:
+    """A SYNTHETIC_SPECS model written by tests/parity_models.py (its weights come from that
+    file's generator: `seed` does not apply), quantized as spec["quantized"] says; returns
+    its tensors as write_synthetic_model does, read back with the `gguf` package."""
+    import sys
+
+    import gguf
+    import numpy as np
+
+    from bundler.quantize import quantize_gguf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # as bundler/payload.py loads us
+    try:
+        import parity_models
+    finally:
+        sys.path.pop(0)
+    path = Path(path)
+    f32 = path.with_name(path.name + ".f32")
+    parity_models.write_model(f32, arch, None, n_vocab=spec["n_vocab"])
+    quantize_gguf(f32, path, spec["quantized"])
+    f32.unlink()
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: (np.array(t.data), t.tensor_type) for t in reader.tensors}
+
+
 @pytest.fixture(scope="session")
 def synthetic_models(tmp_path_factory) -> dict:
     """{arch: (path, tensors)} for each tiny synthetic model (see write_synthetic_model)."""
@@ -297,6 +331,33 @@ def synthetic_models(tmp_path_factory) -> dict:
         path = folder / f"{arch}.gguf"
         out[arch] = (path, write_synthetic_model(path, arch, seed=i))
     return out
+
+
+@pytest.fixture(scope="session")
+def parity_model(tmp_path_factory):
+    """parity_model(arch) -> Path: the tiny F32 model of `arch` that tests/parity_models.py
+    writes for the parity check against llama.cpp (its family's layout scaled down, with the
+    tokenizer and chat template of the nearest llama.cpp test vocabulary), once per session.
+    The families beyond SYNTHETIC_SPECS' dense ones (mixtures of experts, MXFP4, Gated DeltaNet)
+    are tested with these. Skips when llama.cpp's test vocabularies cannot be fetched."""
+    import llamacpp_vocab
+    import parity_models as pm
+
+    folder = tmp_path_factory.mktemp("parity_models")
+    written: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in written:
+            try:
+                vocabularies = llamacpp_vocab.vocab_dir()
+            except llamacpp_vocab.VocabUnavailable as e:
+                pytest.skip(f"llama.cpp's test vocabularies are unavailable: {e}")
+            path = folder / f"{arch}-F32.gguf"
+            pm.write_model(path, arch, llamacpp_vocab.vocab_path(vocabularies, pm.SPECS[arch]["vocab"]))
+            written[arch] = path
+        return written[arch]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -355,7 +416,8 @@ def gemma_f16_path(gemma_path) -> Path:
 def runtime_payload() -> Path:
     """The runtime payload of model.run (bundler.payload.build_payload): Path of its tar.gz,
     runtime.json beside it. Built once per tree, about 3 minutes: cached in tests/artifacts/,
-    keyed on runtime/, build.spec and bundler/payload.py. Only this machine's CPU tier is
+    keyed on runtime/, build.spec, bundler/payload.py and the warm-up models that precompile
+    its kernels (SYNTHETIC_SPECS here, tests/parity_models.py). Only this machine's CPU tier is
     precompiled here (`make runtime` builds all four); stale copies are removed."""
     import fcntl
     import hashlib
@@ -369,7 +431,8 @@ def runtime_payload() -> Path:
     key = hashlib.sha256()
     sources = [p for p in sorted((root / "runtime").rglob("*"))
                if p.is_file() and "__pycache__" not in p.parts]
-    for path in [*sources, root / "build.spec", root / "bundler" / "payload.py"]:
+    warm_up = [root / "tests" / "conftest.py", root / "tests" / "parity_models.py"]
+    for path in [*sources, root / "build.spec", root / "bundler" / "payload.py", *warm_up]:
         key.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     folder = root / "tests" / "artifacts"
     folder.mkdir(exist_ok=True)

@@ -291,7 +291,7 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
     return out
 
 
-def _metadata(arch: str, spec: dict, vocab: GGUFFile) -> list[tuple[str, ValueType, object]]:
+def _metadata(arch: str, spec: dict, vocab: GGUFFile | None) -> list[tuple[str, ValueType, object]]:
     a = arch + "."
     md = [("general.architecture", STR, arch),
           ("general.name", STR, f"modelrun parity {arch}"),
@@ -306,6 +306,8 @@ def _metadata(arch: str, spec: dict, vocab: GGUFFile) -> list[tuple[str, ValueTy
           (a + "attention.layer_norm_rms_epsilon", F32, 1e-6),
           ("general.file_type", U32, 0)]  # all F32
     md += [(a + key, vtype, value) for key, (vtype, value) in spec.get("keys", {}).items()]
+    if vocab is None:  # a model without a tokenizer
+        return md
     tokenizer = {key: (vocab.metadata_types[key], value) for key, value in vocab.metadata.items()
                  if key.startswith("tokenizer.")}
     if spec.get("harmony"):
@@ -338,11 +340,14 @@ def _harmony_tokenizer(vocab: GGUFFile) -> dict:
             "tokenizer.chat_template": (STR, HARMONY_TEMPLATE.read_text())}
 
 
-def write_model(path: str | Path, arch: str, vocab_path: str | Path) -> str:
-    """Write the F32 parity model of `arch` to path; return its sha256 (hex)."""
+def write_model(path: str | Path, arch: str, vocab_path: str | Path | None, n_vocab: int = 0) -> str:
+    """Write the F32 parity model of `arch` to path; return its sha256 (hex). Without a
+    vocabulary: the same layout with n_vocab tokens and no tokenizer (tests/conftest.py's
+    SYNTHETIC_SPECS, the payload's warm-up models)."""
     spec = SPECS[arch]
-    vocab = GGUFFile(vocab_path)
-    n_vocab = len(vocab.metadata["tokenizer.ggml.tokens"])
+    vocab = GGUFFile(vocab_path) if vocab_path is not None else None
+    if vocab is not None:
+        n_vocab = len(vocab.metadata["tokenizer.ggml.tokens"])
     tensors = _tensors(arch, spec, n_vocab)
     f32 = ggml_type("F32")
     infos, offset = [], 0
@@ -360,7 +365,8 @@ def write_model(path: str | Path, arch: str, vocab_path: str | Path) -> str:
             data += bytes(-len(data) % ALIGNMENT)
             f.write(data)
             digest.update(data)
-    vocab.close()
+    if vocab is not None:
+        vocab.close()
     return digest.hexdigest()
 
 
