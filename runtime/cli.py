@@ -46,7 +46,8 @@ class RuntimeCommand(click.Command):
 @click.option("--container", metavar="FILE", hidden=True,
               help="The model.run this runtime runs from (passed by its sh header).")
 @click.option("--info", is_flag=True,
-              help="Describe the model (architecture, size, tokenizer, quantization) and exit.")
+              help="Describe the model (architecture, size, tokenizer, quantization) and exit; its "
+                   "memory estimate follows -c, -ctk/-ctv and --parallel.")
 @click.option("--verify", is_flag=True,
               help="Check the model inside this model.run against the sha256 it was made with, and exit.")
 @click.option("-p", "--prompt", metavar="TEXT", help="Continue TEXT and print the continuation.")
@@ -148,7 +149,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         if info:
             from runtime.confine import availability
 
-            click.echo(describe(gguf, model))
+            click.echo(describe(gguf, model, ctx_size, (cache_type_k, cache_type_v), parallel))
             click.echo("  confinement of the server and the chat template renderer: "
                        + ("off (--unsecure)" if unsecure else availability()))
             return

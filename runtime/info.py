@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from runtime.gguf import GGUFFile, StringArray
-from runtime.hparams import (SUPPORTED_ARCHITECTURES, RecurrentShape, UnsupportedModelError,
-                             unsupported_architecture_message)
+from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, SUPPORTED_ARCHITECTURES, RecurrentShape,
+                             UnsupportedModelError, unsupported_architecture_message)
 from runtime.terminal import printable
 from runtime.units import format_bytes
 
@@ -73,8 +73,11 @@ def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
     return [s for s in mix if s.name not in SUPPORTED_TYPES]
 
 
-def describe(gguf: GGUFFile, path: str) -> str:
-    """What a user wants to know before running a model, as text."""
+def describe(gguf: GGUFFile, path: str, n_ctx: int | None = None,
+             cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
+             n_parallel: int = 1) -> str:
+    """What a user wants to know before running a model, as text; its memory estimate at the
+    context, KV cache types and slots given (-c, -ctk/-ctv, --parallel; default: the engine's)."""
     arch = gguf.get("general.architecture")
     a = f"{arch}."
 
@@ -101,6 +104,8 @@ def describe(gguf: GGUFFile, path: str) -> str:
                                 f"({_number(key('expert_used_count'))} used per token)"))
         if key("expert_feed_forward_length") is not None:
             rows.append(("expert FFN size", _number(key("expert_feed_forward_length"))))
+        if key("expert_shared_feed_forward_length") is not None:  # read by every token
+            rows.append(("shared expert FFN", _number(key("expert_shared_feed_forward_length"))))
         active = active_weights(gguf, key("expert_count"), key("expert_used_count"))
         if active is not None:
             rows.append(("active per token", f"{_count(active)}, {_percent(active, weights)} of the "
@@ -143,7 +148,7 @@ def describe(gguf: GGUFFile, path: str) -> str:
     else:
         lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
     lines += kernel_lines()
-    lines.append(memory_line(gguf))
+    lines.append(memory_line(gguf, n_ctx, cache_types, n_parallel))
     return printable("\n".join(lines), keep_layout=True)  # the file's text may hold escapes
 
 
@@ -156,12 +161,14 @@ def _recurrent(gguf: GGUFFile, arch: str, block_count: Any, nextn: Any) -> Recur
         return None
 
 
-def memory_line(gguf: GGUFFile) -> str:
-    """--info: will the model fit in this machine's memory at the default context."""
+def memory_line(gguf: GGUFFile, n_ctx: int | None = None,
+                cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
+                n_parallel: int = 1) -> str:
+    """--info: will the model fit in this machine's memory at the context (default: the engine's)."""
     from runtime import memory
 
     try:
-        return f"  memory: {memory.fit_line(gguf, None, memory.available_bytes())}"
+        return f"  memory: {memory.fit_line(gguf, n_ctx, memory.available_bytes(), *cache_types, n_parallel)}"
     except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
         return f"  memory: cannot estimate ({e})"
 

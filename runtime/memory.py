@@ -3,13 +3,16 @@
 The estimate is the sum of
 - the weights: the tensor data of the GGUF file, memory-mapped; a forward pass reads every
   matrix, so all of it ends up resident (as page cache that the process maps);
-- the KV cache: the engine's own formula (runtime.hparams.kv_cache_bytes), all of it, as a
-  conversation that fills the context touches every position;
+- the KV cache: the engine's own formula (runtime.hparams.kv_cache_bytes) in the cache types
+  asked for (-ctk/-ctv), all of it, as a conversation that fills the context touches every
+  position; with --parallel N, N slots of n_ctx // N positions each (as the engine splits the
+  context); a hybrid model's KV cache covers its attention layers only;
+- the recurrent states of a hybrid model (Qwen3.5's Gated DeltaNet layers: per slot and layer a
+  convolution window and the delta-rule matrices, runtime.hparams.RecurrentShape), a fixed size
+  per slot whatever the context, so N times it with --parallel N;
 - working memory: the Python runtime with NumPy, Numba and the loaded kernels (a constant),
   the tokenizer (in proportion to the vocabulary), one prefill batch's activations and
-  the logits (from the model's shapes), and a hybrid model's recurrent state (Qwen3.5's
-  Gated DeltaNet layers: a fixed size per sequence, runtime.hparams.RecurrentShape); its KV
-  cache covers the attention layers only.
+  the logits (from the model's shapes).
 
 The constants were measured with this runtime (peak RSS, /proc/self/status VmHWM) with
 kernels from a warm cache: a tiny synthetic model for the runtime constant, Gemma 3 270M
@@ -40,14 +43,16 @@ FLOAT_BYTES = 4
 class MemoryEstimate:
     """Bytes a model needs at a context size, by what they hold."""
 
-    n_ctx: int
+    n_ctx: int  # the whole context, shared by the slots
     weights: int
-    kv_cache: int
+    kv_cache: int  # every slot's
     working: int
+    recurrent: int = 0  # every slot's recurrent state (hybrid models)
+    n_parallel: int = 1
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.working
+        return self.weights + self.kv_cache + self.recurrent + self.working
 
 
 def model_hparams(gguf) -> HParams:
@@ -60,16 +65,20 @@ def model_hparams(gguf) -> HParams:
 
 
 def estimate(gguf, n_ctx: int | None = None, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-             cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> MemoryEstimate:
+             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> MemoryEstimate:
     """What running the model at n_ctx (default: the engine's default context) takes, with
-    the KV cache in the given types (-ctk/-ctv)."""
+    the KV cache in the given types (-ctk/-ctv), the context split among n_parallel slots."""
     hp = model_hparams(gguf)
     n_ctx = default_n_ctx(hp.n_ctx_train) if not n_ctx else int(n_ctx)
     if not 0 < n_ctx <= hp.n_ctx_train:
         raise ValueError(f"context {n_ctx} is outside the model's 1..{hp.n_ctx_train}")
+    if not 1 <= n_parallel <= n_ctx // 2:  # as runtime.engine.Engine checks it
+        raise ValueError(f"{n_parallel} slots cannot share a context of {n_ctx} (each needs at least 2 positions)")
     weights = sum(t.n_bytes for t in gguf.tensors.values())
-    return MemoryEstimate(n_ctx=n_ctx, weights=weights, working=working_bytes(hp),
-                          kv_cache=kv_cache_bytes(hp, n_ctx, cache_type_k, cache_type_v))
+    recurrent = n_parallel * hp.recurrent.nbytes if hp.recurrent else 0
+    return MemoryEstimate(n_ctx=n_ctx, weights=weights, working=working_bytes(hp), recurrent=recurrent,
+                          kv_cache=n_parallel * kv_cache_bytes(hp, n_ctx // n_parallel, cache_type_k, cache_type_v),
+                          n_parallel=n_parallel)
 
 
 def working_bytes(hp: HParams) -> int:
@@ -79,9 +88,7 @@ def working_bytes(hp: HParams) -> int:
     kv_dim = hp.n_head_kv * (hp.head_dim + hp.head_dim_v)
     per_token = 3 * hp.n_embd + 2 * q_dim + kv_dim + 2 * hp.n_ff
     activations = FLOAT_BYTES * (PREFILL_CHUNK * per_token + 3 * hp.n_vocab)
-    # a hybrid model's recurrent layers keep a state of fixed size, whatever the context
-    recurrent = hp.recurrent.nbytes if hp.recurrent else 0
-    return RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * hp.n_vocab + activations + recurrent
+    return RUNTIME_BYTES + TOKENIZER_BYTES_PER_TOKEN * hp.n_vocab + activations
 
 
 def available_bytes(meminfo: str | None = None) -> int | None:
@@ -98,47 +105,64 @@ def available_bytes(meminfo: str | None = None) -> int | None:
     return None
 
 
-def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> int | None:
+def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+                    cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> int | None:
     """The largest context (a multiple of `step`, at most the model's) whose estimate fits
     `budget` bytes, or None when not even `step` tokens fit."""
     hp = model_hparams(gguf)
-    step = min(step, hp.n_ctx_train)
-    base = estimate(gguf, step, cache_type_k, cache_type_v)
+    step = min(max(step, 2 * n_parallel), hp.n_ctx_train)
+    base = estimate(gguf, step, cache_type_k, cache_type_v, n_parallel)
     if base.total > budget:
         return None
     per_token = kv_cache_bytes(hp, step, cache_type_k, cache_type_v) / step
-    n = int((budget - base.weights - base.working) // per_token) // step * step
+    n = int((budget - base.weights - base.recurrent - base.working) // per_token) // step * step
     return max(step, min(n, hp.n_ctx_train))
 
 
-def fit_line(gguf, n_ctx: int | None = None, available: int | None = None) -> str:
-    """--info's line: "needs ~0.6 GB at 4096 context; this machine has 23.1 GB available"."""
-    est = estimate(gguf, n_ctx)
+def fit_line(gguf, n_ctx: int | None = None, available: int | None = None,
+             cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE,
+             n_parallel: int = 1) -> str:
+    """--info's line: "needs ~0.6 GB at 4096 context; this machine has 23.1 GB available",
+    with the KV cache and the recurrent states spelled out when the cache types, the slots
+    or a hybrid model make them more than the default."""
+    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel)
     text = f"needs ~{format_bytes(est.total)} at {est.n_ctx} context"
+    if est.recurrent or n_parallel > 1 or (cache_type_k, cache_type_v) != (DEFAULT_KV_CACHE_TYPE,) * 2:
+        parts = [f"weights {format_bytes(est.weights)}",
+                 f"KV cache {format_bytes(est.kv_cache)} in {cache_type_k}/{cache_type_v}"]
+        if est.recurrent:
+            parts.append(f"recurrent states {format_bytes(est.recurrent)}")
+        if n_parallel > 1:
+            parts.append(f"{n_parallel} slots of {est.n_ctx // n_parallel}")
+        text += f" ({', '.join(parts)})"
     if available is None:
         return text + "; this machine's available memory is unknown"
     text += f"; this machine has {format_bytes(available)} available"
     if est.total > available:
-        text += " — too little: " + _smaller(gguf, available)
+        text += " — too little: " + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel)
     return text
 
 
 def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None,
-                cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> str | None:
+                cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE,
+                n_parallel: int = 1) -> str | None:
     """The warning to print before loading a model that will not fit, else None."""
     if available is None:
         return None
-    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v)
+    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel)
     if est.total <= available:
         return None
+    recurrent = f", recurrent states {format_bytes(est.recurrent)}" if est.recurrent else ""
     return (f"warning: the model needs ~{format_bytes(est.total)} at {est.n_ctx} context (weights "
-            f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}) but this machine has "
-            f"{format_bytes(available)} available; it may swap or be killed. " + _smaller(gguf, available, cache_type_k, cache_type_v))
+            f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}{recurrent}) but this machine has "
+            f"{format_bytes(available)} available; it may swap or be killed. "
+            + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel))
 
 
-def _smaller(gguf, available: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE) -> str:
-    n = largest_context(gguf, available, 256, cache_type_k, cache_type_v)
+def _smaller(gguf, available: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
+             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> str:
+    n = largest_context(gguf, available, 256, cache_type_k, cache_type_v, n_parallel)
     if n is None:
         return "Use a smaller quantization of the model (fewer bits per weight) or a smaller model"
-    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n, cache_type_k, cache_type_v).total)}) or a smaller quantization "
-            f"of the model")
+    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n, cache_type_k, cache_type_v, n_parallel).total)}) "
+            f"or a smaller quantization of the model")

@@ -41,11 +41,14 @@ def fake_meminfo(tmp_path, available_bytes: int) -> str:
 def test_kv_cache_estimate_is_the_engines_own(synthetic_models, gemma):
     from runtime.engine import Engine
 
+    def cache(est):  # the engine's KV cache holds a hybrid model's recurrent states too
+        return est.kv_cache + est.recurrent
+
     for path, _ in synthetic_models.values():
         gguf = GGUFFile(path)
         for n_ctx in (2, 17, 64):  # one slot needs two positions (runtime.engine)
-            assert memory.estimate(gguf, n_ctx).kv_cache == Engine.from_gguf(gguf, n_ctx).kv_cache_bytes
-        assert (memory.estimate(gguf, 17, "q8_0", "f32").kv_cache
+            assert cache(memory.estimate(gguf, n_ctx)) == Engine.from_gguf(gguf, n_ctx).kv_cache_bytes
+        assert (cache(memory.estimate(gguf, 17, "q8_0", "f32"))
                 == Engine.from_gguf(gguf, 17, cache_type_k="q8_0", cache_type_v="f32").kv_cache_bytes)
     # Gemma 3 270M: 18 layers x 1 KV head x 256 x 2 (K and V) x 2 bytes (f16) per position
     assert memory.estimate(gemma, 4096).kv_cache == 18 * 256 * 2 * 2 * 4096
@@ -172,3 +175,65 @@ def test_cache_type_flags_size_the_cache(gemma_path, gemma):
     assert f"KV cache {format_bytes(kv)}" in out.stderr
     out = CliRunner().invoke(main, ["-m", str(gemma_path), "-p", "Hello", "-ctk", "q4_0"])
     assert out.exit_code == 2 and "q4_0" in out.output
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe", "llama"])
+@pytest.mark.parametrize("n_ctx, n_parallel, type_k, type_v",
+                         [(64, 1, "f16", "f16"), (128, 4, "q8_0", "f32"), (128, 3, "f32", "f16")])
+def test_slots_and_recurrent_states_are_what_the_engine_allocates(synthetic_models, arch, n_ctx,
+                                                                   n_parallel, type_k, type_v):
+    """--parallel N, -ctk/-ctv, and a hybrid model's recurrent states (per slot and Gated
+    DeltaNet layer: a convolution window and the delta-rule matrices), measured: tracemalloc
+    sees every NumPy buffer the engine allocates for its slots. The estimate of the KV caches
+    and states is at most what was allocated and short of it by the Python objects around the
+    arrays alone (measured 1.0-2.5 kB per slot): 4 KiB per slot is allowed."""
+    import tracemalloc
+
+    import parity_models as pm
+    from conftest import SYNTHETIC_SPECS
+    from runtime.engine import Engine
+    from runtime.model import load_model
+
+    gguf = GGUFFile(synthetic_models[arch][0])
+    model = load_model(gguf)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        engine = Engine(model, n_ctx, cache_type_k=type_k, cache_type_v=type_v, n_parallel=n_parallel)
+        allocated = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    est = memory.estimate(gguf, n_ctx, type_k, type_v, n_parallel)
+    assert 0 <= allocated - (est.kv_cache + est.recurrent) <= 4096 * n_parallel, (allocated, est)
+    assert engine.n_parallel == est.n_parallel == n_parallel
+    hybrid = pm.SPECS[arch].get("hybrid") if SYNTHETIC_SPECS[arch].get("parity") else None
+    if hybrid is None:
+        assert est.recurrent == 0
+        return
+    # the state from the spec that wrote the model, float32: layers 0 and 2 of 4 are recurrent
+    channels = (2 * hybrid["n_k_heads"] + hybrid["n_v_heads"]) * hybrid["head"]
+    per_layer = 4 * ((hybrid["d_conv"] - 1) * channels + hybrid["n_v_heads"] * hybrid["head"] ** 2)
+    assert est.recurrent == n_parallel * 2 * per_layer
+    assert est.recurrent == sum(slot.cache.state.nbytes for slot in engine.slots)
+
+
+def test_info_estimates_the_context_cache_types_and_slots_asked_for(synthetic_models, tmp_path,
+                                                                    monkeypatch):
+    """--info takes -c, -ctk/-ctv and --parallel, and its memory line spells out what they cost."""
+    from click.testing import CliRunner
+
+    from runtime.cli import main
+
+    path = synthetic_models["qwen35"][0]
+    gguf = GGUFFile(path)
+    monkeypatch.setattr(memory, "MEMINFO", fake_meminfo(tmp_path, 23_000_000_000))
+    out = CliRunner().invoke(main, ["-m", str(path), "--info", "-c", "1024", "-ctk", "q8_0", "-ctv", "f32",
+                                    "--parallel", "3"])
+    assert out.exit_code == 0, out.output
+    est = memory.estimate(gguf, 1024, "q8_0", "f32", 3)
+    assert (f"  memory: needs ~{format_bytes(est.total)} at 1024 context (weights {format_bytes(est.weights)}, "
+            f"KV cache {format_bytes(est.kv_cache)} in q8_0/f32, recurrent states {format_bytes(est.recurrent)}, "
+            f"3 slots of 341); this machine has 23.0 GB available") in out.stdout.splitlines(), out.stdout
+    # slots that cannot share the context: said, as the engine would refuse them
+    out = CliRunner().invoke(main, ["-m", str(path), "--info", "-c", "8", "--parallel", "5"])
+    assert "memory: cannot estimate (5 slots cannot share a context of 8" in out.stdout
