@@ -300,6 +300,49 @@ def test_attention_kernel_gqa_window_against_numpy(cache_type):
                 assert np.abs(got - attend(k_cache.astype(np.float64), v_cache)).max() <= bound
 
 
+@pytest.mark.parametrize("start,n,window,softcap,with_sinks",
+                         [(0, 40, 0, 0.0, False), (299, 1, 0, 0.0, False), (299, 1, 200, 0.0, False),
+                          (150, 37, 100, 30.0, False), (0, 40, 0, 0.0, True), (299, 1, 0, 0.0, True)])
+def test_attention_kernel_tiles_and_key_spans(start, n, window, softcap, with_sinks):
+    """The kernel's tiling: queries in tiles of ops._QUERY_TILE (a prompt of 40: three
+    tiles, the last partial), keys by blocks of ops._KEY_BLOCK with a running softmax, and a
+    decoded token's keys split in spans of ops._KEY_SPAN merged at the end (300 keys: two
+    spans), with a window that starts inside a block, and soft-capping. Against float64
+    attention over the same f16 values, the result differs by float32 rounding only: each
+    output is a convex combination of values |v| < 5, computed with float32 sums of at most
+    300 terms; 2e-5 absolute is ~40 ulps of the largest value. With sinks (gpt-oss: one
+    more logit per head in the denominator, from -2 to 6 so that some heads give most of
+    their weight to it), tiled and split alike: a split token's sink counts once."""
+    from runtime.kernels import ops
+
+    rng = np.random.default_rng(3)
+    n_heads, n_kv, hd, n_ctx = 8, 2, 64, 300
+    assert 40 > 2 * ops._QUERY_TILE and n_ctx > ops._KEY_SPAN  # the cases still cross tiles and spans
+    k = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float16)
+    v = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float16)
+    q = rng.standard_normal((n, n_heads * hd)).astype(np.float32)
+    out = np.empty_like(q)
+    scale = np.float32(hd ** -0.5)
+    sinks = np.linspace(-2.0, 6.0, n_heads).astype(np.float32) if with_sinks else None
+    ops.attention(q, k.view(np.uint8), int(GGMLQuantizationType.F16), hd, v.view(np.uint8),
+                  int(GGMLQuantizationType.F16), hd, start, n_heads, scale, window, out, np.float32(softcap),
+                  sinks)
+    group = n_heads // n_kv
+    for i in range(n):
+        pos = start + i
+        first = max(0, pos - window + 1) if window else 0
+        for h in range(n_heads):
+            s = k[h // group, first:pos + 1].astype(np.float64) @ q[i, h * hd:(h + 1) * hd].astype(np.float64)
+            s *= float(scale)
+            if softcap:
+                s = softcap * np.tanh(s / softcap)
+            top = max(s.max(), float(sinks[h])) if with_sinks else s.max()
+            p = np.exp(s - top)
+            denominator = p.sum() + (np.exp(float(sinks[h]) - top) if with_sinks else 0.0)
+            want = (p / denominator) @ v[h // group, first:pos + 1].astype(np.float64)
+            np.testing.assert_allclose(out[i, h * hd:(h + 1) * hd], want, rtol=0, atol=2e-5)
+
+
 def test_kv_cache_stores_q8_0_as_ggml_does(synthetic_models):
     """KVCache.store's Q8_0 blocks are byte-identical to gguf's quantizer (ggml's reference)."""
     from gguf import GGMLQuantizationType as Q

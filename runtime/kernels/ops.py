@@ -9,10 +9,11 @@ both). Attention alone runs in parallel, since its work grows with the context.
 
 The KV cache attention reads is bytes, laid out [n_kv_head, n_ctx, row bytes] per layer
 (the keys one head attends over are one contiguous slab); each head's row at a position is
-stored in a GGML type, read in place by the format kernels of runtime.kernels.dispatch:
+stored in a GGML type and converted to float32 a block of keys at a time, in place:
 - F32: head_dim little-endian float32 (4 bytes each);
-- F16: head_dim IEEE binary16 (2 bytes each), llama.cpp's default;
-- Q8_0: head_dim/32 blocks of 34 bytes: an f16 scale d, then 32 int8 q; value = d * q.
+- F16: head_dim IEEE binary16 (2 bytes each), llama.cpp's default (f16_to_f32 here);
+- Q8_0: head_dim/32 blocks of 34 bytes: an f16 scale d, then 32 int8 q; value = d * q
+  (the format kernels of runtime.kernels.dispatch).
 """
 
 import math
@@ -20,7 +21,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .dispatch import decode_blocks, dot_blocks
+from runtime.ggml_types import F16, F32
+
+from .common import dot_f32
+from .dispatch import decode_blocks
 
 
 @njit(cache=True, fastmath=True)
@@ -97,37 +101,67 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
             x[i, b] = x0 * s + x1 * c
 
 
-@njit(inline="always", fastmath=True)
-def _exp_normalize(x, n, m, total):
-    """x[:n] = exp(x - m) / (total + their sum), in float32."""
-    for j in range(n):
-        e = np.float32(math.exp(x[j] - m))
-        x[j] = e
-        total += e
-    inv = np.float32(1.0) / total
-    for j in range(n):
-        x[j] *= inv
+# Attention works on tiles: a work item is one KV head, a tile of up to _QUERY_TILE
+# consecutive queries (with all the query heads that share that KV head: their rows are
+# scored together, so each cached key is read and converted once per tile) and a span of
+# keys. Keys go by blocks of _KEY_BLOCK, converted to float32 once and scored against every
+# row of the tile; then the softmax over the span, normalised; then the values, by blocks
+# again (the order of sums of llama.cpp's attention without flash attention: the parity
+# tests are that close). A decoded token at a long context has one tile per KV head: when
+# there are fewer than _SPLIT_BELOW tiles, the keys are split in spans of _KEY_SPAN for the
+# threads to share, and the spans' results merged at the end, each weighted by its share of
+# the whole softmax.
+_QUERY_TILE = 16
+_KEY_BLOCK = 64
+_KEY_SPAN = 256
+_SPLIT_BELOW = 8
+# below every score (finite: fastmath assumes no infinities); exp(_NO_SCORE - s) is 0
+_NO_SCORE = np.float32(-3.0e38)
 
 
-@njit(cache=True, fastmath=True)
-def softmax_inplace(x, n):
-    """Softmax of x[:n] in place, in float32 with the max subtracted first."""
-    m = x[0]
-    for j in range(1, n):
-        if x[j] > m:
-            m = x[j]
-    _exp_normalize(x, n, m, np.float32(0.0))
+@njit(inline="always")
+def f16_to_f32(raw, out):
+    """out = the IEEE binary16 values of the bytes raw (little-endian, 2 per value), exactly:
+    the bits are moved into float32 position and rebiased by one multiply by 2^112, which
+    also normalises the subnormals; infinities and NaNs get their float32 exponent back.
+    Branch-free, so it compiles to vector code on every CPU tier (no F16C needed)."""
+    bits = raw.view(np.uint16)
+    ob = out.view(np.uint32)
+    n = out.size
+    for i in range(n):
+        ob[i] = (np.uint32(bits[i]) & np.uint32(0x7FFF)) << np.uint32(13)
+    for i in range(n):
+        out[i] *= np.float32(2.0 ** 112)
+    for i in range(n):
+        h = np.uint32(bits[i])
+        v = ob[i]
+        if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):
+            v = ((h & np.uint32(0x3FF)) << np.uint32(13)) | np.uint32(0x7F800000)
+        ob[i] = v | ((h & np.uint32(0x8000)) << np.uint32(16))
 
 
-@njit(cache=True, fastmath=True)
-def softmax_with_sink(x, n, sink):
-    """Softmax of x[:n] in place with one more logit, `sink`, in the denominator only (an
-    attention sink: gpt-oss's learned per-head logit that lets a head attend to nothing)."""
-    m = sink
-    for j in range(n):
-        if x[j] > m:
-            m = x[j]
-    _exp_normalize(x, n, m, np.float32(math.exp(sink - m)))
+@njit(inline="always")
+def _cache_rows_f32(cache_type, rows, first, count, blocks, out):
+    """Rows first..first+count of one head's cache slab rows[n_ctx, row bytes] (GGML type
+    cache_type) as float32 into out[:count, :]."""
+    for j in range(count):
+        row = rows[first + j]
+        if cache_type == F16:
+            f16_to_f32(row, out[j])
+        elif cache_type == F32:
+            out[j, :] = row.view(np.float32)
+        else:
+            decode_blocks(cache_type, row, 0, blocks, out[j], 0)
+
+
+@njit(inline="always")
+def _tile(tile_kv, n_kv_heads, n_tiles):
+    """(KV head, first query) of tile pair tile_kv. Tiles alternate ends (0, last, 1,
+    last-1, ...) so that threads taking contiguous ranges of items get even causal work."""
+    tile = tile_kv // n_kv_heads
+    half = tile // 2
+    tile = half if tile % 2 == 0 else n_tiles - 1 - half
+    return tile_kv % n_kv_heads, tile * _QUERY_TILE
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -150,36 +184,120 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
     head_dim = q.shape[1] // n_heads
     head_dim_v = out.shape[1] // n_heads
     group = n_heads // n_kv_heads
-    for t in prange(n * n_heads):
-        i = t // n_heads
-        h = t % n_heads
-        kvh = h // group
-        pos = start_pos + i
-        first = 0
-        if window > 0 and pos - window + 1 > 0:
-            first = pos - window + 1
-        n_keys = pos + 1 - first
-        qh = q[i, h * head_dim:(h + 1) * head_dim].copy()  # contiguous: the dots vectorize
-        keys = k_cache[kvh]
-        values = v_cache[kvh]
-        scores = np.empty(n_keys, np.float32)
-        for j in range(n_keys):
-            scores[j] = dot_blocks(k_type, keys[first + j], 0, k_blocks, qh, 0) * scale
-        if softcap > 0:
-            for j in range(n_keys):
-                scores[j] = np.float32(softcap * math.tanh(scores[j] / softcap))
-        if sinks is None:
-            softmax_inplace(scores, n_keys)
-        else:
-            softmax_with_sink(scores, n_keys, sinks[h])
-        acc = np.zeros(head_dim_v, np.float32)
-        value = np.empty(head_dim_v, np.float32)
-        for j in range(n_keys):
-            decode_blocks(v_type, values[first + j], 0, v_blocks, value, 0)
-            w = scores[j]
-            for d in range(head_dim_v):
-                acc[d] += w * value[d]
-        out[i, h * head_dim_v:(h + 1) * head_dim_v] = acc
+    n_tiles = (n + _QUERY_TILE - 1) // _QUERY_TILE
+    tile_rows = min(n, _QUERY_TILE) * group
+    # keys any query sees: from the first query's window start to the last query's position
+    lo = 0
+    if window > 0:
+        lo = max(0, start_pos - window + 1)
+    hi = start_pos + n
+    n_spans = 1
+    if n_tiles * n_kv_heads < _SPLIT_BELOW:
+        n_spans = max(1, (hi - lo + _KEY_SPAN - 1) // _KEY_SPAN)
+    n_items = n_kv_heads * n_tiles * n_spans
+    run_max = np.empty((n_items, tile_rows), np.float32)
+    run_sum = np.empty((n_items, tile_rows), np.float32)
+    acc = np.empty((n_items, tile_rows, head_dim_v), np.float32)
+    for item in prange(n_items):
+        span = item % n_spans
+        tile_kv = item // n_spans
+        kvh, i0 = _tile(tile_kv, n_kv_heads, n_tiles)
+        i1 = min(n, i0 + _QUERY_TILE)
+        rows = (i1 - i0) * group
+        # the keys this tile sees, cut to this span
+        k0 = 0
+        if window > 0:
+            k0 = max(0, start_pos + i0 - window + 1)
+        k1 = start_pos + i1
+        if n_spans > 1:
+            k0 = max(k0, lo + span * _KEY_SPAN)
+            k1 = min(k1, lo + (span + 1) * _KEY_SPAN)
+        qt = np.empty((rows, head_dim), np.float32)
+        seen_from = np.empty(rows, np.int64)  # row r sees keys seen_from[r]..seen_to[r]-1 of the span
+        seen_to = np.empty(rows, np.int64)
+        for r in range(rows):
+            i = i0 + r // group
+            h = kvh * group + r % group
+            qt[r, :] = q[i, h * head_dim:(h + 1) * head_dim]
+            pos = start_pos + i
+            seen_from[r] = max(k0, pos - window + 1) if window > 0 else k0
+            seen_to[r] = max(min(pos + 1, k1), seen_from[r])
+        m = run_max[item]
+        total = run_sum[item]
+        a = acc[item]
+        m[:rows] = _NO_SCORE
+        a[:rows] = 0.0
+        keys = np.empty((_KEY_BLOCK, head_dim), np.float32)
+        values = np.empty((_KEY_BLOCK, head_dim_v), np.float32)
+        p = np.empty((rows, max(k1 - k0, 1)), np.float32)  # scores, then softmax weights
+        # pass 1: the scores of the span's keys, a block of keys converted at a time
+        for b0 in range(k0, k1, _KEY_BLOCK):
+            nb = min(_KEY_BLOCK, k1 - b0)
+            _cache_rows_f32(k_type, k_cache[kvh], b0, nb, k_blocks, keys)
+            for r in range(rows):
+                qr = qt[r]
+                for j in range(max(seen_from[r], b0), min(seen_to[r], b0 + nb)):
+                    s = dot_f32(qr, 0, keys[j - b0], 0, head_dim) * scale
+                    if softcap > 0:
+                        s = np.float32(softcap * math.tanh(s / softcap))
+                    p[r, j - k0] = s
+                    m[r] = max(m[r], s)
+        # the softmax over the span, normalised (as a whole softmax when there is one span;
+        # a head's sink logit joins the max and the denominator here only then, else once
+        # at the merge)
+        for r in range(rows):
+            t = 0.0  # float64, as ggml's softmax sums
+            if sinks is not None and n_spans == 1:
+                sink = sinks[kvh * group + r % group]
+                m[r] = max(m[r], sink)
+                t += np.float32(math.exp(sink - m[r]))
+            for j in range(seen_from[r] - k0, seen_to[r] - k0):
+                e = np.float32(math.exp(p[r, j] - m[r]))
+                p[r, j] = e
+                t += e
+            total[r] = t
+            if t > 0:
+                inv = np.float32(1.0 / t)
+                for j in range(seen_from[r] - k0, seen_to[r] - k0):
+                    p[r, j] *= inv
+        # pass 2: the weighted values, a block converted at a time
+        for b0 in range(k0, k1, _KEY_BLOCK):
+            _cache_rows_f32(v_type, v_cache[kvh], b0, min(_KEY_BLOCK, k1 - b0), v_blocks, values)
+            for r in range(rows):
+                ar = a[r]
+                for j in range(max(seen_from[r], b0), min(seen_to[r], b0 + _KEY_BLOCK)):
+                    w = p[r, j - k0]
+                    vj = values[j - b0]
+                    for d in range(head_dim_v):
+                        ar[d] += w * vj[d]
+    # merge the spans of each tile (weighted by their share of the softmax) into out
+    for tile_kv in prange(n_kv_heads * n_tiles):
+        kvh, i0 = _tile(tile_kv, n_kv_heads, n_tiles)
+        rows = (min(n, i0 + _QUERY_TILE) - i0) * group
+        base = tile_kv * n_spans
+        for r in range(rows):
+            i = i0 + r // group
+            h = kvh * group + r % group
+            dst = out[i, h * head_dim_v:(h + 1) * head_dim_v]
+            if n_spans == 1:
+                dst[:] = acc[base, r]
+                continue
+            top = _NO_SCORE
+            for sp in range(n_spans):
+                top = max(top, run_max[base + sp, r])
+            whole = np.float32(0.0)
+            if sinks is not None:  # the sink: one more logit in the whole softmax's denominator
+                top = max(top, sinks[h])
+                whole = np.float32(math.exp(sinks[h] - top))
+            share = np.empty(n_spans, np.float32)
+            for sp in range(n_spans):
+                share[sp] = run_sum[base + sp, r] * np.float32(math.exp(run_max[base + sp, r] - top))
+                whole += share[sp]
+            dst[:] = 0.0
+            for sp in range(n_spans):
+                f = share[sp] / whole
+                for d in range(head_dim_v):
+                    dst[d] += f * acc[base + sp, r, d]
 
 
 @njit(cache=True, fastmath=True)
