@@ -12,7 +12,13 @@ def run(*args, stdin=None, timeout=300):
 
 
 def test_prompt_prints_llamacpp_greedy_continuation_on_stdout_only(gemma_path, llamacpp_reference):
-    case = next(c for c in llamacpp_reference["greedy"] if c["prompt"].startswith("Once upon"))
+    """The prompt whose greedy text llama.cpp itself keeps across CPUs and attention paths:
+    the reference's llama-server on this AVX512-VNNI machine (--no-repack, flash attention
+    on or off) prints the committed (AVX2) text for it and for the prime numbers, but not for
+    "Once upon a time" (it plays "with dolls", not "with her friends") nor France; its
+    smallest gap between the top two log-probabilities along it is 0.19 (0.02-0.05 on the
+    others), so it does not hang on our summation order either."""
+    case = next(c for c in llamacpp_reference["greedy"] if c["prompt"].startswith("def fibonacci"))
     out = run("-m", str(gemma_path), "-p", case["prompt"], "-n", "24", "--temp", "0")
     assert out.returncode == 0, out.stderr
     assert out.stdout == case["content"] + "\n"

@@ -65,13 +65,25 @@ def test_tokenization_equals_llamacpp(gemma, reference, gemma_path):
     assert len(scored_text) // 512 >= 8  # the text gives at least 8 chunks of 512
 
 
+# Any two implementations that are not bit-identical part on Gemma 3 270M by ~0.14 (standard
+# deviation) in each predicted token's log-probability (likely: a rounding anywhere flips
+# some 8-bit activation roundings downstream, and the difference grows to the size of that
+# quantization noise; our old and new attention kernels, both float32, part as much). Measured on AVX512-VNNI over chunks 1-4, paired per token: llama.cpp with flash
+# attention (its default, the reference) against llama.cpp without it, 0.135-0.142; against
+# ours, 0.140-0.146. The running perplexity after k chunks (255k predictions) is exp of a mean
+# of those, so two correct engines differ by a relative standard error of about
+# NLL_PAIR_SD / sqrt(255k): 0.9% after one chunk. llama.cpp's own run without flash
+# attention is 1.09% below its run with it after one chunk (49.69 vs 50.24), 0.19% after four.
+NLL_PAIR_SD = 0.145
+
+
 def test_gemma_perplexity_within_1_percent_of_llamacpp(gemma, reference):
-    """The issue asks for agreement within 1%. Both engines quantize activations to 8 bits
-    and keep the KV cache in f16, but round and sum in different orders, which shifts each
-    log-probability a little, mostly without bias: measured on AVX512-VNNI, the running values
-    differ by 0.2%, 0.3%, 0.04%, 0.2% after chunks 1-4 (255 to 1020 predictions), so 1% holds
-    with margin where a real error (a wrong position scored, a chunk without BOS, a bad
-    kernel) moves perplexity by far more."""
+    """The issue asks for agreement within 1%: the 4-chunk estimate must be within 1% of
+    llama.cpp's. Both engines quantize activations to 8 bits and keep the KV cache in f16 but
+    round and sum in different orders (see NLL_PAIR_SD), so the running value after each
+    earlier chunk is held to 3 of its standard errors (2.7% after chunk 1, 1.9%, 1.5%), where
+    a real error (a wrong position scored, a chunk without BOS, a bad kernel) moves perplexity
+    by far more."""
     from runtime.perplexity import perplexity
 
     engine, tokenizer = gemma
@@ -79,8 +91,9 @@ def test_gemma_perplexity_within_1_percent_of_llamacpp(gemma, reference):
     result = perplexity(engine, ids, reference["n_ctx"], n_chunks=REF_CHUNKS)
     assert result.n_chunks == REF_CHUNKS and result.n_scored == REF_CHUNKS * 255
     expected = reference["running_ppl"][:REF_CHUNKS]
-    for ours, theirs in zip(result.running, expected):
-        assert ours == pytest.approx(theirs, rel=0.01)
+    for k, (ours, theirs) in enumerate(zip(result.running, expected), start=1):
+        bound = 3 * NLL_PAIR_SD / math.sqrt(255 * k)
+        assert abs(math.log(ours / theirs)) < bound, (k, ours, theirs)
     assert result.ppl == pytest.approx(expected[-1], rel=0.01)
     assert result.ppl == result.running[-1]
     # llama.cpp's +/- at 25 chunks over sqrt(25/4) is the same estimate at 4 chunks, roughly

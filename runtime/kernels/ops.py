@@ -106,11 +106,24 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
 # scored together, so each cached key is read and converted once per tile) and a span of
 # keys. Keys go by blocks of _KEY_BLOCK, converted to float32 once and scored against every
 # row of the tile; then the softmax over the span, normalised; then the values, by blocks
-# again (the order of sums of llama.cpp's attention without flash attention: the parity
-# tests are that close). A decoded token at a long context has one tile per KV head: when
-# there are fewer than _SPLIT_BELOW tiles, the keys are split in spans of _KEY_SPAN for the
-# threads to share, and the spans' results merged at the end, each weighted by its share of
-# the whole softmax.
+# again. A decoded token at a long context has one tile per KV head: when there are fewer
+# than _SPLIT_BELOW tiles, the keys are split in spans of _KEY_SPAN for the threads to
+# share, and the spans' results merged at the end, each weighted by its share of the whole
+# softmax.
+#
+# Numerics, against llama.cpp's CPU attention (ggml-cpu/ops.cpp of ggml 0.25.3). Its default
+# is flash attention ("auto" resolves to on for the CPU; llama-perplexity, llama-cli and
+# llama-server use it, so do the Gemma references in tests/data). For 64 queries or more on
+# an F16/F32 cache it works in float32 throughout (ggml_compute_forward_flash_attn_ext_tiled:
+# keys and values converted to float32, scores scaled after the dot, an online softmax per 64
+# keys whose sums are taken in double, values accumulated in float32), which this kernel
+# computes up to the order of the float32 sums. For a decoded token and smaller batches it
+# rounds the query to f16 before K.Q and accumulates the values in f16 (..._one_chunk); we
+# do not emulate that: on Gemma 3 270M any two implementations that are not bit-identical
+# part by ~0.14 per token in log-probability (8-bit activation roundings likely amplify
+# the smallest difference), llama.cpp with and without flash attention as much as this kernel
+# against either (tests/test_perplexity.py). Without flash attention (the parity references,
+# F32 cache) ggml rounds Q and the softmax weights to the cache type, exact in F32.
 _QUERY_TILE = 16
 _KEY_BLOCK = 64
 _KEY_SPAN = 256
