@@ -21,7 +21,7 @@ from runtime.gguf import GGUFFile
 from runtime.http_connections import DEFAULT_WORKERS
 from runtime.info import describe, quantization_mix, unsupported_types
 from runtime.reasoning import REASONING_FORMATS
-from runtime.hparams import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES
+from runtime.hparams import DEFAULT_CTX_CHECKPOINTS, DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES
 from runtime.session import (Session, UsageError, UserError, load_session, model_name,
                              open_container_model, open_model, open_model_run)
 from runtime.terminal import printable
@@ -95,6 +95,11 @@ class RuntimeCommand(click.Command):
 @click.option("-np", "--parallel", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Slots: requests generated at once, decoded together; the context (-c) is "
                    "split among them, as llama.cpp does.")
+@click.option("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints", "ctx_checkpoints", type=click.IntRange(min=0),
+              default=DEFAULT_CTX_CHECKPOINTS, show_default=True, metavar="N",
+              help="Copies of a hybrid model's recurrent state kept per slot (Qwen3.5), so a "
+                   "regenerated answer or a next chat turn resumes near the prompt's end instead "
+                   "of from its first token (0: none), as llama.cpp's.")
 @click.option("--queue", "queue_limit", type=click.IntRange(0, 4096), default=None, metavar="N",
               help="Requests that may wait for a slot; more get 503 with Retry-After "
                    "(default: 4 per slot, at least 16).")
@@ -120,8 +125,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
          top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int, ctx_size: int,
          threads: int, host: str, port: int, api_key: str | None, nobrowser: bool,
          cors: str | None, allowed_hosts: tuple[str, ...], threads_http: int, unsecure: bool,
-         parallel: int, queue_limit: int | None = None, slots_endpoint: bool = True,
-         metrics_endpoint: bool = False, embeddings_endpoint: bool = False,
+         parallel: int, ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS, queue_limit: int | None = None,
+         slots_endpoint: bool = True, metrics_endpoint: bool = False, embeddings_endpoint: bool = False,
          pooling: str | None = None,
          cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
          cache_type_v: str = DEFAULT_KV_CACHE_TYPE, reasoning_format: str = "auto",
@@ -163,6 +168,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         if prompt is None and not chat:
             serve(gguf, name, ctx_size, threads, (cache_type_k, cache_type_v), host=host, port=port,
                   api_key=api_key, open_browser=not nobrowser, cors=cors, parallel=parallel,
+                  ctx_checkpoints=ctx_checkpoints,
                   allowed_hosts=allowed_hosts, threads_http=threads_http, queue_limit=queue_limit,
                   slots_endpoint=slots_endpoint,
                   reasoning=(reasoning_format, reasoning_budget, reasoning_budget_message),
@@ -177,7 +183,8 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
                                     max_tokens=None if n_predict < 0 else max(n_predict, 1))
         except ValueError as e:
             raise UsageError(f"{e}") from None
-        session = load_session(gguf, ctx_size, threads, (cache_type_k, cache_type_v))
+        session = load_session(gguf, ctx_size, threads, (cache_type_k, cache_type_v),
+                               n_ctx_checkpoints=ctx_checkpoints)
         if chat:
             run_chat(session, params)
         else:
@@ -193,6 +200,7 @@ def has_display() -> bool:
 
 def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: tuple[str, str], *,
           host: str, port: int, api_key: str | None, open_browser: bool, cors: str | None, parallel: int,
+          ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS,
           allowed_hosts: tuple[str, ...] = (), threads_http: int = DEFAULT_WORKERS,
           queue_limit: int | None = None, slots_endpoint: bool = True,
           metrics_endpoint: bool = False, embeddings: tuple[bool, str | None] = (False, None),
@@ -214,7 +222,8 @@ def serve(gguf: GGUFFile, name: str, ctx_size: int, threads: int, cache_types: t
     server_box: list[ModelServer] = []
 
     def load() -> Session:
-        return load_session(gguf, ctx_size, threads, cache_types, n_parallel=parallel)
+        return load_session(gguf, ctx_size, threads, cache_types, n_parallel=parallel,
+                            n_ctx_checkpoints=ctx_checkpoints)
 
     def on_failure(error: BaseException) -> None:
         failure.append(error)

@@ -14,9 +14,19 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, DEFAULT_N_CTX, PREFILL_CHUNK,  # noqa: F401 (in hparams for runtime.memory)
-                             default_n_ctx)
+from runtime.hparams import (DEFAULT_CTX_CHECKPOINTS, DEFAULT_KV_CACHE_TYPE, DEFAULT_N_CTX,  # noqa: F401 (in hparams for runtime.memory)
+                             PREFILL_CHUNK, default_n_ctx)
 from runtime.model import KVCache, Transformer, load_model
+from runtime.model.recurrent import HybridCache
+
+# Context checkpoints (a recurrent state's copies, runtime.model.recurrent), as llama.cpp's
+# server takes them: at the start of a prompt's last two prefill batches, which it ends
+# CHECKPOINT_TAIL and CHECKPOINT_TAIL + one batch (its micro-batch; here a prefill chunk)
+# before the prompt's end. The same prompt sent again (a regenerated answer), or a next chat
+# turn whose template re-renders the end of the last one (a thinking model's reasoning
+# dropped), resumes from the one a few tokens back instead of from token 0.
+CHECKPOINT_TAIL = 4
+CHECKPOINT_MIN_STEP = 8192  # llama.cpp's --checkpoint-min-step: the spacing kept when the list is full
 
 
 def return_freed_memory() -> None:
@@ -46,6 +56,8 @@ class Slot:
         self.id, self.cache = id, cache
         self.tokens: list[int] = []
         self.last_used = 0  # the engine's step count when it last ran (least recently used first)
+        self.checkpoint_at: list[int] = []  # positions of the prompt being prefilled to save the state at
+        self.request = 0  # the engine's number of the prompt the slot runs
 
 
 class Engine:
@@ -56,11 +68,16 @@ class Engine:
     (each gets n_ctx // n_parallel): memory does not grow with the slots. Every method
     that runs one sequence takes its slot (0 by default: the one-user front ends);
     `step` runs several at once.
+
+    n_ctx_checkpoints (llama.cpp's --ctx-checkpoints): context checkpoints kept per slot of a
+    model whose cache cannot drop a suffix (a hybrid model's recurrent state); 0: none, and
+    a prompt that does not continue the slot's sequence is computed from its first token.
     """
 
     def __init__(self, model: Transformer, n_ctx: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE,
-                 n_parallel: int = 1):
+                 n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS,
+                 checkpoint_min_step: int = CHECKPOINT_MIN_STEP):
         self.model = model
         train_ctx = model.hp.n_ctx_train
         self.n_ctx_total = default_n_ctx(train_ctx) if n_ctx is None else int(n_ctx)
@@ -74,6 +91,12 @@ class Engine:
         self.slots = [Slot(i, model.new_cache(self.n_ctx, cache_type_k, cache_type_v))
                       for i in range(self.n_parallel)]
         self.prefill_chunk = max(1, int(prefill_chunk))
+        if int(n_ctx_checkpoints) < 0:
+            raise ValueError(f"--ctx-checkpoints must be 0 (none) or more, got {n_ctx_checkpoints}")
+        # only a cache that cannot be cut back (llama.cpp asks its memory the same) takes them
+        self.n_ctx_checkpoints = int(n_ctx_checkpoints) if isinstance(self.slots[0].cache, HybridCache) else 0
+        self.checkpoint_min_step = int(checkpoint_min_step)
+        self.n_requests = 0  # prompts started (reuse_prefix), numbering their checkpoints
         self.n_computed = 0  # tokens run through the model since creation (prefix reuse shows here)
         self.n_steps = 0
         self.stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -100,7 +123,8 @@ class Engine:
     def reset(self, slot: int | None = None) -> None:
         """Forget the cached tokens of a slot, or of all (the K/V memory is simply overwritten later)."""
         for s in self.slots if slot is None else [self.slots[slot]]:
-            s.tokens = []
+            s.cache.keep(0, len(s.tokens))  # and its checkpoints
+            s.tokens, s.checkpoint_at = [], []
 
     def check_fits(self, n_tokens: int, what: str = "prompt") -> None:
         if n_tokens > self.n_ctx:
@@ -131,6 +155,7 @@ class Engine:
             slot = self.slots[slot_id]
             slot.tokens.extend(int(t) for t in tokens)
             slot.last_used = self.n_steps
+            self._take_checkpoint(slot)
             kind = "prefill" if i < prefills else "decode"
             self.stats[f"{kind}_tokens"] += len(tokens)
             self.stats[f"{kind}_s"] += elapsed * len(tokens) / n_total
@@ -143,9 +168,11 @@ class Engine:
         if not tokens:
             raise ValueError("prefill needs at least one token")
         self.check_fits(len(self.slots[slot].tokens) + len(tokens), "prompt")
-        logits = None
-        for i in range(0, len(tokens), self.prefill_chunk):
-            logits = self.step([(slot, tokens[i:i + self.prefill_chunk])], prefills=1)[0]
+        logits, done = None, 0
+        while done < len(tokens):
+            chunk = self.next_chunk(slot, tokens[done:])
+            logits = self.step([(slot, chunk)], prefills=1)[0]
+            done += len(chunk)
         if len(tokens) > 1:
             return_freed_memory()  # the batch's activations (~18 MB for 512 tokens on Gemma)
         return logits
@@ -182,10 +209,30 @@ class Engine:
         """Append one token to a slot through matvec; its logits."""
         return self.step([(slot, [int(token)])])[0]
 
+    def next_chunk(self, slot: int, tokens: list[int]) -> list[int]:
+        """The first of `tokens` (what is left of a prompt) to prefill in the next step: at
+        most a prefill chunk, ending where the slot is to save a checkpoint."""
+        s = self.slots[slot]
+        n = min(len(tokens), self.prefill_chunk)
+        for pos in s.checkpoint_at:
+            if len(s.tokens) < pos < len(s.tokens) + n:
+                n = pos - len(s.tokens)
+                break
+        return tokens[:n]
+
+    def _take_checkpoint(self, s: Slot) -> None:
+        """Save the slot's state if it has reached a position planned for a checkpoint."""
+        while s.checkpoint_at and s.checkpoint_at[0] <= len(s.tokens):
+            if s.checkpoint_at.pop(0) == len(s.tokens):
+                s.cache.checkpoint(self.n_ctx_checkpoints, self.checkpoint_min_step, s.request)
+
     def reuse_prefix(self, tokens: list[int], slot: int = 0) -> list[int]:
         """Keep the longest common prefix of `tokens` and the slot's cached tokens (at least
         one token is left to compute, for its logits; the cache may keep fewer, see
-        KVCache.keep), drop the rest of the slot, and return the tokens still to compute."""
+        KVCache.keep: a hybrid model's resumes from its newest checkpoint within the prefix),
+        drop the rest of the slot, and return the tokens still to compute. Plans the
+        prompt's checkpoints (CHECKPOINT_TAIL): the first, where computing starts when that is
+        within the last two chunks, is taken at once."""
         if not tokens:
             raise ValueError("a prompt needs at least one token")
         self.check_fits(len(tokens), "prompt")
@@ -193,6 +240,13 @@ class Engine:
         keep = common_prefix(s.tokens, tokens)
         keep = s.cache.keep(min(keep, len(tokens) - 1), len(s.tokens))
         del s.tokens[keep:]
+        self.n_requests += 1
+        s.request = self.n_requests
+        s.checkpoint_at = []
+        if self.n_ctx_checkpoints:
+            end = len(tokens) - CHECKPOINT_TAIL
+            s.checkpoint_at = sorted({max(keep, end - self.prefill_chunk), max(keep, end)})
+            self._take_checkpoint(s)
         return tokens[keep:]
 
     def eval(self, tokens: Iterable[int], slot: int = 0) -> np.ndarray:

@@ -20,6 +20,7 @@ KV_CACHE_TYPES = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}
 DEFAULT_KV_CACHE_TYPE = "f16"  # llama.cpp's default: half the memory of f32
 DEFAULT_N_CTX = 4096  # the engine's context when none is asked for (at most the model's own)
 PREFILL_CHUNK = 256  # tokens per prefill matmul batch: big enough to reuse each decoded weight row
+DEFAULT_CTX_CHECKPOINTS = 32  # llama.cpp's --ctx-checkpoints: a hybrid model's recurrent-state copies per slot
 
 
 def default_n_ctx(n_ctx_train: int) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from runtime.hparams import DEFAULT_KV_CACHE_TYPE
+from runtime.hparams import DEFAULT_CTX_CHECKPOINTS, DEFAULT_KV_CACHE_TYPE
 from runtime.container import Container, ContainerError, open_container
 from runtime.gguf import GGUFError, GGUFFile
 from runtime.terminal import printable
@@ -115,9 +115,11 @@ def set_threads(threads: int) -> None:
 
 def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
                  cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
-                 n_parallel: int = 1) -> Session:
+                 n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> Session:
     """The model ready to run, with its KV cache in cache_types (-ctk, -ctv) split among
-    n_parallel slots (--parallel), or a UserError naming what this build cannot run."""
+    n_parallel slots (--parallel), each keeping up to n_ctx_checkpoints copies of a hybrid
+    model's recurrent state (--ctx-checkpoints), or a UserError naming what this build
+    cannot run."""
     from runtime.engine import ContextSizeError, Engine, return_freed_memory
     from runtime.ggml_types import UnsupportedTypeError
     from runtime.model import UnsupportedModelError
@@ -132,7 +134,8 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
     try:
         tokenizer = cached_tokenizer or Tokenizer.from_metadata(gguf.metadata)
         engine = Engine.from_gguf(gguf, n_ctx=ctx_size or None, cache_type_k=cache_types[0],
-                                  cache_type_v=cache_types[1], n_parallel=n_parallel)
+                                  cache_type_v=cache_types[1], n_parallel=n_parallel,
+                                  n_ctx_checkpoints=n_ctx_checkpoints)
     except (UnsupportedModelError, UnsupportedTypeError) as e:
         raise UserError(f"this build cannot run the model: {e}") from None
     except ContextSizeError as e:

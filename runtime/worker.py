@@ -334,7 +334,7 @@ class EngineWorker:
         work, owners = [], []
         prefilling = next((t for t in running if t.prompt_left), None)
         if prefilling is not None:
-            chunk = prefilling.prompt_left[:engine.prefill_chunk]
+            chunk = engine.next_chunk(prefilling.slots[0], prefilling.prompt_left)
             work.append((prefilling.slots[0], chunk))
             owners.append(prefilling)
         for task in running:

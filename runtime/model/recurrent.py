@@ -3,15 +3,21 @@ a KV cache for the attention layers and a recurrent state for the others.
 
 A recurrent layer keeps no per-position history: its state after token t is all it knows,
 so it cannot be rolled back to an earlier position. The cache therefore records how many
-tokens its state has absorbed (`pos`), and `keep` keeps a cached prefix only when
-the new sequence continues the exact processed sequence; anything else is recomputed from
-position 0. That is llama.cpp's behaviour without context checkpoints (its recurrent memory
-refuses a partial removal, and the server then reprocesses the prompt). A forward pass that
+tokens its state has absorbed (`pos`), and keeps copies of the state at a few earlier
+positions: context checkpoints, as llama.cpp's server keeps them (`--ctx-checkpoints N`).
+`keep` keeps a cached prefix whole when the new sequence continues the processed one;
+otherwise it restores the newest checkpoint within the shared prefix, the attention layers'
+keys and values up to it staying valid (later positions are simply overwritten), and else
+starts from position 0. Which positions get a checkpoint, and how many are kept, is the
+engine's policy (runtime.engine), taking and restoring them this cache's. A forward pass that
 fails or is interrupted midway leaves some layers advanced and others not: the model marks
-the state invalid (`pos = -1`) and the next evaluation starts over.
+the state invalid (`pos = -1`), and the next evaluation starts over, its checkpoints dropped
+with it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,6 +47,24 @@ class RecurrentState:
         self.pos = 0
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """The recurrent state after the sequence's first `pos` tokens (llama.cpp's context
+    checkpoint): restored, and the tokens from pos on recomputed, it gives what evaluating
+    the whole sequence gives. Never written after it is taken, so copies of a slot share it.
+    `request` is the engine's number of the prompt that took it (eviction spares the
+    current prompt's)."""
+
+    pos: int
+    conv: np.ndarray
+    delta: np.ndarray
+    request: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.conv.nbytes + self.delta.nbytes
+
+
 class HybridCache(KVCache):
     """A KVCache over the attention layers only (slot = `kv_slot[layer]`) plus the recurrent
     state of the others (slot = `recurrent_slot[layer]`)."""
@@ -52,14 +76,55 @@ class HybridCache(KVCache):
         self.recurrent_slot = {il: i for i, il in enumerate(recurrent)}
         self.kv_slot = {il: i for i, il in enumerate(il for il in range(hp.n_layer) if il not in self.recurrent_slot)}
         self.state = RecurrentState(hp)
+        self.checkpoints: list[Checkpoint] = []  # oldest first, at increasing positions
 
     @property
     def nbytes(self) -> int:
         return super().nbytes + self.state.nbytes
 
     def keep(self, n: int, held: int) -> int:
-        """The state holds exactly the `held` processed tokens: kept only in full."""
-        return n if n == held == self.state.pos else 0
+        """Of the `held` processed tokens, keep the first n, as far as the state allows: all n
+        when the state holds exactly them (n == held); else the newest checkpoint at or
+        before n, restored; else none. Checkpoints past what is kept are dropped (the tokens
+        they absorbed are no longer the sequence's); after a failed pass, all of them."""
+        if self.state.pos < 0:
+            self.checkpoints.clear()
+            return 0
+        kept = n if n == held == self.state.pos else 0
+        if not kept:
+            usable = [c for c in self.checkpoints if c.pos <= n]
+            if usable:  # the newest first, as llama.cpp searches
+                kept = self.restore(usable[-1])
+        self.checkpoints = [c for c in self.checkpoints if c.pos <= kept]
+        return kept
+
+    def restore(self, checkpoint: Checkpoint) -> int:
+        """Put the state back to a checkpoint; the position it resumes at."""
+        self.state.conv[...] = checkpoint.conv
+        self.state.delta[...] = checkpoint.delta
+        self.state.pos = checkpoint.pos
+        return checkpoint.pos
+
+    def checkpoint(self, limit: int, min_step: int, request: int) -> None:
+        """Save the state at its position, keeping at most `limit` checkpoints as llama.cpp's
+        server does (create_checkpoint): when the list is full, those within min_step tokens
+        after the previous one kept go first (unless taken for the current request), then
+        the oldest; one already at this position is replaced."""
+        pos = self.state.pos
+        if limit <= 0 or pos <= 0:
+            return
+        kept = self.checkpoints
+        if len(kept) + 1 >= limit:
+            thinned, last = [], -1
+            for c in kept:
+                if c.request != request and last >= 0 and c.pos <= last + min_step:
+                    continue
+                thinned.append(c)
+                last = c.pos
+            kept = thinned
+        kept = kept[len(kept) - limit + 1:] if len(kept) >= limit else kept
+        kept = [c for c in kept if c.pos != pos]
+        self.checkpoints = kept + [Checkpoint(pos, self.state.conv.copy(), self.state.delta.copy(), request)]
 
     def copy_from(self, other: "HybridCache", n: int) -> None:
         """Another sequence's first n positions, which for the recurrent state means all of
@@ -70,6 +135,7 @@ class HybridCache(KVCache):
         self.state.conv[...] = other.state.conv
         self.state.delta[...] = other.state.delta
         self.state.pos = n
+        self.checkpoints = list(other.checkpoints)  # of the same tokens now; never written
 
     def begin(self, start_pos: int) -> None:
         """Before a forward pass at start_pos: a new sequence clears the state; otherwise the
