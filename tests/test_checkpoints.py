@@ -294,3 +294,44 @@ def test_the_flag_is_validated_and_reaches_the_engine(qwen35):
     with GGUFFile(path) as gguf:
         session = load_session(gguf, 128, 0, n_ctx_checkpoints=3)
         assert session.engine.n_ctx_checkpoints == 3
+
+
+def test_the_server_with_two_slots_prefills_and_regenerates_from_a_checkpoint(qwen35):
+    """Through the worker and HTTP with --parallel 2: two chats at once are answered, and a
+    regenerated one (the same request again) computes only the 4 tokens after its checkpoint."""
+    import threading
+
+    openai = pytest.importorskip("openai")
+    from conftest import READY_LIMIT_S, serving_in_thread
+    from runtime.server import ModelServer
+    from runtime.session import load_session
+    from runtime.worker import EngineWorker
+
+    path = qwen35[0]
+    worker = EngineWorker(lambda: load_session(GGUFFile(path), 256, 0, n_parallel=2))
+    worker.start()
+    try:
+        assert worker.loaded.wait(READY_LIMIT_S) and worker.state == "ok", worker.error
+        with serving_in_thread(ModelServer(("127.0.0.1", 0), worker, "qwen35", log=False)) as server:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused",
+                                   max_retries=0, timeout=120)
+
+            def ask(text, max_tokens=6):
+                return client.chat.completions.create(model="qwen35", max_tokens=max_tokens, temperature=0,
+                                                      messages=[{"role": "user", "content": text}])
+
+            replies = {}
+            threads = [threading.Thread(target=lambda t=t: replies.__setitem__(t, ask(t)))
+                       for t in ("hello there", "what is a checkpoint?")]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+            assert all(replies[t].usage.completion_tokens >= 1 for t in replies)
+            engine = worker.session.engine
+            before = engine.n_computed
+            again = ask("hello there", max_tokens=1)  # one token: nothing decoded after it
+            assert again.usage.prompt_tokens == replies["hello there"].usage.prompt_tokens
+            assert engine.n_computed - before == CHECKPOINT_TAIL
+    finally:
+        worker.stop()
