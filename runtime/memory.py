@@ -9,7 +9,9 @@ The estimate is the sum of
   context); a hybrid model's KV cache covers its attention layers only;
 - the recurrent states of a hybrid model (Qwen3.5's Gated DeltaNet layers: per slot and layer a
   convolution window and the delta-rule matrices, runtime.hparams.RecurrentShape), a fixed size
-  per slot whatever the context, so N times it with --parallel N;
+  per slot whatever the context, so N times it with --parallel N; and up to --ctx-checkpoints
+  copies of each slot's state (context checkpoints, runtime.model.recurrent; llama.cpp's
+  default 32, taken as a conversation goes on), counted at the default number;
 - working memory: the Python runtime with NumPy, Numba and the loaded kernels (a constant),
   the tokenizer (in proportion to the vocabulary), one prefill batch's activations and
   the logits (from the model's shapes).
@@ -29,7 +31,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.hparams import DEFAULT_KV_CACHE_TYPE, PREFILL_CHUNK, HParams, default_n_ctx, kv_cache_bytes
+from runtime.hparams import (DEFAULT_CTX_CHECKPOINTS, DEFAULT_KV_CACHE_TYPE, PREFILL_CHUNK, HParams, default_n_ctx,
+                             kv_cache_bytes)
 from runtime.units import format_bytes
 
 MEMINFO = "/proc/meminfo"
@@ -48,11 +51,12 @@ class MemoryEstimate:
     kv_cache: int  # every slot's
     working: int
     recurrent: int = 0  # every slot's recurrent state (hybrid models)
+    checkpoints: int = 0  # every slot's context checkpoints at most (copies of its recurrent state)
     n_parallel: int = 1
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.recurrent + self.working
+        return self.weights + self.kv_cache + self.recurrent + self.checkpoints + self.working
 
 
 def model_hparams(gguf) -> HParams:
@@ -65,7 +69,8 @@ def model_hparams(gguf) -> HParams:
 
 
 def estimate(gguf, n_ctx: int | None = None, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> MemoryEstimate:
+             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1,
+             n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> MemoryEstimate:
     """What running the model at n_ctx (default: the engine's default context) takes, with
     the KV cache in the given types (-ctk/-ctv), the context split among n_parallel slots."""
     hp = model_hparams(gguf)
@@ -77,6 +82,7 @@ def estimate(gguf, n_ctx: int | None = None, cache_type_k: str = DEFAULT_KV_CACH
     weights = sum(t.n_bytes for t in gguf.tensors.values())
     recurrent = n_parallel * hp.recurrent.nbytes if hp.recurrent else 0
     return MemoryEstimate(n_ctx=n_ctx, weights=weights, working=working_bytes(hp), recurrent=recurrent,
+                          checkpoints=n_ctx_checkpoints * recurrent,
                           kv_cache=n_parallel * kv_cache_bytes(hp, n_ctx // n_parallel, cache_type_k, cache_type_v),
                           n_parallel=n_parallel)
 
@@ -115,7 +121,7 @@ def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFA
     if base.total > budget:
         return None
     per_token = kv_cache_bytes(hp, step, cache_type_k, cache_type_v) / step
-    n = int((budget - base.weights - base.recurrent - base.working) // per_token) // step * step
+    n = int((budget - base.weights - base.recurrent - base.checkpoints - base.working) // per_token) // step * step
     return max(step, min(n, hp.n_ctx_train))
 
 
@@ -131,7 +137,8 @@ def fit_line(gguf, n_ctx: int | None = None, available: int | None = None,
         parts = [f"weights {format_bytes(est.weights)}",
                  f"KV cache {format_bytes(est.kv_cache)} in {cache_type_k}/{cache_type_v}"]
         if est.recurrent:
-            parts.append(f"recurrent states {format_bytes(est.recurrent)}")
+            parts.append(f"recurrent states {format_bytes(est.recurrent)}, their checkpoints up to "
+                         f"{format_bytes(est.checkpoints)}")
         if n_parallel > 1:
             parts.append(f"{n_parallel} slots of {est.n_ctx // n_parallel}")
         text += f" ({', '.join(parts)})"
@@ -152,7 +159,8 @@ def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None,
     est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel)
     if est.total <= available:
         return None
-    recurrent = f", recurrent states {format_bytes(est.recurrent)}" if est.recurrent else ""
+    recurrent = (f", recurrent states {format_bytes(est.recurrent)} and their checkpoints "
+                 f"{format_bytes(est.checkpoints)}" if est.recurrent else "")
     return (f"warning: the model needs ~{format_bytes(est.total)} at {est.n_ctx} context (weights "
             f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}{recurrent}) but this machine has "
             f"{format_bytes(available)} available; it may swap or be killed. "

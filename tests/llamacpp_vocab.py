@@ -104,17 +104,6 @@ def vocab_path(folder: Path, name: str) -> Path:
     return folder / f"{_PREFIX}{name}.gguf"
 
 
-def vocab_or_skip(name: str) -> Path:
-    """A vocabulary's file for a test, which is skipped (with the reason) when they cannot be
-    fetched."""
-    import pytest
-
-    try:
-        return vocab_path(vocab_dir(), name)
-    except VocabUnavailable as e:
-        pytest.skip(f"llama.cpp's test vocabularies are unavailable: {e}")
-
-
 def vocab_names(folder: Path) -> list[str]:
     """Every vocabulary in the folder, sorted."""
     return sorted(p.name[len(_PREFIX):-len(".gguf")] for p in folder.glob(f"{_PREFIX}*.gguf"))

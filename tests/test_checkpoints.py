@@ -33,13 +33,11 @@ TOLERANCE = 1e-5  # of the largest logit: float32 rounding (the module's docstri
 
 
 @pytest.fixture(scope="module")
-def qwen35(tmp_path_factory):
+def qwen35(parity_model):
     """(path, model, tokenizer) of the tiny qwen35 parity model."""
-    from llamacpp_vocab import vocab_or_skip
     from runtime.tokenizer import Tokenizer
 
-    path = tmp_path_factory.mktemp("ckpt") / "qwen35-F32.gguf"
-    pm.write_model(path, "qwen35", vocab_or_skip(pm.SPECS["qwen35"]["vocab"]))
+    path = parity_model("qwen35")
     gguf = GGUFFile(path)
     return path, load_model(gguf), Tokenizer.from_metadata(gguf.metadata)
 
@@ -335,3 +333,21 @@ def test_the_server_with_two_slots_prefills_and_regenerates_from_a_checkpoint(qw
             assert engine.n_computed - before == CHECKPOINT_TAIL
     finally:
         worker.stop()
+
+
+def test_the_memory_estimate_counts_every_checkpoint(qwen35):
+    """--info and the load-time warning count --ctx-checkpoints copies of each slot's state at
+    most (the default number), each checkpoint being what the state is."""
+    from runtime import memory
+    from runtime.hparams import DEFAULT_CTX_CHECKPOINTS
+
+    path, model, _ = qwen35
+    tokens = pm.tokens("qwen35", model.hp.n_vocab)
+    engine = Engine(model, n_ctx=64, n_parallel=2)
+    engine.eval(tokens[:20], 1)
+    state = engine.slots[1].cache.state.nbytes
+    assert [c.nbytes for c in engine.slots[1].cache.checkpoints] == [state]
+    with GGUFFile(path) as gguf:
+        est = memory.estimate(gguf, 64, n_parallel=2)
+    assert est.checkpoints == DEFAULT_CTX_CHECKPOINTS * 2 * state
+    assert est.total == est.weights + est.kv_cache + est.recurrent + est.checkpoints + est.working

@@ -233,6 +233,7 @@ def test_info_estimates_the_context_cache_types_and_slots_asked_for(synthetic_mo
     est = memory.estimate(gguf, 1024, "q8_0", "f32", 3)
     assert (f"  memory: needs ~{format_bytes(est.total)} at 1024 context (weights {format_bytes(est.weights)}, "
             f"KV cache {format_bytes(est.kv_cache)} in q8_0/f32, recurrent states {format_bytes(est.recurrent)}, "
+            f"their checkpoints up to {format_bytes(est.checkpoints)}, "
             f"3 slots of 341); this machine has 23.0 GB available") in out.stdout.splitlines(), out.stdout
     # slots that cannot share the context: said, as the engine would refuse them
     out = CliRunner().invoke(main, ["-m", str(path), "--info", "-c", "8", "--parallel", "5"])
