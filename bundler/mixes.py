@@ -73,6 +73,9 @@ class ModelFacts:
     n_gqa: int  # query heads per key/value head
     n_expert: int
     tied_output: bool  # no output.weight: the token embedding doubles as the output matrix
+    # the layers with an attn_v-category tensor, in order: llama.cpp counts those tensors, not
+    # layers, for attn_v's extra bits (Gemma 4's KV-sharing layers and K-as-V layers have none)
+    attn_v_layers: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, gguf: GGUFFile) -> "ModelFacts":
@@ -90,7 +93,9 @@ class ModelFacts:
                    n_layer=first("block_count", 0),
                    n_gqa=n_head // n_head_kv if n_head_kv else 0,
                    n_expert=first("expert_count", 0),
-                   tied_output="output.weight" not in gguf.tensors)
+                   tied_output="output.weight" not in gguf.tensors,
+                   attn_v_layers=tuple(sorted(_layer_of(name) for name in gguf.tensors
+                                              if _category(name) == "attn_v")))
 
     @property
     def is_llama_70b(self) -> bool:
@@ -141,18 +146,22 @@ def _output_type(mix: Mix, ncols: int, facts: ModelFacts) -> str:
 
 
 def _attn_v_type(mix: Mix, layer: int, facts: ModelFacts) -> str:
+    # i: this tensor's place among the attn_v tensors, n: how many there are (llama.cpp's
+    # i_attention_wv and n_attention_wv); the layer and the layer count when every layer has one
+    i, n = ((facts.attn_v_layers.index(layer), len(facts.attn_v_layers)) if layer in facts.attn_v_layers
+            else (layer, facts.n_layer))
     name, t = mix.name, mix.base
     if name == "Q2_K":
         t = "Q4_K" if facts.n_gqa >= 4 else "Q3_K"
     elif name == "Q3_K_M":
-        t = "Q5_K" if layer < 2 else "Q4_K"
+        t = "Q5_K" if i < 2 else "Q4_K"
     elif name == "Q3_K_L":
         t = "Q5_K"
     elif name in IQ4_MIXES and facts.n_gqa >= 4:
         t = "Q5_K"
-    elif name in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, facts.n_layer):
+    elif name in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
         t = "Q6_K"
-    elif name == "Q4_K_S" and layer < 4:
+    elif name == "Q4_K_S" and i < 4:
         t = "Q5_K"
     if facts.is_llama_70b and t in ("Q3_K", "Q4_K"):
         t = "Q5_K"

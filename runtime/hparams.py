@@ -30,7 +30,7 @@ def default_n_ctx(n_ctx_train: int) -> int:
 
 # general.architecture values runtime.model runs (its ARCHITECTURES, which imports the
 # kernels); here so --info can name them without loading Numba
-SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gpt-oss", "granite", "llama", "mistral3", "olmo2",
+SUPPORTED_ARCHITECTURES = ("gemma", "gemma2", "gemma3", "gemma4", "gpt-oss", "granite", "llama", "mistral3", "olmo2",
                            "phi3", "qwen2", "qwen3", "qwen35", "qwen35moe", "qwen3moe", "smollm3")
 
 
@@ -130,11 +130,61 @@ class HParams:
     rope_scaling: str = "none"  # rope.scaling.type: none, linear or yarn
     n_ctx_orig: int = 0  # rope.scaling.original_context_length (YaRN, LongRoPE), else n_ctx_train
     recurrent: RecurrentShape | None = None  # hybrid models: the layers with a recurrent state
+    # Per-layer values where the metadata gives an array that is not uniform (Gemma 4: KV
+    # heads and FFN sizes per layer); empty: every layer has the scalar above, which for a
+    # non-uniform array holds its largest value (a bound, for memory estimates). Only a
+    # family that reads them (Transformer.per_layer_shapes) runs such a model.
+    n_head_layers: tuple[int, ...] = ()
+    n_head_kv_layers: tuple[int, ...] = ()
+    n_ff_layers: tuple[int, ...] = ()
+    # Sliding-window layers with a head size, RoPE dimensions and base of their own (Gemma 4's
+    # *_swa keys); 0: as the other layers. sliding_layers: attention.sliding_window_pattern
+    # when the file gives it as one flag per layer, else empty.
+    sliding_layers: tuple[bool, ...] = ()
+    head_dim_swa: int = 0
+    n_rot_swa: int = 0
+    rope_base_swa: float = 0.0
+    n_kv_shared_layers: int = 0  # the last layers attend over earlier layers' K/V (Gemma 4)
+    n_embd_per_layer: int = 0  # per-layer embedding inputs (Gemma 4's embedding_length_per_layer_input)
 
     @property
     def n_kv_layers(self) -> int:
-        """Layers with a KV cache: all but the recurrent ones."""
-        return self.n_layer - (len(self.recurrent.layers) if self.recurrent else 0)
+        """Layers with a KV cache of their own: all but the recurrent and the KV-sharing ones."""
+        return len(self.kv_layers)
+
+    @property
+    def kv_layers(self) -> tuple[int, ...]:
+        recurrent = set(self.recurrent.layers) if self.recurrent else set()
+        return tuple(il for il in range(self.n_layer - self.n_kv_shared_layers) if il not in recurrent)
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same heads, head sizes and FFN size."""
+        return not (self.n_head_layers or self.n_head_kv_layers or self.n_ff_layers
+                    or (self.head_dim_swa and self.head_dim_swa != self.head_dim))
+
+    def is_swa(self, il: int) -> bool:
+        """Layer il slides, as the per-layer pattern says (False without one)."""
+        return bool(self.sliding_layers[il]) if self.sliding_layers else False
+
+    def n_head_at(self, il: int) -> int:
+        return self.n_head_layers[il] if self.n_head_layers else self.n_head
+
+    def n_head_kv_at(self, il: int) -> int:
+        return self.n_head_kv_layers[il] if self.n_head_kv_layers else self.n_head_kv
+
+    def n_ff_at(self, il: int) -> int:
+        return self.n_ff_layers[il] if self.n_ff_layers else self.n_ff
+
+    def head_dim_at(self, il: int) -> int:
+        """Layer il's key (and, where they differ only by layer kind, value) head size."""
+        return self.head_dim_swa if self.head_dim_swa and self.is_swa(il) else self.head_dim
+
+    def head_dim_v_at(self, il: int) -> int:
+        return self.head_dim_swa if self.head_dim_swa and self.is_swa(il) else self.head_dim_v
+
+    def n_rot_at(self, il: int) -> int:
+        return self.n_rot_swa if self.n_rot_swa and self.is_swa(il) else self.n_rot
 
     @classmethod
     def from_metadata(cls, md: dict, n_vocab: int) -> "HParams":
@@ -149,8 +199,17 @@ class HParams:
             return default
 
         n_embd = int(get("embedding_length"))
-        n_head = int(_scalar(get("attention.head_count")))
-        n_head_kv = int(_scalar(get("attention.head_count_kv", n_head)))
+        n_layer_all = int(get("block_count"))
+        n_head, n_head_layers = _per_layer(get("attention.head_count"), n_layer_all, "attention.head_count")
+        n_head_kv, n_head_kv_layers = _per_layer(get("attention.head_count_kv", n_head), n_layer_all,
+                                                 "attention.head_count_kv")
+        n_ff, n_ff_layers = _per_layer(get("feed_forward_length"), n_layer_all, "feed_forward_length")
+        pattern = md.get(f"{arch}.attention.sliding_window_pattern")
+        sliding = (tuple(bool(v) for v in np.asarray(pattern).reshape(-1)[:n_layer_all].tolist())
+                   if pattern is not None and np.ndim(pattern) == 1 else ())
+        if sliding and len(sliding) < n_layer_all:
+            raise UnsupportedModelError(f"{arch}.attention.sliding_window_pattern has {len(sliding)} flags for "
+                                        f"{n_layer_all} layers: the file's metadata is wrong")
         head_dim = int(get("attention.key_length", n_embd // n_head if n_head else 0))
         scaling = str(get("rope.scaling.type", "none"))
         factor = float(get("rope.scaling.factor", 1.0))
@@ -160,14 +219,14 @@ class HParams:
         rope_scale = 1.0 / factor if scaling in ("linear", "yarn") and factor > 0 else 1.0
         n_ctx_train = int(get("context_length"))
         # multi-token-prediction blocks (nextn) follow the trunk's; the forward pass skips them
-        n_layer = int(get("block_count")) - int(get("nextn_predict_layers", 0))
+        n_layer = n_layer_all - int(get("nextn_predict_layers", 0))
         return check_hparams(cls(
             arch=arch,
             n_vocab=n_vocab,
             n_ctx_train=n_ctx_train,
             n_embd=n_embd,
             n_layer=n_layer,
-            n_ff=int(_scalar(get("feed_forward_length"))),
+            n_ff=n_ff,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
@@ -181,6 +240,15 @@ class HParams:
             rope_scaling=scaling,
             n_ctx_orig=int(get("rope.scaling.original_context_length", n_ctx_train)),
             recurrent=RecurrentShape.from_metadata(md, arch, n_layer),
+            n_head_layers=n_head_layers,
+            n_head_kv_layers=n_head_kv_layers,
+            n_ff_layers=n_ff_layers,
+            sliding_layers=sliding,
+            head_dim_swa=int(get("attention.key_length_swa", 0)),
+            n_rot_swa=int(get("rope.dimension_count_swa", 0)),
+            rope_base_swa=float(get("rope.freq_base_swa", 0.0)),
+            n_kv_shared_layers=int(get("attention.shared_kv_layers", 0)),
+            n_embd_per_layer=int(get("embedding_length_per_layer_input", 0)),
         ))
 
 
@@ -192,7 +260,9 @@ _KEYS = {"n_vocab": "vocabulary size (rows of token_embd.weight)", "n_ctx_train"
          "n_rot": "rope.dimension_count", "rms_eps": "attention.layer_norm_rms_epsilon",
          "rope_base": "rope.freq_base", "rope_scale": "rope.scaling.factor",
          "sliding_window": "attention.sliding_window",
-         "final_logit_softcap": "final_logit_softcapping"}
+         "final_logit_softcap": "final_logit_softcapping", "head_dim_swa": "attention.key_length_swa",
+         "n_rot_swa": "rope.dimension_count_swa", "n_kv_shared_layers": "attention.shared_kv_layers",
+         "n_embd_per_layer": "embedding_length_per_layer_input"}
 
 
 def check_hparams(hp: HParams) -> HParams:
@@ -224,17 +294,47 @@ def check_hparams(hp: HParams) -> HParams:
         raise bad("sliding_window", hp.sliding_window, "0 (none) or more")
     if not (math.isfinite(hp.final_logit_softcap) and hp.final_logit_softcap >= 0):
         raise bad("final_logit_softcap", hp.final_logit_softcap, "0 (none) or a positive number")
+    for il in range(hp.n_layer):
+        for field, value in (("n_head", hp.n_head_at(il)), ("n_head_kv", hp.n_head_kv_at(il)),
+                             ("n_ff", hp.n_ff_at(il))):
+            if value < 1:
+                raise bad(field, value, f"at least 1 in every layer (layer {il})")
+        if hp.n_head_at(il) % hp.n_head_kv_at(il):
+            raise bad("n_head_kv", hp.n_head_kv_at(il), f"a divisor of layer {il}'s {hp.n_head_at(il)} attention heads")
+    if hp.head_dim_swa < 0:
+        raise bad("head_dim_swa", hp.head_dim_swa, "0 (as the other layers) or more")
+    if hp.head_dim_swa and not 0 <= hp.n_rot_swa <= hp.head_dim_swa or hp.n_rot_swa % 2:
+        raise bad("n_rot_swa", hp.n_rot_swa, f"an even number from 0 to the sliding head size {hp.head_dim_swa}")
+    if not 0 <= hp.n_kv_shared_layers < hp.n_layer:
+        raise bad("n_kv_shared_layers", hp.n_kv_shared_layers, f"fewer than the {hp.n_layer} layers")
+    if hp.n_embd_per_layer < 0:
+        raise bad("n_embd_per_layer", hp.n_embd_per_layer, "0 (none) or more")
     return hp
 
 
 def _scalar(value):
-    """Per-layer arrays (head counts, ff lengths) must be uniform here; take the one value."""
+    """A value that must be uniform across layers (expert counts and sizes); take the one value."""
     arr = np.asarray(value)
     if arr.ndim == 0:
         return arr.item()
     if arr.size and np.all(arr == arr.flat[0]):
         return arr.flat[0].item()
     raise UnsupportedModelError(f"per-layer hyperparameters {arr.tolist()} are not supported")
+
+
+def _per_layer(value, n_layer: int, key: str) -> tuple[int, tuple[int, ...]]:
+    """A metadata value that may be one number or one per layer (head counts, FFN sizes):
+    (the value, ()) when it is uniform, else (its largest value, the per-layer values)."""
+    arr = np.asarray(value).reshape(-1)
+    if arr.size == 0:
+        raise UnsupportedModelError(f"the model's {key} is an empty array: the file's metadata is wrong")
+    if np.all(arr == arr[0]):
+        return int(arr[0]), ()
+    if arr.size < n_layer:
+        raise UnsupportedModelError(f"the model's {key} has {arr.size} values for {n_layer} layers: "
+                                    "the file's metadata is wrong")
+    values = tuple(int(v) for v in arr[:n_layer].tolist())
+    return max(values), values
 
 
 def kv_row_bytes(cache_type: str, head_dim: int, flag: str = "--cache-type-k") -> int:
@@ -253,12 +353,38 @@ def kv_row_bytes(cache_type: str, head_dim: int, flag: str = "--cache-type-k") -
 def kv_cache_shapes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
                     type_v: str = DEFAULT_KV_CACHE_TYPE) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Byte shapes of the K and V arrays of a cache of n_ctx positions (runtime.model.KVCache):
-    [layers with a KV cache, n_kv_head, n_ctx, bytes of one head's row]."""
+    [layers with a KV cache, n_kv_head, n_ctx, bytes of one head's row]. Layers of several
+    shapes (Gemma 4) take one pair per shape instead: kv_cache_groups."""
+    if not hp.uniform_layers:
+        raise ValueError("the layers' K/V shapes differ: one cache array per shape (kv_cache_groups)")
     return ((hp.n_kv_layers, hp.n_head_kv, n_ctx, kv_row_bytes(type_k, hp.head_dim, "--cache-type-k")),
             (hp.n_kv_layers, hp.n_head_kv, n_ctx, kv_row_bytes(type_v, hp.head_dim_v, "--cache-type-v")))
+
+
+@dataclass(frozen=True)
+class KVGroup:
+    """The layers whose keys and values have one shape, and the byte shapes of their K and V
+    arrays: [len(layers), n_kv_head, n_ctx, bytes of one head's row]."""
+
+    layers: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+
+
+def kv_cache_groups(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
+                    type_v: str = DEFAULT_KV_CACHE_TYPE) -> list[KVGroup]:
+    """The layers with a KV cache of their own, grouped by the shape of their keys and
+    values (one group unless the layers differ, as Gemma 4's sliding and global ones do)."""
+    by_shape: dict[tuple[int, int, int], list[int]] = {}
+    for il in hp.kv_layers:
+        by_shape.setdefault((hp.n_head_kv_at(il), hp.head_dim_at(il), hp.head_dim_v_at(il)), []).append(il)
+    return [KVGroup(tuple(layers),
+                    (len(layers), n_kv, n_ctx, kv_row_bytes(type_k, head_k, "--cache-type-k")),
+                    (len(layers), n_kv, n_ctx, kv_row_bytes(type_v, head_v, "--cache-type-v")))
+            for (n_kv, head_k, head_v), layers in by_shape.items()]
 
 
 def kv_cache_bytes(hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
                    type_v: str = DEFAULT_KV_CACHE_TYPE) -> int:
     """What a KV cache of n_ctx positions takes, without allocating one."""
-    return sum(int(np.prod(shape)) for shape in kv_cache_shapes(hp, n_ctx, type_k, type_v))
+    return sum(int(np.prod(g.k_shape)) + int(np.prod(g.v_shape)) for g in kv_cache_groups(hp, n_ctx, type_k, type_v))

@@ -120,6 +120,11 @@ def describe(gguf: GGUFFile, path: str, n_ctx: int | None = None,
                                         "context (a conversation is reused only as a whole)"))
     if key("attention.sliding_window") is not None:
         rows.append(("sliding window", _number(key("attention.sliding_window"))))
+    if key("attention.shared_kv_layers"):
+        rows.append(("shared KV", f"the last {_number(key('attention.shared_kv_layers'))} layers attend over "
+                                  "earlier layers' keys and values (no cache of their own)"))
+    if key("embedding_length_per_layer_input"):
+        rows.append(("per-layer inputs", f"{_number(key('embedding_length_per_layer_input'))} per layer and token"))
     rows.append(("tokenizer", _tokenizer(gguf, key("vocab_size"))))
     template = gguf.get("tokenizer.chat_template")
     rows.append(("chat template", "yes" if isinstance(template, str) and template else "none"))

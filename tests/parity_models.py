@@ -138,6 +138,28 @@ SPECS: dict[str, dict] = {
                             "expert_count": (U32, 8), "expert_used_count": (U32, 2),
                             "expert_feed_forward_length": (U32, 256),
                             "expert_shared_feed_forward_length": (U32, 256)}),
+    # Gemma 4's layout scaled down, with its own vocabulary (262k: hence n_embd 64 and 8
+    # per-layer dimensions, so the file stays ~120 MB). Six layers alternating sliding
+    # (heads of 32, RoPE base 1e4 over all 32, window 16, 2 KV heads) and global (heads of 64,
+    # 1 KV head, proportional RoPE: 8 of 32 pairs rotate, base 1e6); the last two share
+    # the K/V of layers 2 and 3; layer 1 has no attn_v (V = K: so Q4_K_M gives the third attn_v,
+    # layer 3's, more bits, as llama.cpp counts them); the sharing layers' FFNs are
+    # twice as wide (Gemma 4's double-wide MLP); per-layer embeddings of 8; each layer's
+    # output scale; final logits capped at 15.
+    "gemma4": dict(vocab="gemma-4", n_embd=64, n_layer=6, n_head=4, n_head_kv=1, head_dim=64,
+                   n_ff=128, scale_embedding=True,
+                   gemma4=dict(head_dim_swa=32, n_ff=(128, 128, 128, 128, 256, 256), n_per_layer=8,
+                               n_head_kv=(2, 1, 2, 1, 2, 1), swa=(1, 0, 1, 0, 1, 0), shared=2, no_v=(1,),
+                               rotated_pairs=8),
+                   keys={"rope.freq_base": (F32, 1e6), "rope.freq_base_swa": (F32, 1e4),
+                         "attention.sliding_window": (U32, 16),
+                         "attention.sliding_window_pattern": (ARRAY, np.array([1, 0, 1, 0, 1, 0], np.bool_)),
+                         "attention.key_length_swa": (U32, 32), "attention.value_length_swa": (U32, 32),
+                         "rope.dimension_count": (U32, 64), "rope.dimension_count_swa": (U32, 32),
+                         "attention.head_count_kv": (ARRAY, np.array([2, 1, 2, 1, 2, 1], np.int32)),
+                         "feed_forward_length": (ARRAY, np.array([128, 128, 128, 128, 256, 256], np.int32)),
+                         "attention.shared_kv_layers": (U32, 2), "embedding_length_per_layer_input": (U32, 8),
+                         "final_logit_softcapping": (F32, 15.0)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -190,6 +212,8 @@ def tokens(arch: str, n_vocab: int) -> list[int]:
 
 def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], float, float]]:
     """(name, shape with rows first, scale, centre) of every tensor, in file order."""
+    if "gemma4" in spec:
+        return _gemma4_tensors(spec, n_vocab)
     d, hd, n_ff = spec["n_embd"], spec["head_dim"], spec["n_ff"]
     q_dim, kv_dim = spec["n_head"] * hd, spec["n_head_kv"] * hd
     # Families that scale the embedding by sqrt(n_embd) and tie the output to it get a
@@ -291,6 +315,59 @@ def _tensors(arch: str, spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, 
     return out
 
 
+def _gemma4_tensors(spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...], float, float]]:
+    """Gemma 4's tensors (runtime/model/gemma4.py says what each does)."""
+    g, d, n_layer = spec["gemma4"], spec["n_embd"], spec["n_layer"]
+    n_pl, n_kv_layers = g["n_per_layer"], n_layer - g["shared"]
+    out = [("rope_freqs.weight", (spec["head_dim"] // 2,), 0.0, 0.0),  # proportional_rope_factors
+           ("token_embd.weight", (n_vocab, d), d ** -0.5, 0.0), ("output_norm.weight", (d,), 0.1, 3.0),
+           # per-layer rows of rms ~1 once scaled by sqrt(n_per_layer), as the projection's
+           ("per_layer_token_embd.weight", (n_vocab, n_layer * n_pl), n_pl ** -0.5, 0.0),
+           ("per_layer_model_proj.weight", (n_layer * n_pl, d), d ** -0.5, 0.0),
+           ("per_layer_proj_norm.weight", (n_pl,), 0.1, 1.0)]
+
+    def matrix(name, rows, cols):
+        out.append((name, (rows, cols), cols ** -0.5, 0.0))
+
+    def norm(name, n):
+        out.append((name, (n,), 0.1, 1.0))
+
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        hd = g["head_dim_swa"] if g["swa"][il] else spec["head_dim"]
+        q_dim, kv_dim = spec["n_head"] * hd, g["n_head_kv"][il] * hd
+        norm(p + "attn_norm.weight", d)
+        matrix(p + "attn_q.weight", q_dim, d)
+        # q and k norms of hd**-0.25: scores of std ~1 under Gemma 4's attention scale of 1
+        # (at norms ~1 the softmax is so sharp that float32 rounding moves the logits by 1e-3)
+        out.append((p + "attn_q_norm.weight", (hd,), 0.02, hd ** -0.25))
+        if il < n_kv_layers:
+            matrix(p + "attn_k.weight", kv_dim, d)
+            if il not in g["no_v"]:
+                matrix(p + "attn_v.weight", kv_dim, d)
+            out.append((p + "attn_k_norm.weight", (hd,), 0.02, hd ** -0.25))
+        matrix(p + "attn_output.weight", d, q_dim)
+        norm(p + "post_attention_norm.weight", d)
+        norm(p + "ffn_norm.weight", d)
+        matrix(p + "ffn_gate.weight", g["n_ff"][il], d)
+        matrix(p + "ffn_up.weight", g["n_ff"][il], d)
+        matrix(p + "ffn_down.weight", d, g["n_ff"][il])
+        norm(p + "post_ffw_norm.weight", d)
+        matrix(p + "inp_gate.weight", n_pl, d)
+        matrix(p + "proj.weight", d, n_pl)
+        norm(p + "post_norm.weight", d)
+        out.append((p + "layer_output_scale.weight", (1,), 0.1, 0.8))
+    return out
+
+
+def proportional_rope_factors(spec: dict) -> np.ndarray:
+    """Gemma 4's rope_freqs: 1 for the global layers' pairs that rotate, 1e30 (no rotation)
+    for the others, as llama.cpp's converter writes them (not random: a fact of the layout)."""
+    half = spec["head_dim"] // 2
+    rotated = spec["gemma4"]["rotated_pairs"]
+    return np.array([1.0] * rotated + [1e30] * (half - rotated), np.float32)
+
+
 def _metadata(arch: str, spec: dict, vocab: GGUFFile | None) -> list[tuple[str, ValueType, object]]:
     a = arch + "."
     md = [("general.architecture", STR, arch),
@@ -305,7 +382,9 @@ def _metadata(arch: str, spec: dict, vocab: GGUFFile | None) -> list[tuple[str, 
           (a + "attention.value_length", U32, spec["head_dim"]),
           (a + "attention.layer_norm_rms_epsilon", F32, 1e-6),
           ("general.file_type", U32, 0)]  # all F32
-    md += [(a + key, vtype, value) for key, (vtype, value) in spec.get("keys", {}).items()]
+    keys = {a + key: (vtype, value) for key, (vtype, value) in spec.get("keys", {}).items()}
+    md = [(key, *keys.pop(key)) if key in keys else (key, vtype, value) for key, vtype, value in md]
+    md += [(key, vtype, value) for key, (vtype, value) in keys.items()]
     if vocab is None:  # a model without a tokenizer
         return md
     tokenizer = {key: (vocab.metadata_types[key], value) for key, value in vocab.metadata.items()
@@ -361,7 +440,11 @@ def write_model(path: str | Path, arch: str, vocab_path: str | Path | None, n_vo
         digest.update(head)
         for name, shape, scale, centre in tensors:
             n = int(np.prod(shape))
-            data = (centre + scale * counter_normal(f"{arch}:{name}", n)).astype("<f4").tobytes()
+            if name == "rope_freqs.weight" and "gemma4" in spec:
+                values = proportional_rope_factors(spec)
+            else:
+                values = centre + scale * counter_normal(f"{arch}:{name}", n)
+            data = values.astype("<f4").tobytes()
             data += bytes(-len(data) % ALIGNMENT)
             f.write(data)
             digest.update(data)

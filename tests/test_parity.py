@@ -20,6 +20,12 @@ logits by ~3e-4 relative; the F32 check of those families runs our model with th
 the last float32 bits and straddle an f16 rounding boundary, the two round apart by one f16
 step (2^-11 relative). Measured with the emulation, those families stay within 1.3e-4 of the
 largest logit (median 5e-5; without it 2.7e-4..4.3e-4), so they are held to F32_RTOL_GELU.
+Gemma 4 runs GELU twice per layer (its FFN and its per-layer inputs) on 64-wide states with
+post-norms that rescale small branches to rms 1, so the same one-step disagreements move its
+logits more: measured max 1.1e-3, median 2.0e-4 with the emulation (up to 2.9e-3 without;
+traced to the layer where they start: its attention inputs and outputs agree with llama.cpp's
+to 2e-7, the first difference is after a GELU). It is held to F32_RTOL_ARCH; each of its own
+features, left out, moves the logits by over 10 times that (tests/test_gemma4.py).
 
 Q8_0 and Q4_K_M: both sides read the same quantized weights (our quantizer's file is checked
 to be byte for byte llama.cpp's), but llama.cpp also quantizes the activations to 8 bits (Q8_0
@@ -52,6 +58,7 @@ from runtime.model import ARCHITECTURES, load_model
 ARCHS = sorted(pm.SPECS)
 F32_RTOL = 1e-4
 F32_RTOL_GELU = 2.5e-4  # GeGLU families: llama.cpp's f16 GELU, emulated but not bit for bit
+F32_RTOL_ARCH = {"gemma4": 3e-3}  # ~3x its measured worst (see above)
 ARGMAX_AGREEMENT = 0.95
 TIE = 0.1  # llama.cpp logits this close to its maximum count as its arg-max (see above)
 KL_BOUND = {"Q8_0": 5e-3, "Q4_K_M": 1e-2, "MXFP4_MOE": 5e-3}  # mean nats per position: ~5x the largest measured
@@ -158,7 +165,7 @@ def test_f32_logits_match_llamacpp(parity_file, arch, monkeypatch):
     ref = reference["files"]["F32"]
     monkeypatch.setattr(ops, "gelu_tanh_mul", llamacpp_gelu)
     ours = our_logits(path, reference["tokens"])
-    rtol = F32_RTOL_GELU if ARCHITECTURES[arch].ffn_activation == "gelu_tanh" else F32_RTOL
+    rtol = F32_RTOL_ARCH.get(arch, F32_RTOL_GELU if ARCHITECTURES[arch].ffn_activation == "gelu_tanh" else F32_RTOL)
     ids, values = np.array(ref["top_ids"]), np.array(ref["top_values"])
     scale = np.abs(values).max(axis=1)
     err = np.abs(np.take_along_axis(ours, ids, axis=1) - values).max(axis=1)
@@ -295,10 +302,12 @@ def test_hybrid_model_answers_a_chat_through_the_openai_client(parity_file, arch
         worker.stop()
 
 
-def test_hybrid_sequences_batched_with_their_own_states(parity_file):
-    """Several slots' sequences in one pass (forward_batch), each with its own recurrent state
-    and KV cache, give what each gives alone (float32: to 1e-5 of the largest logit)."""
-    path, reference = parity_file("qwen35", "F32")
+@pytest.mark.parametrize("arch", ["qwen35", "gemma4"])
+def test_sequences_batched_with_their_own_caches(parity_file, arch):
+    """Several slots' sequences in one pass (forward_batch), each with its own cache (qwen35's
+    recurrent state and KV cache, gemma4's K/V of two shapes), give what each gives alone
+    (float32: to 1e-5 of the largest logit)."""
+    path, reference = parity_file(arch, "F32")
     tokens = reference["tokens"]
     model = load_model(GGUFFile(path))
     sequences = (tokens[:9], tokens[20:25])

@@ -7,6 +7,7 @@ from .kv_cache import KVCache
 from .gemma import Gemma
 from .gemma2 import Gemma2
 from .gemma3 import Gemma3
+from .gemma4 import Gemma4
 from .gptoss import GptOss
 from .granite import Granite
 from .llama import Llama
@@ -21,7 +22,7 @@ from .qwen35moe import Qwen35Moe
 from .smollm3 import SmolLM3
 
 ARCHITECTURES: dict[str, type[Transformer]] = {
-    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Qwen35, Qwen35Moe, Gemma3, Gemma, Gemma2,
+    cls.architecture: cls for cls in (Llama, Qwen2, Qwen3, Qwen3Moe, Qwen35, Qwen35Moe, Gemma3, Gemma4, Gemma, Gemma2,
                                        Granite, Mistral3, Olmo2, Phi3, SmolLM3, GptOss)
 }
 

@@ -153,6 +153,7 @@ class Transformer:
     logit_scale: float = 1.0  # multiplies the logits (Granite: 1 / its logit_scale)
     attn_softcap: float = 0.0  # > 0: attention scores soft-capped at this (Gemma 2)
     ffn_norm_tensor: str = "ffn_norm.weight"  # the FFN's input norm (after "blk.N.")
+    per_layer_shapes: bool = False  # runs layers of different head counts, head and FFN sizes (Gemma 4)
     # layer tensors (after "blk.N.") the family's files may have but this build does not run:
     # refused by name rather than ignored
     unsupported_tensors: tuple[str, ...] = ()
@@ -228,6 +229,9 @@ class Transformer:
 
     def check_hparams(self) -> None:
         hp = self.hp
+        if not self.per_layer_shapes and not hp.uniform_layers:
+            raise UnsupportedModelError(f"{hp.arch} models with per-layer head counts, head sizes or FFN sizes "
+                                        "are not supported")
         if hp.n_head % hp.n_head_kv:
             raise UnsupportedModelError(f"{hp.n_head} query heads do not group over {hp.n_head_kv} KV heads")
         if hp.n_rot > hp.head_dim or hp.n_rot % 2:
@@ -404,6 +408,7 @@ class Transformer:
                 raise ValueError(f"positions {s.start}..{s.start + s.n - 1} do not fit a cache of {s.cache.n_ctx}")
         positions = np.concatenate([np.arange(s.start, s.start + s.n, dtype=np.int64) for s in spans])
         x = self.embed(tokens)
+        inputs = self.layer_inputs(tokens, x)
         h = np.empty_like(x)
         residual_scale = np.float32(self.residual_scale)
         for il, layer in enumerate(self.layers):
@@ -427,6 +432,7 @@ class Transformer:
             if residual_scale != 1:
                 ffn *= residual_scale
             x += ffn
+            self.end_of_layer(il, layer, x, inputs)
         if not all_logits:
             x = np.ascontiguousarray(x[[s.end - 1 for s in spans]])
         out = np.empty_like(x)
@@ -440,6 +446,13 @@ class Transformer:
             cap = np.float32(hp.final_logit_softcap)
             logits = np.tanh(logits / cap) * cap
         return logits
+
+    def layer_inputs(self, tokens: np.ndarray, x: np.ndarray):
+        """What end_of_layer needs from a pass's tokens and embeddings x (nothing by default)."""
+        return None
+
+    def end_of_layer(self, il: int, layer: Layer, x: np.ndarray, inputs) -> None:
+        """Change layer il's output x in place before the next layer (nothing by default)."""
 
     def attention(self, il: int, layer: Layer, h, positions, spans: list["Span"]):
         hp = self.hp

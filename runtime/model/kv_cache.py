@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.ggml_types import ggml_type
-from runtime.hparams import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, HParams, kv_cache_shapes
+from runtime.hparams import DEFAULT_KV_CACHE_TYPE, KV_CACHE_TYPES, HParams, kv_cache_groups, kv_cache_shapes
 
 
 class KVCache:
@@ -61,6 +61,43 @@ class KVCache:
         one prompt's prefill shared by several sequences (n > 1 choices)."""
         self.k[:, :, :n] = other.k[:, :, :n]
         self.v[:, :, :n] = other.v[:, :, :n]
+
+
+class GroupedKVCache(KVCache):
+    """A KVCache whose layers differ in KV heads or head size (Gemma 4's sliding and global
+    layers): one K and one V array per shape (runtime.hparams.kv_cache_groups), each laid out
+    as KVCache's. Layers that attend over another layer's keys and values have none here."""
+
+    def __init__(self, hp: HParams, n_ctx: int, type_k: str = DEFAULT_KV_CACHE_TYPE,
+                 type_v: str = DEFAULT_KV_CACHE_TYPE):
+        self.n_ctx, self.type_k, self.type_v = n_ctx, type_k, type_v
+        self.k_ggml = ggml_type(KV_CACHE_TYPES[type_k])
+        self.v_ggml = ggml_type(KV_CACHE_TYPES[type_v])
+        groups = kv_cache_groups(hp, n_ctx, type_k, type_v)  # checks the types
+        self.ks = [np.zeros(g.k_shape, np.uint8) for g in groups]
+        self.vs = [np.zeros(g.v_shape, np.uint8) for g in groups]
+        self.slot = {il: (g, i) for g, group in enumerate(groups) for i, il in enumerate(group.layers)}
+        self.blocks = {il: (hp.head_dim_at(il) // self.k_ggml.block_elems,
+                            hp.head_dim_v_at(il) // self.v_ggml.block_elems) for il in self.slot}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.ks, *self.vs))
+
+    def layer(self, il: int) -> tuple[np.ndarray, int, np.ndarray, int]:
+        """Layer il's (keys, blocks per key row, values, blocks per value row)."""
+        g, i = self.slot[il]
+        k_blocks, v_blocks = self.blocks[il]
+        return self.ks[g][i], k_blocks, self.vs[g][i], v_blocks
+
+    def store(self, il: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        keys, _, values, _ = self.layer(il)
+        store_rows(keys, self.type_k, start, k)
+        store_rows(values, self.type_v, start, v)
+
+    def copy_from(self, other: "GroupedKVCache", n: int) -> None:
+        for mine, theirs in zip((*self.ks, *self.vs), (*other.ks, *other.vs)):
+            mine[:, :, :n] = theirs[:, :, :n]
 
 
 @dataclass
