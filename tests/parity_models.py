@@ -160,6 +160,23 @@ SPECS: dict[str, dict] = {
                          "feed_forward_length": (ARRAY, np.array([128, 128, 128, 128, 256, 256], np.int32)),
                          "attention.shared_kv_layers": (U32, 2), "embedding_length_per_layer_input": (U32, 8),
                          "final_logit_softcapping": (F32, 15.0)}),
+    # Gemma 4 26B-A4B's layout on the model above (no per-layer inputs, no shared K/V, as
+    # that model has): four layers, each with the dense FFN beside 4 experts of 64, 2 used per
+    # token, gate and up fused in ffn_gate_up_exps, per-expert output scales
+    "gemma4-moe": dict(arch="gemma4", vocab="gemma-4", n_embd=64, n_layer=4, n_head=4, n_head_kv=1,
+                       head_dim=64, n_ff=128, scale_embedding=True,
+                       gemma4=dict(head_dim_swa=32, n_ff=(128,) * 4, n_per_layer=0, n_head_kv=(2, 1, 2, 1),
+                                   swa=(1, 0, 1, 0), shared=0, no_v=(), rotated_pairs=8, n_expert=4,
+                                   n_ff_exp=64),
+                       keys={"rope.freq_base": (F32, 1e6), "rope.freq_base_swa": (F32, 1e4),
+                             "attention.sliding_window": (U32, 16),
+                             "attention.sliding_window_pattern": (ARRAY, np.array([1, 0, 1, 0], np.bool_)),
+                             "attention.key_length_swa": (U32, 32), "attention.value_length_swa": (U32, 32),
+                             "rope.dimension_count": (U32, 64), "rope.dimension_count_swa": (U32, 32),
+                             "attention.head_count_kv": (ARRAY, np.array([2, 1, 2, 1], np.int32)),
+                             "expert_count": (U32, 4), "expert_used_count": (U32, 2),
+                             "expert_feed_forward_length": (U32, 64), "final_logit_softcapping": (F32, 15.0),
+                             "embedding_length_per_layer_input": (U32, 0)}),
     # SmolLM3 uses Llama 3's vocabulary; four layers, so the last one runs without RoPE
     "smollm3": dict(vocab="llama-bpe", n_embd=64, n_layer=4, n_head=4, n_head_kv=1, head_dim=16,
                     n_ff=512, keys={"rope.freq_base": (F32, 5e6)}),
@@ -320,11 +337,11 @@ def _gemma4_tensors(spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...]
     g, d, n_layer = spec["gemma4"], spec["n_embd"], spec["n_layer"]
     n_pl, n_kv_layers = g["n_per_layer"], n_layer - g["shared"]
     out = [("rope_freqs.weight", (spec["head_dim"] // 2,), 0.0, 0.0),  # proportional_rope_factors
-           ("token_embd.weight", (n_vocab, d), d ** -0.5, 0.0), ("output_norm.weight", (d,), 0.1, 3.0),
-           # per-layer rows of rms ~1 once scaled by sqrt(n_per_layer), as the projection's
-           ("per_layer_token_embd.weight", (n_vocab, n_layer * n_pl), n_pl ** -0.5, 0.0),
-           ("per_layer_model_proj.weight", (n_layer * n_pl, d), d ** -0.5, 0.0),
-           ("per_layer_proj_norm.weight", (n_pl,), 0.1, 1.0)]
+           ("token_embd.weight", (n_vocab, d), d ** -0.5, 0.0), ("output_norm.weight", (d,), 0.1, 3.0)]
+    if n_pl:  # per-layer rows of rms ~1 once scaled by sqrt(n_per_layer), as the projection's
+        out += [("per_layer_token_embd.weight", (n_vocab, n_layer * n_pl), n_pl ** -0.5, 0.0),
+                ("per_layer_model_proj.weight", (n_layer * n_pl, d), d ** -0.5, 0.0),
+                ("per_layer_proj_norm.weight", (n_pl,), 0.1, 1.0)]
 
     def matrix(name, rows, cols):
         out.append((name, (rows, cols), cols ** -0.5, 0.0))
@@ -353,9 +370,19 @@ def _gemma4_tensors(spec: dict, n_vocab: int) -> list[tuple[str, tuple[int, ...]
         matrix(p + "ffn_up.weight", g["n_ff"][il], d)
         matrix(p + "ffn_down.weight", d, g["n_ff"][il])
         norm(p + "post_ffw_norm.weight", d)
-        matrix(p + "inp_gate.weight", n_pl, d)
-        matrix(p + "proj.weight", d, n_pl)
-        norm(p + "post_norm.weight", d)
+        if g.get("n_expert"):  # the router, its input scale, the experts and their output scales
+            n_exp, n_ff_exp = g["n_expert"], g["n_ff_exp"]
+            matrix(p + "ffn_gate_inp.weight", n_exp, d)
+            out.append((p + "ffn_gate_inp.scale", (d,), 0.1, 1.0))
+            out.append((p + "ffn_gate_up_exps.weight", (n_exp, 2 * n_ff_exp, d), d ** -0.5, 0.0))
+            out.append((p + "ffn_down_exps.weight", (n_exp, d, n_ff_exp), n_ff_exp ** -0.5, 0.0))
+            out.append((p + "ffn_down_exps.scale", (n_exp,), 0.2, 1.0))
+            for name in ("pre_ffw_norm_2", "post_ffw_norm_1", "post_ffw_norm_2"):
+                norm(f"{p}{name}.weight", d)
+        if n_pl:
+            matrix(p + "inp_gate.weight", n_pl, d)
+            matrix(p + "proj.weight", d, n_pl)
+            norm(p + "post_norm.weight", d)
         out.append((p + "layer_output_scale.weight", (1,), 0.1, 0.8))
     return out
 
@@ -368,7 +395,8 @@ def proportional_rope_factors(spec: dict) -> np.ndarray:
     return np.array([1.0] * rotated + [1e30] * (half - rotated), np.float32)
 
 
-def _metadata(arch: str, spec: dict, vocab: GGUFFile | None) -> list[tuple[str, ValueType, object]]:
+def _metadata(name: str, spec: dict, vocab: GGUFFile | None) -> list[tuple[str, ValueType, object]]:
+    arch = architecture(name)
     a = arch + "."
     md = [("general.architecture", STR, arch),
           ("general.name", STR, f"modelrun parity {arch}"),
@@ -451,6 +479,11 @@ def write_model(path: str | Path, arch: str, vocab_path: str | Path | None, n_vo
     if vocab is not None:
         vocab.close()
     return digest.hexdigest()
+
+
+def architecture(name: str) -> str:
+    """The general.architecture of parity model `name` (a variant of a family has its own name)."""
+    return SPECS[name].get("arch", name)
 
 
 def reference_path(arch: str) -> Path:

@@ -11,7 +11,7 @@ import pytest
 from runtime.gguf import GGUFFile
 from runtime.hparams import HParams, kv_cache_bytes
 from runtime.model import UnsupportedModelError, load_model
-from test_parity import F32_RTOL_ARCH, llamacpp_gelu, our_logits
+from test_parity import F32_RTOL_ARCH, F32_RTOL_GELU, llamacpp_gelu, our_logits
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,29 @@ def test_f32_check_sees_each_gemma4_feature(gemma4_f32, mutate, monkeypatch):
     monkeypatch.setattr(ops, "gelu_tanh_mul", llamacpp_gelu)
     worst = _worst(our_logits(path, reference["tokens"], mutate=mutate), reference["files"]["F32"])
     assert worst > 10 * F32_RTOL_ARCH["gemma4"], f"{mutate.__name__}: logits moved by only {worst:.3g}"
+
+
+def _routing_on_the_experts_input(model):  # Qwen 3 MoE's router input instead of Gemma 4's
+    for layer in model.layers:
+        mixture = layer.experts
+        mixture.experts = (lambda h, router_input=None, experts=mixture.experts: experts(h))
+
+
+def _without_expert_scales(model):
+    for layer in model.layers:
+        layer.experts.experts.down_scale = None
+
+
+@pytest.mark.parametrize("mutate", [_routing_on_the_experts_input, _without_expert_scales])
+def test_f32_check_sees_each_mixture_feature(parity_file, mutate, monkeypatch):
+    """The MoE variant (held to F32_RTOL_GELU): its router input and its per-expert scales,
+    left out, move the logits by over 10x that."""
+    from runtime.kernels import ops
+
+    path, reference = parity_file("gemma4-moe", "F32")
+    monkeypatch.setattr(ops, "gelu_tanh_mul", llamacpp_gelu)
+    worst = _worst(our_logits(path, reference["tokens"], mutate=mutate), reference["files"]["F32"])
+    assert worst > 10 * F32_RTOL_GELU, f"{mutate.__name__}: logits moved by only {worst:.3g}"
 
 
 def test_cache_holds_only_the_layers_that_compute_kv(gemma4_f32):

@@ -58,7 +58,8 @@ from runtime.model import ARCHITECTURES, load_model
 ARCHS = sorted(pm.SPECS)
 F32_RTOL = 1e-4
 F32_RTOL_GELU = 2.5e-4  # GeGLU families: llama.cpp's f16 GELU, emulated but not bit for bit
-F32_RTOL_ARCH = {"gemma4": 3e-3}  # ~3x its measured worst (see above)
+F32_RTOL_ARCH = {"gemma4": 3e-3}  # ~3x its measured worst (see above); gemma4-moe, without
+# per-layer inputs, is within 9.5e-5 and keeps F32_RTOL_GELU
 ARGMAX_AGREEMENT = 0.95
 TIE = 0.1  # llama.cpp logits this close to its maximum count as its arg-max (see above)
 KL_BOUND = {"Q8_0": 5e-3, "Q4_K_M": 1e-2, "MXFP4_MOE": 5e-3}  # mean nats per position: ~5x the largest measured
@@ -165,7 +166,8 @@ def test_f32_logits_match_llamacpp(parity_file, arch, monkeypatch):
     ref = reference["files"]["F32"]
     monkeypatch.setattr(ops, "gelu_tanh_mul", llamacpp_gelu)
     ours = our_logits(path, reference["tokens"])
-    rtol = F32_RTOL_ARCH.get(arch, F32_RTOL_GELU if ARCHITECTURES[arch].ffn_activation == "gelu_tanh" else F32_RTOL)
+    family = pm.architecture(arch)
+    rtol = F32_RTOL_ARCH.get(arch, F32_RTOL_GELU if ARCHITECTURES[family].ffn_activation == "gelu_tanh" else F32_RTOL)
     ids, values = np.array(ref["top_ids"]), np.array(ref["top_values"])
     scale = np.abs(values).max(axis=1)
     err = np.abs(np.take_along_axis(ours, ids, axis=1) - values).max(axis=1)

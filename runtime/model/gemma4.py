@@ -20,8 +20,14 @@ src/models/gemma4.cpp, and its loader).
 - Each layer's output is then multiplied by its layer_output_scale when the file has it.
 - Final logit soft-capping (final_logit_softcapping). Tied output, embedding scaled by
   sqrt(n_embd), post-norms, GeGLU, NEOX RoPE: as Gemma 3.
-The mixture-of-experts variant (26B-A4B: ffn_gate_inp, expert tensors beside the dense FFN)
-and the fused attn_qkv layout are refused by name.
+- Mixture-of-experts layers (26B-A4B: ffn_gate_inp present) run the dense FFN and the
+  experts side by side on the attention's residual x: post_ffw_norm_1(FFN(ffn_norm(x))) +
+  post_ffw_norm_2(experts(pre_ffw_norm_2(x))), then post_ffw_norm as usual. The router reads
+  rms_norm(x) / sqrt(n_embd) * ffn_gate_inp.scale: softmax over all experts, the
+  expert_used_count largest, their weights divided by their sum; each expert is GeGLU, its
+  output times its ffn_down_exps.scale. Gate and up come as two 3-D tensors or one fused
+  ffn_gate_up_exps (gate rows first).
+The fused attn_qkv layout is refused by name.
 """
 
 from __future__ import annotations
@@ -36,8 +42,37 @@ from runtime.kernels import ops
 
 from .base import Layer, Matrix, Projections, Transformer, UnsupportedModelError
 from .kv_cache import GroupedKVCache, Span
+from .qwen3moe import Experts, expert_counts, expert_matrices
 
 SWA_ROPE_BASE = 10000.0  # llama.cpp's default when rope.freq_base_swa is absent
+
+
+class Gemma4Experts(Experts):
+    """Qwen 3 MoE's routing and expert loop with Gemma 4's GeGLU and per-expert output scale."""
+
+    def __init__(self, router: Matrix, gate, up, down, n_used: int, down_scale: np.ndarray | None):
+        super().__init__(router, gate, up, down, n_used)
+        self.down_scale = down_scale
+
+    def activate(self, e: int, gate: np.ndarray, up: np.ndarray) -> None:
+        ops.gelu_tanh_mul(gate, up)  # looked up here so a test may swap it
+
+    def add_down_bias(self, e: int, y: np.ndarray) -> None:
+        if self.down_scale is not None:
+            y *= self.down_scale[e]
+
+
+@dataclass
+class Gemma4Mixture:
+    """A mixture-of-experts layer's parts beside its dense FFN (whose input norm is here:
+    the skeleton's ffn_norm is None for these layers, so the FFN receives the residual x)."""
+
+    experts: Gemma4Experts
+    router_scale: np.ndarray  # ffn_gate_inp.scale
+    ffn_norm: np.ndarray
+    pre_norm_experts: np.ndarray  # pre_ffw_norm_2
+    post_norm_dense: np.ndarray  # post_ffw_norm_1
+    post_norm_experts: np.ndarray  # post_ffw_norm_2
 
 
 @dataclass
@@ -114,9 +149,8 @@ class Gemma4(Transformer):
 
     def load_layer(self, il: int) -> Gemma4Layer:
         hp, p = self.hp, f"blk.{il}."
-        for name, what in (("attn_qkv.weight", "a fused attn_qkv"), ("ffn_gate_inp.weight", "experts (MoE)")):
-            if p + name in self._tensors:
-                raise UnsupportedModelError(f"gemma4 models with {what} are not supported yet")
+        if p + "attn_qkv.weight" in self._tensors:
+            raise UnsupportedModelError("gemma4 models with a fused attn_qkv are not supported yet")
         n_embd, n_head, n_kv = hp.n_embd, hp.n_head_at(il), hp.n_head_kv_at(il)
         hd, n_ff, sliding = hp.head_dim_at(il), hp.n_ff_at(il), self.is_sliding(il)
         source = self.kv_source(il)
@@ -142,6 +176,7 @@ class Gemma4(Transformer):
             per_layer = dict(per_layer_gate=self._matrix(p + "inp_gate.weight", hp.n_embd_per_layer, n_embd),
                              per_layer_proj=self._matrix(p + "proj.weight", n_embd, hp.n_embd_per_layer),
                              per_layer_norm=self._vector(p + "post_norm.weight", n_embd))
+        mixture = self.load_mixture(p) if p + "ffn_gate_inp.weight" in self._tensors else None
         return Gemma4Layer(
             attn_norm=self._vector(p + "attn_norm.weight", n_embd),
             wq=wq, wk=wk, wv=wv, qkv=Projections(*(m for m in (wq, wk, wv) if m is not None)),
@@ -149,13 +184,37 @@ class Gemma4(Transformer):
             bq=None, bk=None, bv=None,
             q_norm=self._vector(p + "attn_q_norm.weight", hd), k_norm=k_norm,
             post_attn_norm=self._vector(p + "post_attention_norm.weight", n_embd),
-            ffn_norm=self._vector(p + "ffn_norm.weight", n_embd),
-            w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
+            ffn_norm=self._vector(p + "ffn_norm.weight", n_embd) if mixture is None else None,
+            experts=mixture, w_gate=w_gate, w_up=w_up, gate_up=Projections(w_gate, w_up),
             w_down=self._matrix(p + "ffn_down.weight", n_embd, n_ff),
             post_ffn_norm=self._vector(p + "post_ffw_norm.weight", n_embd),
             sliding=sliding, rope_inv_freq=inv_freq, rope_mscale=1.0,
             n_head=n_head, n_head_kv=n_kv, head_dim=hd, n_rot=n_rot, kv_source=source,
             v_norm=np.ones(hd, np.float32), out_scale=out_scale, **per_layer)
+
+    def load_mixture(self, p: str) -> Gemma4Mixture:
+        n_embd = self.hp.n_embd
+        n_expert, n_used, n_ff = expert_counts(self.gguf.metadata, self.architecture)
+        if not n_ff:
+            raise UnsupportedModelError("gemma4 model has no metadata key 'gemma4.expert_feed_forward_length'")
+        if p + "ffn_gate_up_exps.weight" in self._tensors:  # each expert's gate rows, then its up rows
+            both = expert_matrices(self, p + "ffn_gate_up_exps.weight", 2 * n_ff, n_embd, n_expert)
+            half = n_ff * both[0].row_bytes
+            gate = [Matrix(m.name + ".gate", m.raw[:half], m.type, n_ff, n_embd) for m in both]
+            up = [Matrix(m.name + ".up", m.raw[half:], m.type, n_ff, n_embd) for m in both]
+        else:
+            gate = expert_matrices(self, p + "ffn_gate_exps.weight", n_ff, n_embd, n_expert)
+            up = expert_matrices(self, p + "ffn_up_exps.weight", n_ff, n_embd, n_expert)
+        down_scale = (self._vector(p + "ffn_down_exps.scale", n_expert)
+                      if p + "ffn_down_exps.scale" in self._tensors else None)
+        experts = Gemma4Experts(self._matrix(p + "ffn_gate_inp.weight", n_expert, n_embd), gate, up,
+                                expert_matrices(self, p + "ffn_down_exps.weight", n_embd, n_ff, n_expert),
+                                n_used, down_scale)
+        return Gemma4Mixture(experts=experts, router_scale=self._vector(p + "ffn_gate_inp.scale", n_embd),
+                             ffn_norm=self._vector(p + "ffn_norm.weight", n_embd),
+                             pre_norm_experts=self._vector(p + "pre_ffw_norm_2.weight", n_embd),
+                             post_norm_dense=self._vector(p + "post_ffw_norm_1.weight", n_embd),
+                             post_norm_experts=self._vector(p + "post_ffw_norm_2.weight", n_embd))
 
     # --- the forward pass ---------------------------------------------------------------
 
@@ -184,6 +243,25 @@ class Gemma4(Transformer):
             x += y
         if layer.out_scale != 1.0:
             x *= np.float32(layer.out_scale)
+
+    def feed_forward(self, layer: Gemma4Layer, h):
+        mixture = layer.experts
+        if mixture is None:
+            return super().feed_forward(layer, h)
+        eps, x = self.hp.rms_eps, h  # a mixture layer's FFN gets the residual x itself
+        normed = np.empty_like(x)
+        ops.rms_norm(x, mixture.ffn_norm, eps, normed)
+        dense = super().feed_forward(layer, normed)
+        ops.rms_norm(dense, mixture.post_norm_dense, eps, dense)
+        router_input = np.empty_like(x)
+        ops.rms_norm(x, np.ones(x.shape[1], np.float32), eps, router_input)
+        router_input *= np.float32(1.0 / math.sqrt(self.hp.n_embd))
+        router_input *= mixture.router_scale
+        ops.rms_norm(x, mixture.pre_norm_experts, eps, normed)
+        experts = mixture.experts(normed, router_input=router_input)
+        ops.rms_norm(experts, mixture.post_norm_experts, eps, experts)
+        dense += experts
+        return dense
 
     def attention(self, il: int, layer: Gemma4Layer, h, positions, spans: list[Span]):
         hp = self.hp

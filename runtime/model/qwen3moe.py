@@ -58,9 +58,10 @@ class Experts:
     def add_down_bias(self, e: int, y: np.ndarray) -> None:
         """Expert e's down-projection bias, added to its outputs y [n, n_embd] (none here)."""
 
-    def __call__(self, h: np.ndarray) -> np.ndarray:
-        """The mixture's output for the tokens h [n, n_embd]."""
-        chosen, weights = self.route(h)
+    def __call__(self, h: np.ndarray, router_input: np.ndarray | None = None) -> np.ndarray:
+        """The mixture's output for the tokens h [n, n_embd], routed on h or, where the family
+        routes on something else (Gemma 4), on router_input [n, n_embd]."""
+        chosen, weights = self.route(h if router_input is None else router_input)
         n = h.shape[0]
         # each token's weighted expert outputs, summed in its experts' order as llama.cpp does
         parts = np.empty((n, self.n_used, self.n_embd), np.float32)
