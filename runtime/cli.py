@@ -154,7 +154,7 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
         if info:
             from runtime.confine import availability
 
-            click.echo(describe(gguf, model, ctx_size, (cache_type_k, cache_type_v), parallel))
+            click.echo(describe(gguf, model, ctx_size, (cache_type_k, cache_type_v), parallel, ctx_checkpoints))
             click.echo("  confinement of the server and the chat template renderer: "
                        + ("off (--unsecure)" if unsecure else availability()))
             return

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from runtime.gguf import GGUFFile, StringArray
-from runtime.hparams import (DEFAULT_KV_CACHE_TYPE, SUPPORTED_ARCHITECTURES, RecurrentShape,
+from runtime.hparams import (DEFAULT_CTX_CHECKPOINTS, DEFAULT_KV_CACHE_TYPE, SUPPORTED_ARCHITECTURES, RecurrentShape,
                              UnsupportedModelError, unsupported_architecture_message)
 from runtime.terminal import printable
 from runtime.units import format_bytes
@@ -75,9 +75,10 @@ def unsupported_types(mix: list[TypeShare]) -> list[TypeShare]:
 
 def describe(gguf: GGUFFile, path: str, n_ctx: int | None = None,
              cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
-             n_parallel: int = 1) -> str:
+             n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> str:
     """What a user wants to know before running a model, as text; its memory estimate at the
-    context, KV cache types and slots given (-c, -ctk/-ctv, --parallel; default: the engine's)."""
+    context, KV cache types, slots and checkpoints given (-c, -ctk/-ctv, --parallel,
+    --ctx-checkpoints; default: the engine's)."""
     arch = gguf.get("general.architecture")
     a = f"{arch}."
 
@@ -153,7 +154,7 @@ def describe(gguf: GGUFFile, path: str, n_ctx: int | None = None,
     else:
         lines.append("  runs on this build: yes, it has kernels for every tensor type in the model")
     lines += kernel_lines()
-    lines.append(memory_line(gguf, n_ctx, cache_types, n_parallel))
+    lines.append(memory_line(gguf, n_ctx, cache_types, n_parallel, n_ctx_checkpoints))
     return printable("\n".join(lines), keep_layout=True)  # the file's text may hold escapes
 
 
@@ -168,12 +169,13 @@ def _recurrent(gguf: GGUFFile, arch: str, block_count: Any, nextn: Any) -> Recur
 
 def memory_line(gguf: GGUFFile, n_ctx: int | None = None,
                 cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
-                n_parallel: int = 1) -> str:
+                n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> str:
     """--info: will the model fit in this machine's memory at the context (default: the engine's)."""
     from runtime import memory
 
     try:
-        return f"  memory: {memory.fit_line(gguf, n_ctx, memory.available_bytes(), *cache_types, n_parallel)}"
+        line = memory.fit_line(gguf, n_ctx, memory.available_bytes(), *cache_types, n_parallel, n_ctx_checkpoints)
+        return f"  memory: {line}"
     except (KeyError, ValueError) as e:  # metadata the estimate needs is missing or bad
         return f"  memory: cannot estimate ({e})"
 

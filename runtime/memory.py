@@ -11,7 +11,7 @@ The estimate is the sum of
   convolution window and the delta-rule matrices, runtime.hparams.RecurrentShape), a fixed size
   per slot whatever the context, so N times it with --parallel N; and up to --ctx-checkpoints
   copies of each slot's state (context checkpoints, runtime.model.recurrent; llama.cpp's
-  default 32, taken as a conversation goes on), counted at the default number;
+  default 32, taken as a conversation goes on), all of them;
 - working memory: the Python runtime with NumPy, Numba and the loaded kernels (a constant),
   the tokenizer (in proportion to the vocabulary), one prefill batch's activations and
   the logits (from the model's shapes).
@@ -112,12 +112,13 @@ def available_bytes(meminfo: str | None = None) -> int | None:
 
 
 def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-                    cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> int | None:
+                    cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1,
+                    n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> int | None:
     """The largest context (a multiple of `step`, at most the model's) whose estimate fits
     `budget` bytes, or None when not even `step` tokens fit."""
     hp = model_hparams(gguf)
     step = min(max(step, 2 * n_parallel), hp.n_ctx_train)
-    base = estimate(gguf, step, cache_type_k, cache_type_v, n_parallel)
+    base = estimate(gguf, step, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints)
     if base.total > budget:
         return None
     per_token = kv_cache_bytes(hp, step, cache_type_k, cache_type_v) / step
@@ -127,18 +128,19 @@ def largest_context(gguf, budget: int, step: int = 256, cache_type_k: str = DEFA
 
 def fit_line(gguf, n_ctx: int | None = None, available: int | None = None,
              cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE,
-             n_parallel: int = 1) -> str:
+             n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> str:
     """--info's line: "needs ~0.6 GB at 4096 context; this machine has 23.1 GB available",
     with the KV cache and the recurrent states spelled out when the cache types, the slots
     or a hybrid model make them more than the default."""
-    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel)
+    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints)
     text = f"needs ~{format_bytes(est.total)} at {est.n_ctx} context"
     if est.recurrent or n_parallel > 1 or (cache_type_k, cache_type_v) != (DEFAULT_KV_CACHE_TYPE,) * 2:
         parts = [f"weights {format_bytes(est.weights)}",
                  f"KV cache {format_bytes(est.kv_cache)} in {cache_type_k}/{cache_type_v}"]
         if est.recurrent:
-            parts.append(f"recurrent states {format_bytes(est.recurrent)}, their checkpoints up to "
-                         f"{format_bytes(est.checkpoints)}")
+            parts.append(f"recurrent states {format_bytes(est.recurrent)}")
+        if est.checkpoints:
+            parts.append(f"their checkpoints up to {format_bytes(est.checkpoints)}")
         if n_parallel > 1:
             parts.append(f"{n_parallel} slots of {est.n_ctx // n_parallel}")
         text += f" ({', '.join(parts)})"
@@ -146,31 +148,34 @@ def fit_line(gguf, n_ctx: int | None = None, available: int | None = None,
         return text + "; this machine's available memory is unknown"
     text += f"; this machine has {format_bytes(available)} available"
     if est.total > available:
-        text += " — too little: " + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel)
+        text += " — too little: " + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel,
+                                             n_ctx_checkpoints)
     return text
 
 
 def fit_warning(gguf, n_ctx: int | None = None, available: int | None = None,
                 cache_type_k: str = DEFAULT_KV_CACHE_TYPE, cache_type_v: str = DEFAULT_KV_CACHE_TYPE,
-                n_parallel: int = 1) -> str | None:
+                n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> str | None:
     """The warning to print before loading a model that will not fit, else None."""
     if available is None:
         return None
-    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel)
+    est = estimate(gguf, n_ctx, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints)
     if est.total <= available:
         return None
-    recurrent = (f", recurrent states {format_bytes(est.recurrent)} and their checkpoints "
-                 f"{format_bytes(est.checkpoints)}" if est.recurrent else "")
+    recurrent = f", recurrent states {format_bytes(est.recurrent)}" if est.recurrent else ""
+    if est.checkpoints:
+        recurrent += f" and their checkpoints {format_bytes(est.checkpoints)}"
     return (f"warning: the model needs ~{format_bytes(est.total)} at {est.n_ctx} context (weights "
             f"{format_bytes(est.weights)}, KV cache {format_bytes(est.kv_cache)}{recurrent}) but this machine has "
             f"{format_bytes(available)} available; it may swap or be killed. "
-            + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel))
+            + _smaller(gguf, available, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints))
 
 
 def _smaller(gguf, available: int, cache_type_k: str = DEFAULT_KV_CACHE_TYPE,
-             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1) -> str:
-    n = largest_context(gguf, available, 256, cache_type_k, cache_type_v, n_parallel)
+             cache_type_v: str = DEFAULT_KV_CACHE_TYPE, n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> str:
+    n = largest_context(gguf, available, 256, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints)
     if n is None:
         return "Use a smaller quantization of the model (fewer bits per weight) or a smaller model"
-    return (f"Use -c {n} (needs ~{format_bytes(estimate(gguf, n, cache_type_k, cache_type_v, n_parallel).total)}) "
+    needs = estimate(gguf, n, cache_type_k, cache_type_v, n_parallel, n_ctx_checkpoints).total
+    return (f"Use -c {n} (needs ~{format_bytes(needs)}) "
             f"or a smaller quantization of the model")

@@ -127,7 +127,7 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
     from runtime.tokenizer_cache import TokenizerCache
 
     set_threads(threads)
-    warn_if_too_big(gguf, ctx_size, cache_types, n_parallel)
+    warn_if_too_big(gguf, ctx_size, cache_types, n_parallel, n_ctx_checkpoints)
     t0 = time.perf_counter()
     tokenizer_cache = TokenizerCache(gguf)
     cached_tokenizer = tokenizer_cache.load()
@@ -167,12 +167,13 @@ def start_up_done() -> None:
 
 def warn_if_too_big(gguf: GGUFFile, ctx_size: int,
                     cache_types: tuple[str, str] = (DEFAULT_KV_CACHE_TYPE, DEFAULT_KV_CACHE_TYPE),
-                    n_parallel: int = 1) -> None:
+                    n_parallel: int = 1, n_ctx_checkpoints: int = DEFAULT_CTX_CHECKPOINTS) -> None:
     """Say before loading when the model will not fit this machine's available memory."""
     from runtime import memory
 
     try:
-        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes(), *cache_types, n_parallel)
+        warning = memory.fit_warning(gguf, ctx_size, memory.available_bytes(), *cache_types, n_parallel,
+                                     n_ctx_checkpoints)
     except (KeyError, ValueError):  # loading reports what is wrong with the model
         return
     if warning:

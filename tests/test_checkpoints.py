@@ -352,3 +352,24 @@ def test_the_memory_estimate_counts_every_checkpoint(qwen35):
         est = memory.estimate(gguf, 64, n_parallel=2)
     assert est.checkpoints == DEFAULT_CTX_CHECKPOINTS * 2 * state
     assert est.total == est.weights + est.kv_cache + est.recurrent + est.checkpoints + est.working
+
+
+def test_info_and_the_warning_count_the_checkpoints_asked_for(qwen35):
+    from click.testing import CliRunner
+
+    from runtime import memory
+    from runtime.cli import main
+    from runtime.units import format_bytes
+
+    path, model, _ = qwen35
+    state = model.new_cache(2).state.nbytes
+    lines = {}
+    for n in (0, 4):
+        out = CliRunner().invoke(main, ["-m", str(path), "--info", "-c", "64", "-ctxcp", str(n)])
+        assert out.exit_code == 0, out.output
+        lines[n] = next(line for line in out.stdout.splitlines() if line.startswith("  memory:"))
+    assert "checkpoints" not in lines[0]
+    assert f"recurrent states {format_bytes(state)}, their checkpoints up to {format_bytes(4 * state)}" in lines[4]
+    with GGUFFile(path) as gguf:
+        assert "checkpoints" not in memory.fit_warning(gguf, 64, 1, n_ctx_checkpoints=0)
+        assert f"their checkpoints {format_bytes(4 * state)}" in memory.fit_warning(gguf, 64, 1, n_ctx_checkpoints=4)
