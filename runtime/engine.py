@@ -262,6 +262,7 @@ class Engine:
         src, dst = self.slots[source], self.slots[dest]
         dst.cache.copy_from(src.cache, len(src.tokens))
         dst.tokens = list(src.tokens)
+        dst.checkpoint_at, dst.request = [], src.request  # its prompt is done; its checkpoints copied
 
     def pick_slot(self, tokens: list[int], free: Iterable[int]) -> int:
         """Of the free slots, the one whose cached tokens share the longest prefix with
