@@ -125,6 +125,46 @@ def test_matmul(name, n):
     check(got, raw, name, rows, cols, X)
 
 
+GEMM_TYPES = ["Q4_K", "Q6_K"]  # runtime/kernels/q8gemm.py
+
+
+@pytest.mark.parametrize("name", GEMM_TYPES)
+@pytest.mark.parametrize("rows, cols, n", [(37, 512, 16), (8, 768, 37), (3, 256, 70)])
+def test_gemm(name, rows, cols, n):
+    """Batches from q8.GEMM_MIN_TOKENS on run the GEMM: rows past a whole tile of 8, a last
+    token group with fewer tokens than lanes, a tile of fewer rows than the tile holds. The
+    same bounds as the row dots: the integer sums are exact, the float32 ones as theirs."""
+    from runtime.kernels import q8, q8gemm
+
+    assert n >= q8.GEMM_MIN_TOKENS and kernels.supported_type(name).id in q8gemm.GEMM_TYPES
+    rng = np.random.default_rng(rows * n)
+    raw = random_blocks(name, rows * cols, rng)
+    X = rng.standard_normal((n, cols)).astype(np.float32)
+    X[n // 2] = 0.0  # a token of zeros: its activation scale is 0
+    got = kernels.matmul(raw, name, rows, cols, X)
+    check(got, raw, name, rows, cols, X)
+
+
+# Bytes (offset, length, value) that put a format's integers at their largest magnitude.
+EXTREMES = {"Q4_K": [(4, 12, 0xFF), (16, 128, 0xFF)],  # scales and minimums 63, indices 15
+            "Q6_K": [(0, 192, 0x00), (192, 16, 0x80)]}  # indices 0 - 32, scales -128
+
+
+@pytest.mark.parametrize("name", GEMM_TYPES)
+def test_gemm_weights_at_the_extremes(name):
+    """Integers at their largest magnitude against activations of +-127 (x = +-1 in every
+    block): the integer sums come closest to their int16/int32 limits there."""
+    rng = np.random.default_rng(7)
+    rows, cols, n = 9, 1024, 20
+    block = kernels.supported_type(name).block_bytes
+    raw = random_blocks(name, rows * cols, rng).reshape(-1, block)
+    for off, length, value in EXTREMES[name]:
+        raw[:, off:off + length] = value
+    raw = raw.reshape(-1)
+    X = np.where(rng.random((n, cols)) < 0.5, -1.0, 1.0).astype(np.float32)
+    check(kernels.matmul(raw, name, rows, cols, X), raw, name, rows, cols, X)
+
+
 @pytest.mark.parametrize("name", [t for t in INTEGER_TYPES if t not in K_QUANTS])
 def test_blocks_left_after_the_last_step(name):
     """Rows of 27 blocks of 32: the row dots take 8 blocks a step, then 3 one by one."""
@@ -186,11 +226,23 @@ for name in INTEGER_TYPES:
     raw = random_blocks(name, 3 * 512, rng)
     X = rng.standard_normal((2, 512)).astype(np.float32)
     check(kernels.matvec(raw, name, 3, 512, X[0])[None, :], raw, name, 3, 512, X[:1])
+for name in ("Q4_K", "Q6_K"):  # the GEMM (q8gemm.py)
+    raw = random_blocks(name, 9 * 512, rng)
+    X = rng.standard_normal((17, 512)).astype(np.float32)
+    check(kernels.matmul(raw, name, 9, 512, X), raw, name, 9, 512, X)
 ro = types.Array(types.uint8, 1, 'C', readonly=True)
 sig = (types.int64, ro, types.int64, types.int64, types.int8[::1], types.float32[::1], types.int16[::1], types.int64)
 q8.dot_row.compile(sig)
 print(simd.integer_isa())
 print(q8.dot_row.inspect_asm(sig))
+from numba import njit
+from runtime.kernels import q8gemm
+@njit
+def gemm(ty, raw, cols, xi, ysi, ydi, out):
+    q8gemm.gemm_rows(ty, raw, 144 * cols // 256, 8, 0, cols, xi, ysi, ydi, 16, out)
+gsig = (types.int64, ro, types.int64, types.int32[::1], types.int32[::1], types.float32[::1], types.float32[:, ::1])
+gemm.compile(gsig)
+print(gemm.inspect_asm(gsig))
 """
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .common import F16_TO_F32
-from . import q8dot
+from . import q8dot, q8gemm
 
 # GGML type ids with an integer path, and the activation block each one reads.
 Q8_0_TYPES = (2, 3, 6, 7, 8, 20, 39)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4
@@ -123,6 +123,8 @@ _WIDE_NANS = (np.float32(np.nan),) * _WIDE
 _WIDE_TYPES = q8dot.WIDE_TYPES
 if not set(_WIDE_TYPES) <= set(Q8_K_TYPES):
     raise ImportError("q8dot.WIDE_TYPES must be k-quants: matmul gives them Q8_K activations")
+if not set(q8gemm.GEMM_TYPES) <= set(Q8_K_TYPES):
+    raise ImportError("q8gemm.GEMM_TYPES must be k-quants: the GEMM reads Q8_K activations")
 _wide_11 = q8dot.ROW_DOT_WIDE.get(11)  # Q3_K
 _wide_13 = q8dot.ROW_DOT_WIDE.get(13)  # Q5_K
 _wide_23 = q8dot.ROW_DOT_WIDE.get(23)  # IQ4_XS
@@ -220,8 +222,16 @@ def matvec_kernel(type_ids, raws, row_counts, row_bytes, cols, x, outs):
 
 
 # Rows per work item of matmul: their blocks stay in L1 while every vector of the batch
-# (its int8 bytes, in L2) passes over them.
-_MATMUL_ROWS = 8
+# (its int8 bytes, in L2) passes over them. The GEMM's tile is as many rows.
+_MATMUL_ROWS = q8gemm.ROWS
+# Batches of at least this many vectors run the formats of q8gemm.GEMM_TYPES through the
+# GEMM (fewer: the 4-vector row dots, which decode no tile).
+GEMM_MIN_TOKENS = 16
+
+
+@njit(inline="always")
+def _uses_gemm(type_id, n):
+    return n >= GEMM_MIN_TOKENS and q8gemm.has_gemm(type_id)
 
 
 @njit(parallel=True, cache=True)
@@ -244,6 +254,13 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         if big:
             quantize_activations(X[t], 256, q_big[c0:c1], d_big[t * n_big:(t + 1) * n_big],
                                  s_big[c0 // 16:c1 // 16])
+    gemm = False
+    for ty in type_ids:
+        gemm = gemm or _uses_gemm(ty, n)
+    groups = (n + q8gemm.LANES - 1) // q8gemm.LANES if gemm else 0
+    xi, ysi, ydi = q8gemm.interleaved(groups, cols)
+    for group in prange(groups):
+        q8gemm.interleave(q_big, s_big, d_big, n, cols, xi, ysi, ydi, group)
     m_count = len(type_ids)
     starts = np.zeros(m_count + 1, np.int64)
     for m in range(m_count):
@@ -256,6 +273,9 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         raw = raws[m]
         out = outs[m]
         first = (g - starts[m]) * _MATMUL_ROWS
+        if _uses_gemm(ty, n):
+            q8gemm.gemm_rows(ty, raw, row_bytes[m], row_counts[m], first, cols, xi, ysi, ydi, n, out)
+            continue
         last = min(first + _MATMUL_ROWS, row_counts[m])
         small_blocks = activation_block(ty) == 32
         nb = n_small if small_blocks else n_big

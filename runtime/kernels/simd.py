@@ -270,6 +270,18 @@ def dot4(builder, u, s):
     return parts[0]
 
 
+def dot4_acc(builder, acc, u, s):
+    """acc + dot4(u, s): one vpdpbusd on the VNNI tiers (it adds into acc), else dot4 and an
+    add. acc <n/4 x i32>, u and s <n x i8> as dot4's."""
+    isa = integer_isa()
+    n = u.type.count
+    if isa.startswith("vnni") and n == _WIDEST[isa]:
+        v32 = ir.VectorType(_I32, n // 4)
+        f = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{8 * n}", v32, [v32, v32, v32])
+        return builder.call(f, [acc, builder.bitcast(u, v32), builder.bitcast(s, v32)])
+    return builder.add(acc, dot4(builder, u, s))
+
+
 _MADD_WD = {16: "llvm.x86.sse2.pmadd.wd", 32: "llvm.x86.avx2.pmadd.wd", 64: "llvm.x86.avx512.pmaddw.d.512"}
 _MADD_UB = {16: "llvm.x86.ssse3.pmadd.ub.sw.128", 32: "llvm.x86.avx2.pmadd.ub.sw", 64: "llvm.x86.avx512.pmaddubs.w.512"}
 
