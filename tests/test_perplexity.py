@@ -103,17 +103,26 @@ def test_gemma_perplexity_within_1_percent_of_llamacpp(gemma, reference):
 
 # --- the method, against a plain reference on a tiny model --------------------------------
 
-def _reference_perplexity(model, tokens, n_ctx, bos_id, n_chunks):
-    """llama.cpp's method written plainly: each chunk run whole through a fresh cache,
-    log-softmax in float64, the second half scored, the standard error of the mean NLL."""
+def _reference_perplexity(model, tokens, n_ctx, bos_id, n_chunks, batch):
+    """llama.cpp's method written plainly: each chunk run through a fresh cache, log-softmax
+    in float64, the second half scored, the standard error of the mean NLL. The chunk goes
+    through the model in the engine's batches (of `batch` tokens, broken at the scored half,
+    the last token not run) so that both run the same kernels: batches of 16 and more take
+    the GEMM (runtime/kernels/q8gemm.py), whose float32 sums round apart from the row dots'
+    (~1e-7), and an 8-bit activation rounding that flips with that moves this tiny model's
+    perplexity by ~1e-3."""
     from runtime.model import KVCache
 
     nll = []
+    half = n_ctx // 2
+    bounds = [*range(0, half, batch), *range(half, n_ctx - 1, batch), n_ctx - 1]
     for c in range(n_chunks):
         chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if bos_id is not None:
             chunk[0] = bos_id
-        logits = model.forward(np.array(chunk), 0, KVCache(model.hp, n_ctx), all_logits=True)
+        cache = KVCache(model.hp, n_ctx)
+        logits = np.concatenate([model.forward(np.array(chunk[a:b]), a, cache, all_logits=True)
+                                 for a, b in zip(bounds, bounds[1:])])
         logits = logits.astype(np.float64)
         for i in range(n_ctx // 2, n_ctx - 1):
             row = logits[i]
@@ -142,7 +151,7 @@ def test_matches_plain_reference(synthetic_models, n_ctx, prefill_chunk, bos_id)
     seen = []
     result = perplexity(engine, tokens, n_ctx, on_progress=lambda d, t: seen.append((d, t)),
                         bos_id=bos_id)
-    ppl, stderr, count = _reference_perplexity(engine.model, tokens, n_ctx, bos_id, 3)
+    ppl, stderr, count = _reference_perplexity(engine.model, tokens, n_ctx, bos_id, 3, prefill_chunk)
     assert result.n_chunks == 3 and result.n_scored == count and result.n_tokens == 3 * n_ctx
     assert result.ppl == pytest.approx(ppl, rel=1e-5)
     assert result.ppl_stderr == pytest.approx(stderr, rel=1e-4)
