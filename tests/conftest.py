@@ -159,6 +159,10 @@ SYNTHETIC_SPECS = {
     "gpt-oss": dict(parity=True, n_vocab=256, quantized="MXFP4_MOE"),
     "qwen35": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
     "qwen35moe": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
+    # Gemma 4 as parity_models lays it out: sliding and global layers of two head sizes,
+    # per-layer inputs, K/V shared by the last layers; the MoE variant's experts beside the FFN
+    "gemma4": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
+    "gemma4-moe": dict(parity=True, n_vocab=256, quantized="Q4_K_M"),
 }
 
 

@@ -326,17 +326,20 @@ def test_info_names_every_tokenizer_the_runtime_reads():
     assert set(TOKENIZER_MODELS) <= set(TOKENIZER_KINDS)
 
 
-@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "qwen35moe"])
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "qwen35moe", "gemma4-moe"])
 def test_info_explains_the_experts_of_each_mixture_family(synthetic_models, arch):
     """The tiny model of each mixture-of-experts family (tests/parity_models.py's layout,
     quantized as it ships): its experts, and the parameters a token reads, counted here from
     the spec that wrote it: every weight but n_expert - n_used experts' of each layer (gate,
-    up and down matrices; gpt-oss's expert biases too). A shared expert is read by every token."""
+    up and down matrices; gpt-oss's expert biases, Gemma 4's expert output scale too). A
+    shared expert, and Gemma 4's dense FFN beside the experts, are read by every token."""
     import parity_models as pm
 
     spec = pm.SPECS[arch]
-    n_expert, n_used, d, n_ff_exp = spec["n_expert"], spec["n_expert_used"], spec["n_embd"], spec["n_ff_exp"]
-    per_expert = 3 * n_ff_exp * d + (2 * n_ff_exp + d if spec.get("gpt_oss") else 0)
+    experts = spec.get("gemma4", spec)  # Gemma 4 keeps its expert shapes with its layout's
+    n_expert, n_ff_exp, d = experts["n_expert"], experts["n_ff_exp"], spec["n_embd"]
+    n_used = spec["keys"]["expert_used_count"][1]
+    per_expert = 3 * n_ff_exp * d + (2 * n_ff_exp + d if spec.get("gpt_oss") else 0) + ("gemma4" in spec)
     total = sum(t.n_elements for t in GGUFFile(synthetic_models[arch][0]).tensors.values())
     active = total - spec["n_layer"] * (n_expert - n_used) * per_expert
     out = run("-m", str(synthetic_models[arch][0]), "--info").stdout
