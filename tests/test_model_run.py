@@ -132,7 +132,10 @@ def test_upgrade_from_another_runtime_keeps_the_weights(tiny_run, runtime_payloa
 
 # Each family's tiny parity model (conftest.parity_model), bundled in the quantization the
 # family ships in: gpt-oss's experts in MXFP4 (llama.cpp's MXFP4_MOE), the others Q4_K_M.
-FAMILIES = {"qwen3moe": "Q4_K_M", "gpt-oss": "MXFP4_MOE", "qwen35": "Q4_K_M", "qwen35moe": "Q4_K_M"}
+# Gemma 4's carry its own vocabulary and chat template, and its sliding and global layers,
+# per-layer inputs and shared K/V (the MoE variant: experts beside the FFN, no shared K/V).
+FAMILIES = {"qwen3moe": "Q4_K_M", "gpt-oss": "MXFP4_MOE", "qwen35": "Q4_K_M", "qwen35moe": "Q4_K_M",
+            "gemma4": "Q4_K_M", "gemma4-moe": "Q4_K_M"}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +178,7 @@ def test_each_family_bundled_answers_a_streamed_chat(families_served, arch):
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finish in (["length"], ["stop"]) and chunks[-1].usage.completion_tokens >= 1, chunks
     assert text or finish == ["stop"], chunks
-    # the chat template rendered the turn (ChatML's or harmony's markup around "hi")
+    # the chat template rendered the turn (ChatML's, harmony's or Gemma 4's markup around "hi")
     assert chunks[-1].usage.prompt_tokens > 5, chunks[-1].usage
     found = KERNELS_LINE.search(log.read_text())
     assert found and int(found.group(2)) > 0 and found.group(3) == "0", log.read_text()
