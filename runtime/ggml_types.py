@@ -1,12 +1,14 @@
 """The GGML tensor types a GGUF file may name: the one table of every format's facts.
 
 Each row says a type's id, name and block layout, which kernel family computes with it,
-whether the bundler can write it, and where its f16 (or E8M0) scale fields lie. Every other listing is
-derived from this table (runtime.kernels.SUPPORTED_TYPES, the bundler's quantizer set, the
-tests' block generators), and tests/test_kernels.py checks the two switches that cannot be
-(runtime/kernels/dispatch.py, bundler/quantizers.py) against it. A new format is one kernel
-module, one row here, and one branch in each switch (plus, for an integer path, its row dot
-in q8dot._formats and a branch in q8.dot_row / dot_row_blocked).
+whether the bundler can write it, where its f16 (or E8M0) scale fields lie, and which 8-bit
+activation blocks its integer dot product reads (runtime/kernels/q8.py). Every other listing
+is derived from this table (runtime.kernels.SUPPORTED_TYPES, the bundler's quantizer set, the
+integer path's formats and its dispatch, the tests' block generators), and
+tests/test_kernels.py checks the two switches that cannot be (runtime/kernels/dispatch.py,
+bundler/quantizers.py) against it. A new format is one kernel module, one row here, and one
+branch in each of those switches; for an integer path, its row dot body in
+q8dot.ROW_DOT_BODIES (the dispatch over the formats is generated from this table).
 
 This is a leaf module: the GGUF reader needs the layout to size tensors, the kernels need
 it to walk blocks, and neither should import the other for it. Ids and sizes are those of
@@ -66,6 +68,9 @@ class GGMLType:
     quantizer: bool = False  # bundler/quantizers.py writes it
     f16_fields: tuple[int, ...] = ()  # byte offsets of a block's f16 scales and minimums
     e8m0_fields: tuple[int, ...] = ()  # byte offsets of a block's E8M0 (power of two) scales
+    # The integer path (runtime/kernels/q8.py): elements per 8-bit activation block its dot
+    # reads, as ggml's vec_dot_type: 32 (Q8_0) or 256 (Q8_K); 0 for none (float kernels only).
+    activations: int = 0
 
     def row_bytes(self, n_elements: int) -> int:
         """Bytes taken by `n_elements` elements; they must fill whole blocks."""
@@ -86,29 +91,29 @@ class UnsupportedTypeError(ValueError):
 
 
 TYPES: tuple[GGMLType, ...] = (
-    #        id       name       elems bytes family     quantizer f16 fields
+    #        id       name       elems bytes family     quantizer f16 fields, 8-bit activation block
     GGMLType(F32,     "F32",     1,    4,    "floats",  True),
     GGMLType(F16,     "F16",     1,    2,    "floats",  True),
-    GGMLType(Q4_0,    "Q4_0",    32,   18,   "legacy",  True,     (0,)),
-    GGMLType(Q4_1,    "Q4_1",    32,   20,   "legacy",  True,     (0, 2)),
-    GGMLType(Q5_0,    "Q5_0",    32,   22,   "legacy",  True,     (0,)),
-    GGMLType(Q5_1,    "Q5_1",    32,   24,   "legacy",  True,     (0, 2)),
-    GGMLType(Q8_0,    "Q8_0",    32,   34,   "legacy",  True,     (0,)),
+    GGMLType(Q4_0,    "Q4_0",    32,   18,   "legacy",  True,     (0,), activations=32),
+    GGMLType(Q4_1,    "Q4_1",    32,   20,   "legacy",  True,     (0, 2), activations=32),
+    GGMLType(Q5_0,    "Q5_0",    32,   22,   "legacy",  True,     (0,), activations=32),
+    GGMLType(Q5_1,    "Q5_1",    32,   24,   "legacy",  True,     (0, 2), activations=32),
+    GGMLType(Q8_0,    "Q8_0",    32,   34,   "legacy",  True,     (0,), activations=32),
     GGMLType(Q8_1,    "Q8_1",    32,   40),
-    GGMLType(Q2_K,    "Q2_K",    256,  84,   "kquants", True,     (80, 82)),
-    GGMLType(Q3_K,    "Q3_K",    256,  110,  "kquants", True,     (108,)),
-    GGMLType(Q4_K,    "Q4_K",    256,  144,  "kquants", True,     (0, 2)),
-    GGMLType(Q5_K,    "Q5_K",    256,  176,  "kquants", True,     (0, 2)),
-    GGMLType(Q6_K,    "Q6_K",    256,  210,  "kquants", True,     (208,)),
+    GGMLType(Q2_K,    "Q2_K",    256,  84,   "kquants", True,     (80, 82), activations=256),
+    GGMLType(Q3_K,    "Q3_K",    256,  110,  "kquants", True,     (108,), activations=256),
+    GGMLType(Q4_K,    "Q4_K",    256,  144,  "kquants", True,     (0, 2), activations=256),
+    GGMLType(Q5_K,    "Q5_K",    256,  176,  "kquants", True,     (0, 2), activations=256),
+    GGMLType(Q6_K,    "Q6_K",    256,  210,  "kquants", True,     (208,), activations=256),
     GGMLType(Q8_K,    "Q8_K",    256,  292),
     GGMLType(IQ2_XXS, "IQ2_XXS", 256,  66),
     GGMLType(IQ2_XS,  "IQ2_XS",  256,  74),
     GGMLType(IQ3_XXS, "IQ3_XXS", 256,  98),
     GGMLType(IQ1_S,   "IQ1_S",   256,  50),
-    GGMLType(IQ4_NL,  "IQ4_NL",  32,   18,   "iquants", True,     (0,)),
+    GGMLType(IQ4_NL,  "IQ4_NL",  32,   18,   "iquants", True,     (0,), activations=32),
     GGMLType(IQ3_S,   "IQ3_S",   256,  110),
     GGMLType(IQ2_S,   "IQ2_S",   256,  82),
-    GGMLType(IQ4_XS,  "IQ4_XS",  256,  136,  "iquants", True,     (0,)),
+    GGMLType(IQ4_XS,  "IQ4_XS",  256,  136,  "iquants", True,     (0,), activations=256),
     GGMLType(I8,      "I8",      1,    1),
     GGMLType(I16,     "I16",     1,    2),
     GGMLType(I32,     "I32",     1,    4),
@@ -118,12 +123,15 @@ TYPES: tuple[GGMLType, ...] = (
     GGMLType(BF16,    "BF16",    1,    2,    "floats",  True),
     GGMLType(TQ1_0,   "TQ1_0",   256,  54),
     GGMLType(TQ2_0,   "TQ2_0",   256,  66),
-    GGMLType(MXFP4,   "MXFP4",   32,   17,   "mxfp4",   True,     (), e8m0_fields=(0,)),
+    GGMLType(MXFP4,   "MXFP4",   32,   17,   "mxfp4",   True,     (), e8m0_fields=(0,), activations=32),
     GGMLType(NVFP4,   "NVFP4",   64,   36),
     GGMLType(Q1_0,    "Q1_0",    128,  18),
 )
 
 TYPES_BY_ID: dict[int, GGMLType] = {t.id: t for t in TYPES}
+# The formats of the integer path, by the activation block they read (ids, in table order).
+Q8_0_ACTIVATION_TYPES: tuple[int, ...] = tuple(t.id for t in TYPES if t.activations == 32)
+Q8_K_ACTIVATION_TYPES: tuple[int, ...] = tuple(t.id for t in TYPES if t.activations == 256)
 TYPES_BY_NAME: dict[str, GGMLType] = {t.name: t for t in TYPES}
 
 

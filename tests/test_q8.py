@@ -26,12 +26,44 @@ import numpy as np
 import pytest
 
 from runtime import kernels
+from runtime.ggml_types import TYPES, ggml_type
 from test_kernels import random_blocks, reference
 
 ROOT = Path(__file__).resolve().parent.parent
-INTEGER_TYPES = ["Q4_K", "Q6_K", "Q8_0", "Q5_0", "Q4_0", "Q5_K", "Q3_K", "Q2_K", "Q4_1", "Q5_1",
-                 "IQ4_NL", "IQ4_XS", "MXFP4"]
-K_QUANTS = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # activations in blocks of 256
+# The formats of the integer path, as the ggml_types table lists them (test_integer_path_listings
+# checks the kernels' listings against it); K_QUANTS read activations in blocks of 256.
+INTEGER_TYPES = [t.name for t in TYPES if t.activations]
+K_QUANTS = {t.name for t in TYPES if t.activations == 256}
+
+
+def test_integer_path_listings_follow_the_table():
+    """Every listing of the integer path's formats is the ggml_types table's: the row dot
+    bodies, q8's type sets and activation blocks, the wide and GEMM subsets (k-quants), and
+    each format has the float kernels too (the fallback and the reference path)."""
+    from runtime.kernels import q8, q8dot, q8gemm
+
+    table = {t.id: t.activations for t in TYPES if t.activations}
+    assert set(table) == {ggml_type(n).id for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "MXFP4",
+                                                     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS")}
+    assert set(q8dot.ROW_DOT_BODIES) == set(table) == q8.INTEGER_TYPES
+    assert {t: q8.activation_block(t) for t in table} == table
+    assert set(q8.Q8_K_TYPES) == {t for t, block in table.items() if block == 256}
+    assert set(q8.Q8_0_TYPES) == {t for t, block in table.items() if block == 32}
+    assert set(q8dot.WIDE_TYPES) | set(q8gemm.GEMM_TYPES) <= set(q8.Q8_K_TYPES)
+    assert set(table) <= {ggml_type(n).id for n in kernels.SUPPORTED_TYPES}
+
+
+def test_row_dots_of_a_type_without_an_integer_path_are_nan():
+    """The generated switches (q8dot.type_switch) fall through to NaN for any other id."""
+    from runtime.kernels import q8
+
+    raw = np.zeros(144, np.uint8)
+    raw.flags.writeable = False
+    q, d, s = np.zeros(256, np.int8), np.ones(1, np.float32), np.zeros(16, np.int16)
+    assert np.isnan(q8.dot_row(ggml_type("F32").id, raw, 0, 1, q, d, s, 0))
+    assert q8.dot_row(ggml_type("Q4_K").id, raw, 0, 1, q, d, s, 0) == 0.0
+    assert all(np.isnan(q8.dot_row_blocked(ggml_type("F16").id, raw, 0, 1, q, d, s, 0, 0)))
+    assert all(np.isnan(q8.dot_row_wide(ggml_type("Q4_K").id, raw, 0, 1, q, d, s, 0, 0)))  # not wide
 
 
 def step_fraction(block):

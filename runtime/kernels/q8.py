@@ -16,19 +16,22 @@ launch too: `raws` is a tuple of their blocks and the rows of all of them are on
 import numpy as np
 from numba import njit, prange
 
+from runtime.ggml_types import Q8_0_ACTIVATION_TYPES, Q8_K_ACTIVATION_TYPES
+
 from .common import F16_TO_F32
 from . import q8dot, q8gemm
 
-# GGML type ids with an integer path, and the activation block each one reads.
-Q8_0_TYPES = (2, 3, 6, 7, 8, 20, 39)  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4
-Q8_K_TYPES = (10, 11, 12, 13, 14, 23)  # Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS
+# GGML type ids with an integer path, by the activation block each one reads (the ggml_types
+# table's `activations`).
+Q8_0_TYPES = Q8_0_ACTIVATION_TYPES  # Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, MXFP4
+Q8_K_TYPES = Q8_K_ACTIVATION_TYPES  # Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS
 INTEGER_TYPES = frozenset(Q8_0_TYPES + Q8_K_TYPES)
 
 
 @njit(inline="always")
 def activation_block(type_id):
     """Elements per activation scale for the type: 256 for the k-quants, else 32."""
-    return 256 if 10 <= type_id <= 14 or type_id == 23 else 32
+    return 256 if type_id in Q8_K_TYPES else 32
 
 
 @njit(inline="always")
@@ -67,101 +70,31 @@ def quantize_activations(x, block, yq, yd, ys):
         ys[g] = np.int16(s)
 
 
-# The row dots by type id, as globals (Numba calls functions it finds by name).
-_dot_2, _dot4_2 = q8dot.ROW_DOT[2], q8dot.ROW_DOT_BLOCKED[2]  # Q4_0
-_dot_3, _dot4_3 = q8dot.ROW_DOT[3], q8dot.ROW_DOT_BLOCKED[3]  # Q4_1
-_dot_6, _dot4_6 = q8dot.ROW_DOT[6], q8dot.ROW_DOT_BLOCKED[6]  # Q5_0
-_dot_7, _dot4_7 = q8dot.ROW_DOT[7], q8dot.ROW_DOT_BLOCKED[7]  # Q5_1
-_dot_8, _dot4_8 = q8dot.ROW_DOT[8], q8dot.ROW_DOT_BLOCKED[8]  # Q8_0
-_dot_10, _dot4_10 = q8dot.ROW_DOT[10], q8dot.ROW_DOT_BLOCKED[10]  # Q2_K
-_dot_11, _dot4_11 = q8dot.ROW_DOT[11], q8dot.ROW_DOT_BLOCKED[11]  # Q3_K
-_dot_12, _dot4_12 = q8dot.ROW_DOT[12], q8dot.ROW_DOT_BLOCKED[12]  # Q4_K
-_dot_13, _dot4_13 = q8dot.ROW_DOT[13], q8dot.ROW_DOT_BLOCKED[13]  # Q5_K
-_dot_14, _dot4_14 = q8dot.ROW_DOT[14], q8dot.ROW_DOT_BLOCKED[14]  # Q6_K
-_dot_20, _dot4_20 = q8dot.ROW_DOT[20], q8dot.ROW_DOT_BLOCKED[20]  # IQ4_NL
-_dot_23, _dot4_23 = q8dot.ROW_DOT[23], q8dot.ROW_DOT_BLOCKED[23]  # IQ4_XS
-_dot_39, _dot4_39 = q8dot.ROW_DOT[39], q8dot.ROW_DOT_BLOCKED[39]  # MXFP4
-
-
-@njit(cache=True)
-def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
-    """The integer dot of one weight row (type `type_id`) with activations from block `yblock`."""
-    t = F16_TO_F32
-    if type_id == 12:
-        return _dot_12(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 14:
-        return _dot_14(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 8:
-        return _dot_8(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 6:
-        return _dot_6(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 2:
-        return _dot_2(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 13:
-        return _dot_13(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 11:
-        return _dot_11(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 10:
-        return _dot_10(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 3:
-        return _dot_3(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 7:
-        return _dot_7(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 23:
-        return _dot_23(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 20:
-        return _dot_20(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    elif type_id == 39:
-        return _dot_39(raw, off, nblocks, yq, yd, ys, yblock, 0, t)
-    return np.float32(np.nan)
-
-
+# The row dots, each one switch over the formats of the integer path (q8dot.type_switch).
+_row_dot = q8dot.ROW_DOT
+_row_dot_blocked = q8dot.ROW_DOT_BLOCKED
+_row_dot_wide = q8dot.ROW_DOT_WIDE
 _TOKENS = q8dot.MATMUL_TOKENS
-_NANS = (np.float32(np.nan),) * _TOKENS  # for a type without a row dot (never reached)
 _WIDE = q8dot.WIDE_TOKENS
-_WIDE_NANS = (np.float32(np.nan),) * _WIDE
 _WIDE_TYPES = q8dot.WIDE_TYPES
 if not set(_WIDE_TYPES) <= set(Q8_K_TYPES):
     raise ImportError("q8dot.WIDE_TYPES must be k-quants: matmul gives them Q8_K activations")
 if not set(q8gemm.GEMM_TYPES) <= set(Q8_K_TYPES):
     raise ImportError("q8gemm.GEMM_TYPES must be k-quants: the GEMM reads Q8_K activations")
-_wide_11 = q8dot.ROW_DOT_WIDE.get(11)  # Q3_K
-_wide_13 = q8dot.ROW_DOT_WIDE.get(13)  # Q5_K
-_wide_23 = q8dot.ROW_DOT_WIDE.get(23)  # IQ4_XS
+
+
+@njit(cache=True)
+def dot_row(type_id, raw, off, nblocks, yq, yd, ys, yblock):
+    """The integer dot of one weight row (type `type_id`) with activations from block
+    `yblock`; NaN for a type without an integer path (never reached)."""
+    return _row_dot(type_id, raw, off, nblocks, yq, yd, ys, yblock, 0, F16_TO_F32)
 
 
 @njit(cache=True)
 def dot_row_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
     """The integer dots of one weight row with q8dot.MATMUL_TOKENS activation vectors, the
     first from block `yblock` on, the next ones `ystride` blocks apart."""
-    t = F16_TO_F32
-    if type_id == 12:
-        return _dot4_12(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 14:
-        return _dot4_14(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 8:
-        return _dot4_8(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 6:
-        return _dot4_6(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 2:
-        return _dot4_2(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 13:
-        return _dot4_13(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 11:
-        return _dot4_11(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 10:
-        return _dot4_10(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 3:
-        return _dot4_3(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 7:
-        return _dot4_7(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 23:
-        return _dot4_23(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 20:
-        return _dot4_20(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 39:
-        return _dot4_39(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    return _NANS
+    return _row_dot_blocked(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride, F16_TO_F32)
 
 
 @njit(inline="always")
@@ -173,14 +106,7 @@ def is_wide(type_id):
 @njit(cache=True)
 def dot_row_wide(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride):
     """dot_row_blocked for q8dot.WIDE_TOKENS vectors, for the types in q8dot.WIDE_TYPES."""
-    t = F16_TO_F32
-    if type_id == 13:
-        return _wide_13(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 11:
-        return _wide_11(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    elif type_id == 23:
-        return _wide_23(raw, off, nblocks, yq, yd, ys, yblock, ystride, t)
-    return _WIDE_NANS
+    return _row_dot_wide(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride, F16_TO_F32)
 
 
 @njit(inline="always")

@@ -44,6 +44,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from runtime.ggml_types import (
+    IQ4_NL, IQ4_XS, MXFP4, Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, Q8_0_ACTIVATION_TYPES,
+    Q8_K_ACTIVATION_TYPES, TYPES_BY_ID,
+)
+
 from . import mxfp4
 from .simd import _horizontal_sum, byte_lookup, concat, dot4, dot4_scaled, madd16, signed_dot4, signed_dot4_scaled
 
@@ -151,11 +156,11 @@ class _Emit:
                                      ir.Constant(_v(4 * n, _I32), [i // 4 if i % 4 == 0 else n for i in range(4 * n)]))
 
 
-def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
-    """An intrinsic f(raw, off, nblocks, yq, yd, ys, yblock, ystride, f16_table): the dot of
-    the `nblocks` weight blocks at raw[off] with the activations of `tokens` vectors, the
-    first from block `yblock` on and each next one `ystride` blocks further; a float32, or a
-    tuple of `tokens` float32s.
+def _row_dot(block_bytes, y_per_block, step, body, tokens):
+    """The codegen of a row dot f(raw, off, nblocks, yq, yd, ys, yblock, ystride, f16_table):
+    the dot of the `nblocks` weight blocks at raw[off] with the activations of `tokens`
+    vectors, the first from block `yblock` on and each next one `ystride` blocks further; a
+    float32, or a tuple of `tokens` float32s. `type_switch` makes the intrinsics.
 
     body(e, k, blk, y, ys, dy) emits k (= step, or 1 for each block left) blocks at pointer
     blk against activation bytes y, sums ys and scales dy (k floats), and returns terms:
@@ -165,65 +170,91 @@ def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
     of weights is decoded once for all the tokens (register blocking for matmul).
     """
 
+    def codegen(context, builder, sig, args):
+        raw_, off_, nblocks_, yq_, yd_, ys_, yblock_, ystride_, table_ = args
+
+        def data(i):
+            return context.make_array(sig.args[i])(context, builder, args[i]).data
+
+        rawp, yqp, ydp, ysp = data(0), data(3), data(4), data(5)
+        e = _Emit(builder, data(8))
+        accumulators = [{} for _ in range(tokens)]
+
+        def accumulate(terms, slots):
+            for ivec, scale in terms:
+                if ivec is None:
+                    key, value = "scalar", scale
+                    t = _F32
+                else:
+                    t = _v(ivec.type.count, _F32)
+                    if not isinstance(scale.type, ir.VectorType):
+                        scale = e.per_block([scale], ivec.type.count)
+                    value = builder.fmul(builder.sitofp(ivec, t), scale, flags=("fast",))
+                    key = ivec.type.count
+                if key not in slots:
+                    slots[key] = cgutils.alloca_once(builder, t)  # zeroed in the entry block
+                slot = slots[key]
+                builder.store(builder.fadd(builder.load(slot), value, flags=("fast",)), slot)
+
+        def emit(k, index):
+            blk = e.at(rawp, builder.add(off_, builder.mul(index, ir.Constant(_I64, block_bytes))))
+            for j in range(tokens):
+                first = builder.add(yblock_, builder.mul(ystride_, ir.Constant(_I64, j)))
+                yb = builder.add(first, index)
+                y = e.at(yqp, builder.mul(yb, ir.Constant(_I64, y_per_block)))
+                ysb = e.at(ysp, builder.mul(yb, ir.Constant(_I64, y_per_block // 16)))
+                dy = [builder.load(e.at(ydp, builder.add(yb, ir.Constant(_I64, i)))) for i in range(k)]
+                accumulate(body(e, k, blk, y, ysb, dy), accumulators[j])
+
+        steps = builder.udiv(nblocks_, ir.Constant(_I64, step))
+        with cgutils.for_range(builder, steps) as loop:
+            emit(step, builder.mul(loop.index, ir.Constant(_I64, step)))
+        if step > 1:  # the blocks left, one at a time
+            done = builder.mul(steps, ir.Constant(_I64, step))
+            with cgutils.for_range(builder, builder.sub(nblocks_, done)) as loop:
+                emit(1, builder.add(done, loop.index))
+        totals = []
+        for slots in accumulators:
+            total = ir.Constant(_F32, 0.0)
+            for key, slot in slots.items():
+                value = builder.load(slot)
+                part = value if key == "scalar" else _horizontal_sum(builder, value)
+                total = builder.fadd(total, part, flags=("fast",))
+            totals.append(total)
+        if tokens == 1:
+            return totals[0]
+        return context.make_tuple(builder, sig.return_type, totals)
+
+    return codegen
+
+
+def type_switch(tokens, codegens):
+    """An intrinsic f(type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride, f16_table):
+    the row dot (`_row_dot`, for `tokens` vectors) of the format `type_id` among
+    `codegens` ({type id: codegen}), NaN for any other id. The switch over the ids is
+    generated here, so the formats of the integer path are listed once (the ggml_types
+    table) and not again as an if-chain per caller."""
+
     @intrinsic
-    def row_dot(typingctx, raw, off, nblocks, yq, yd, ys, yblock, ystride, table):
+    def row_dot(typingctx, type_id, raw, off, nblocks, yq, yd, ys, yblock, ystride, table):
         result = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
-        sig = result(raw, types.int64, types.int64, yq, yd, ys, types.int64, types.int64, table)
+        sig = result(types.int64, raw, types.int64, types.int64, yq, yd, ys, types.int64, types.int64, table)
 
         def codegen(context, builder, sig, args):
-            raw_, off_, nblocks_, yq_, yd_, ys_, yblock_, ystride_, table_ = args
-
-            def data(i):
-                return context.make_array(sig.args[i])(context, builder, args[i]).data
-
-            rawp, yqp, ydp, ysp = data(0), data(3), data(4), data(5)
-            e = _Emit(builder, data(8))
-            accumulators = [{} for _ in range(tokens)]
-
-            def accumulate(terms, slots):
-                for ivec, scale in terms:
-                    if ivec is None:
-                        key, value = "scalar", scale
-                        t = _F32
-                    else:
-                        t = _v(ivec.type.count, _F32)
-                        if not isinstance(scale.type, ir.VectorType):
-                            scale = e.per_block([scale], ivec.type.count)
-                        value = builder.fmul(builder.sitofp(ivec, t), scale, flags=("fast",))
-                        key = ivec.type.count
-                    if key not in slots:
-                        slots[key] = cgutils.alloca_once(builder, t)  # zeroed in the entry block
-                    slot = slots[key]
-                    builder.store(builder.fadd(builder.load(slot), value, flags=("fast",)), slot)
-
-            def emit(k, index):
-                blk = e.at(rawp, builder.add(off_, builder.mul(index, ir.Constant(_I64, block_bytes))))
-                for j in range(tokens):
-                    first = builder.add(yblock_, builder.mul(ystride_, ir.Constant(_I64, j)))
-                    yb = builder.add(first, index)
-                    y = e.at(yqp, builder.mul(yb, ir.Constant(_I64, y_per_block)))
-                    ysb = e.at(ysp, builder.mul(yb, ir.Constant(_I64, y_per_block // 16)))
-                    dy = [builder.load(e.at(ydp, builder.add(yb, ir.Constant(_I64, i)))) for i in range(k)]
-                    accumulate(body(e, k, blk, y, ysb, dy), accumulators[j])
-
-            steps = builder.udiv(nblocks_, ir.Constant(_I64, step))
-            with cgutils.for_range(builder, steps) as loop:
-                emit(step, builder.mul(loop.index, ir.Constant(_I64, step)))
-            if step > 1:  # the blocks left, one at a time
-                done = builder.mul(steps, ir.Constant(_I64, step))
-                with cgutils.for_range(builder, builder.sub(nblocks_, done)) as loop:
-                    emit(1, builder.add(done, loop.index))
-            totals = []
-            for slots in accumulators:
-                total = ir.Constant(_F32, 0.0)
-                for key, slot in slots.items():
-                    value = builder.load(slot)
-                    part = value if key == "scalar" else _horizontal_sum(builder, value)
-                    total = builder.fadd(total, part, flags=("fast",))
-                totals.append(total)
-            if tokens == 1:
-                return totals[0]
-            return context.make_tuple(builder, sig.return_type, totals)
+            inner = sig.replace(args=sig.args[1:])
+            value_type = context.get_value_type(sig.return_type)
+            nan = ir.Constant(_F32, float("nan"))
+            slot = cgutils.alloca_once_value(builder, nan if tokens == 1 else ir.Constant(value_type, [nan] * tokens))
+            done = builder.append_basic_block("row_dot.done")
+            switch = builder.switch(args[0], done)
+            for type_id, emit in codegens.items():
+                case = builder.append_basic_block(f"row_dot.type{type_id}")
+                switch.add_case(ir.Constant(_I64, type_id), case)
+                builder.position_at_end(case)
+                builder.store(emit(context, builder, inner, args[1:]), slot)
+                builder.branch(done)
+            builder.position_at_end(done)
+            return builder.load(slot)
 
         return sig, codegen
 
@@ -234,22 +265,22 @@ def _row_dot(block_bytes, y_per_block, step, body, tokens=1):
 _LEGACY_STEP = 8
 
 
-def _formats(tokens):
-    """{type id: row dot intrinsic} for `tokens` activation vectors at once."""
+def _formats():
+    """{type id: (blocks per step, body)} of every format of the integer path."""
     return {
-        2: _row_dot(18, 32, _LEGACY_STEP, _legacy_body(18, 2, bias=8), tokens),  # Q4_0
-        3: _row_dot(20, 32, _LEGACY_STEP, _legacy_body(20, 4, has_min=True), tokens),  # Q4_1
-        6: _row_dot(22, 32, _LEGACY_STEP, _legacy_body(22, 6, qh_off=2, bias=16), tokens),  # Q5_0
-        7: _row_dot(24, 32, _LEGACY_STEP, _legacy_body(24, 8, qh_off=4, has_min=True), tokens),  # Q5_1
-        8: _row_dot(34, 32, _LEGACY_STEP, _q8_0_body, tokens),  # Q8_0
-        10: _row_dot(84, 256, 1, _low2_body(16, None), tokens),  # Q2_K
-        11: _row_dot(110, 256, 1, _low2_body(32, 0), tokens),  # Q3_K
-        12: _row_dot(144, 256, 1, _k4_body(16), tokens),  # Q4_K
-        13: _row_dot(176, 256, 1, _k4_body(48, qh_off=16), tokens),  # Q5_K
-        14: _row_dot(210, 256, 1, _q6_k_body, tokens),  # Q6_K
-        20: _row_dot(18, 32, _LEGACY_STEP, _iq4_nl_body, tokens),  # IQ4_NL
-        23: _row_dot(136, 256, 1, _iq4_xs_body, tokens),  # IQ4_XS
-        39: _row_dot(mxfp4.BLOCK_BYTES, 32, 2, mxfp4.row_dot_body, tokens),  # MXFP4
+        Q4_0: (_LEGACY_STEP, _legacy_body(18, 2, bias=8)),
+        Q4_1: (_LEGACY_STEP, _legacy_body(20, 4, has_min=True)),
+        Q5_0: (_LEGACY_STEP, _legacy_body(22, 6, qh_off=2, bias=16)),
+        Q5_1: (_LEGACY_STEP, _legacy_body(24, 8, qh_off=4, has_min=True)),
+        Q8_0: (_LEGACY_STEP, _q8_0_body),
+        Q2_K: (1, _low2_body(16, None)),
+        Q3_K: (1, _low2_body(32, 0)),
+        Q4_K: (1, _k4_body(16)),
+        Q5_K: (1, _k4_body(48, qh_off=16)),
+        Q6_K: (1, _q6_k_body),
+        IQ4_NL: (_LEGACY_STEP, _iq4_nl_body),
+        IQ4_XS: (1, _iq4_xs_body),
+        MXFP4: (2, mxfp4.row_dot_body),
     }
 
 
@@ -455,11 +486,26 @@ def _iq4_xs_body(e, k, blk, y, ys, dy):
 # Tokens per call of the blocked row dots (matmul): each block of weights is unpacked once
 # for this many activation vectors.
 MATMUL_TOKENS = 4
-ROW_DOT = _formats(1)
-ROW_DOT_BLOCKED = _formats(MATMUL_TOKENS)
 # The formats whose matmul gains from twice as many vectors per unpacked block: Q3_K, Q5_K
 # and IQ4_XS, whose unpacking costs more than the accumulators that spill (2048x2048, 96
 # vectors, v4-vnni: +10-25%); Q2_K, Q4_K and Q6_K measured equal or slower.
 WIDE_TOKENS = 2 * MATMUL_TOKENS
-WIDE_TYPES = (11, 13, 23)
-ROW_DOT_WIDE = {t: f for t, f in _formats(WIDE_TOKENS).items() if t in WIDE_TYPES}
+WIDE_TYPES = (Q3_K, Q5_K, IQ4_XS)
+
+# Every format with an integer path (the ggml_types table's `activations`) has a body above;
+# each listing below follows from the table.
+ROW_DOT_BODIES = _formats()
+_INTEGER_TYPES = Q8_0_ACTIVATION_TYPES + Q8_K_ACTIVATION_TYPES
+if set(ROW_DOT_BODIES) != set(_INTEGER_TYPES):
+    raise ImportError("q8dot.ROW_DOT_BODIES must hold exactly the formats the ggml_types table gives activations")
+
+
+def _codegens(tokens, type_ids):
+    """{type id: row dot codegen} for `tokens` vectors, the block sizes from the table."""
+    return {t: _row_dot(TYPES_BY_ID[t].block_bytes, TYPES_BY_ID[t].activations, *ROW_DOT_BODIES[t], tokens)
+            for t in type_ids}
+
+
+ROW_DOT = type_switch(1, _codegens(1, _INTEGER_TYPES))
+ROW_DOT_BLOCKED = type_switch(MATMUL_TOKENS, _codegens(MATMUL_TOKENS, _INTEGER_TYPES))
+ROW_DOT_WIDE = type_switch(WIDE_TOKENS, _codegens(WIDE_TOKENS, WIDE_TYPES))
