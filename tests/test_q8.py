@@ -49,7 +49,9 @@ def test_integer_path_listings_follow_the_table():
     assert {t: q8.activation_block(t) for t in table} == table
     assert set(q8.Q8_K_TYPES) == {t for t, block in table.items() if block == 256}
     assert set(q8.Q8_0_TYPES) == {t for t, block in table.items() if block == 32}
-    assert set(q8dot.WIDE_TYPES) | set(q8gemm.GEMM_TYPES) <= set(q8.Q8_K_TYPES)
+    assert set(q8dot.WIDE_TYPES) <= set(q8.Q8_K_TYPES)
+    assert set(q8gemm.GEMM_TYPES) - set(q8gemm.LEGACY_GEMM_TYPES) <= set(q8.Q8_K_TYPES)
+    assert set(q8gemm.LEGACY_GEMM_TYPES) <= set(q8.Q8_0_TYPES)
     assert set(table) <= {ggml_type(n).id for n in kernels.SUPPORTED_TYPES}
 
 
@@ -157,18 +159,20 @@ def test_matmul(name, n):
     check(got, raw, name, rows, cols, X)
 
 
-GEMM_TYPES = ["Q4_K", "Q6_K"]  # runtime/kernels/q8gemm.py
+GEMM_TYPES = ["Q4_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"]  # runtime/kernels/q8gemm.py (Q8_0: VNNI tiers)
 
 
 @pytest.mark.parametrize("name", GEMM_TYPES)
-@pytest.mark.parametrize("rows, cols, n", [(37, 512, 16), (8, 768, 37), (3, 256, 70)])
+@pytest.mark.parametrize("rows, cols, n", [(37, 512, 16), (8, 768, 37), (3, 256, 70), (5, 640, 20)])
 def test_gemm(name, rows, cols, n):
     """Batches from q8.GEMM_MIN_TOKENS on run the GEMM: rows past a whole tile of 8, a last
     token group with fewer tokens than lanes, a tile of fewer rows than the tile holds. The
     same bounds as the row dots: the integer sums are exact, the float32 ones as theirs."""
-    from runtime.kernels import q8, q8gemm
+    from runtime.kernels import q8
 
-    assert n >= q8.GEMM_MIN_TOKENS and kernels.supported_type(name).id in q8gemm.GEMM_TYPES
+    if cols % kernels.supported_type(name).block_elems:
+        pytest.skip(f"{name} rows hold whole blocks")
+    assert n >= q8.GEMM_MIN_TOKENS
     rng = np.random.default_rng(rows * n)
     raw = random_blocks(name, rows * cols, rng)
     X = rng.standard_normal((n, cols)).astype(np.float32)
@@ -179,7 +183,9 @@ def test_gemm(name, rows, cols, n):
 
 # Bytes (offset, length, value) that put a format's integers at their largest magnitude.
 EXTREMES = {"Q4_K": [(4, 12, 0xFF), (16, 128, 0xFF)],  # scales and minimums 63, indices 15
-            "Q6_K": [(0, 192, 0x00), (192, 16, 0x80)]}  # indices 0 - 32, scales -128
+            "Q6_K": [(0, 192, 0x00), (192, 16, 0x80)],  # indices 0 - 32, scales -128
+            "Q4_0": [(2, 16, 0x00)], "Q5_0": [(2, 20, 0x00)],  # 0 - 8, 0 - 16
+            "Q8_0": [(2, 32, 0x80)]}  # -128
 
 
 @pytest.mark.parametrize("name", GEMM_TYPES)
@@ -258,7 +264,7 @@ for name in INTEGER_TYPES:
     raw = random_blocks(name, 3 * 512, rng)
     X = rng.standard_normal((2, 512)).astype(np.float32)
     check(kernels.matvec(raw, name, 3, 512, X[0])[None, :], raw, name, 3, 512, X[:1])
-for name in ("Q4_K", "Q6_K"):  # the GEMM (q8gemm.py)
+for name in ("Q4_K", "Q6_K", "Q5_0", "Q8_0"):  # the GEMM (q8gemm.py)
     raw = random_blocks(name, 9 * 512, rng)
     X = rng.standard_normal((17, 512)).astype(np.float32)
     check(kernels.matmul(raw, name, 9, 512, X), raw, name, 9, 512, X)

@@ -79,8 +79,9 @@ _WIDE = q8dot.WIDE_TOKENS
 _WIDE_TYPES = q8dot.WIDE_TYPES
 if not set(_WIDE_TYPES) <= set(Q8_K_TYPES):
     raise ImportError("q8dot.WIDE_TYPES must be k-quants: matmul gives them Q8_K activations")
-if not set(q8gemm.GEMM_TYPES) <= set(Q8_K_TYPES):
-    raise ImportError("q8gemm.GEMM_TYPES must be k-quants: the GEMM reads Q8_K activations")
+if not (set(q8gemm.LEGACY_GEMM_TYPES) <= set(Q8_0_TYPES)
+        and set(q8gemm.GEMM_TYPES) - set(q8gemm.LEGACY_GEMM_TYPES) <= set(Q8_K_TYPES)):
+    raise ImportError("q8gemm.LEGACY_GEMM_TYPES must be the GEMM's formats that read Q8_0 activations")
 
 
 @njit(cache=True)
@@ -180,13 +181,23 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         if big:
             quantize_activations(X[t], 256, q_big[c0:c1], d_big[t * n_big:(t + 1) * n_big],
                                  s_big[c0 // 16:c1 // 16])
-    gemm = False
+    gemm_small = gemm_big = False
     for ty in type_ids:
-        gemm = gemm or _uses_gemm(ty, n)
-    groups = (n + q8gemm.LANES - 1) // q8gemm.LANES if gemm else 0
-    xi, ysi, ydi = q8gemm.interleaved(groups, cols)
-    for group in prange(groups):
-        q8gemm.interleave(q_big, s_big, d_big, n, cols, xi, ysi, ydi, group)
+        if _uses_gemm(ty, n):
+            if activation_block(ty) == 32:
+                gemm_small = True
+            else:
+                gemm_big = True
+    groups = (n + q8gemm.LANES - 1) // q8gemm.LANES
+    groups_small = groups if gemm_small else 0
+    groups_big = groups if gemm_big else 0
+    xi_small, ysi_small, ydi_small = q8gemm.interleaved(groups_small, cols, 32)
+    xi_big, ysi_big, ydi_big = q8gemm.interleaved(groups_big, cols, 256)
+    for group in prange(max(groups_small, groups_big)):
+        if group < groups_small:
+            q8gemm.interleave(q_small, s_small, d_small, n, cols, 32, xi_small, ysi_small, ydi_small, group)
+        if group < groups_big:
+            q8gemm.interleave(q_big, s_big, d_big, n, cols, 256, xi_big, ysi_big, ydi_big, group)
     m_count = len(type_ids)
     starts = np.zeros(m_count + 1, np.int64)
     for m in range(m_count):
@@ -200,7 +211,11 @@ def matmul_kernel(type_ids, raws, row_counts, row_bytes, cols, X, outs):
         out = outs[m]
         first = (g - starts[m]) * _MATMUL_ROWS
         if _uses_gemm(ty, n):
-            q8gemm.gemm_rows(ty, raw, row_bytes[m], row_counts[m], first, cols, xi, ysi, ydi, n, out)
+            if activation_block(ty) == 32:
+                q8gemm.gemm_rows(ty, raw, row_bytes[m], row_counts[m], first, cols, xi_small, ysi_small, ydi_small,
+                                 n, out)
+            else:
+                q8gemm.gemm_rows(ty, raw, row_bytes[m], row_counts[m], first, cols, xi_big, ysi_big, ydi_big, n, out)
             continue
         last = min(first + _MATMUL_ROWS, row_counts[m])
         small_blocks = activation_block(ty) == 32

@@ -1,5 +1,5 @@
-"""Prefill matmul of the k-quants as a GEMM: a tile of weight rows decoded once to int8 in
-L1, every token of the batch run over it with the tokens in the vector lanes.
+"""Prefill matmul as a GEMM (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0): a tile of weight rows decoded
+once to int8 in L1, every token of the batch run over it with the tokens in the vector lanes.
 
 Why this shape: the row dots of q8dot.py put a weight block's elements in the lanes, so
 each block and activation vector ends in shuffles to join lanes and a conversion to float
@@ -12,25 +12,29 @@ Blocks read (kquants.py spells them out): Q4_K (144 bytes): d, dmin:f16, scales[
 6-bit scales and mins), qs[128], element 64c + l the low nibble of qs[32c + l], 64c + 32 + l
 its high nibble. Q6_K (210 bytes): ql[128], qh[64], scales[16] int8, d:f16, element
 128h + 32j + l from a nibble of ql[64h + 32(j % 2) + l] and bits 2j.. of qh[32h + l], q - 32.
+Blocks of 32 (legacy.py): Q4_0 (18): d:f16, qs[16], element i < 16 the low nibble of qs[i],
+i >= 16 the high nibble of qs[i - 16], q - 8. Q5_0 (22): d, qh:u32, qs[16]; bit i of qh is
+element i's fifth bit, q - 16. Q8_0 (34): d, qs[32] int8.
 
 The weights stay in their memory-mapped blocks; what is decoded is a transient tile of
 ROWS rows, rewritten for every group of rows:
 - tile (int8, ROWS x cols, row-major): one signed byte per weight, the integer the format
-  stores: Q4_K q (0..15); Q6_K q - 32 (-32..31).
+  stores: Q4_K q (0..15); Q6_K q - 32 (-32..31); Q4_0 q - 8; Q5_0 q - 16; Q8_0 q.
 - scal (int32, 32 per row and super-block of 256): [0:16] the sub-block scales (8 used by
   formats with sub-blocks of 32), [16:24] the minimums as int16 pairs (m_a | m_b << 16) for
   the activation sums of elements 32p..32p+15 and 32p+16..32p+31, [24] C = sum over the
   block of scale * weight byte (the bias below), [25] d and [26] dmin as float32 bits.
+  Blocks of 32: 2 per row and block, C (the sum of its weight bytes) and d.
 
-The activations are Q8_K (q8.py), interleaved once per matmul so that a token group of
-LANES tokens reads as vectors (token t = LANES * group + lane):
+The activations are Q8_K (q8.py; Q8_0, per 32, for the blocks of 32), interleaved once per
+matmul so that a token group of LANES tokens reads as vectors (token t = LANES * group + lane):
 - xi (int32[groups, cols / 4, LANES]): the 4 activation bytes of token t at elements 4k..4k+3,
   each plus 128 (so unsigned: the multiply instructions take one unsigned operand, and the
   weights, signed, are the other). sum(w * (y + 128)) = sum(w * y) + 128 * sum(w), and
   128 * C per row and block takes the bias out again: exact integers.
 - ysi (int32[groups, cols / 32, LANES]): the int16 activation sums of elements 32p..32p+15
   and 32p+16..32p+31 of token t, as one int32 (low, high), for the minimums.
-- ydi (float32[groups, cols / 256, LANES]): the activation scale of each super-block.
+- ydi (float32[groups, cols / 256 or cols / 32, LANES]): the activation scale of each block.
 
 Per row, token and super-block the kernel computes, as ggml's vec_dot_q4_K_q8_K does:
 d * yd * sum_s(scale_s * sum(q * y)) - dmin * yd * sum_s(min_s * ysum_s), the integer sums
@@ -38,16 +42,16 @@ exact; only the float32 accumulation over super-blocks rounds.
 """
 
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 import numpy as np
 
-from runtime.ggml_types import Q4_K, Q6_K
+from runtime.ggml_types import Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
 
 from .common import F16_TO_F32
 from . import simd
-from .q8dot import _Emit, _k4_scales_mins
+from .q8dot import _Emit, _k4_scales_mins, _nibbles32
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -83,11 +87,11 @@ def _splat(builder, value, n):
 
 # --------------------------------------------------------------------------- tile decoders
 
-def _decoder(block_bytes, body):
+def _decoder(block_bytes, body, elems=256, per_block=SCAL):
     """An intrinsic f(raw, off, nblocks, tile, t_off, scal, s_off, table): the `nblocks`
-    super-blocks at raw[off] decoded into tile[t_off:] (256 bytes each) and scal[s_off:]
-    (SCAL int32 each). body(e, blk, w, s) emits one block: blk its bytes, w its 256 tile
-    bytes, s its SCAL int32s."""
+    blocks (of `elems` weights) at raw[off] decoded into tile[t_off:] (`elems` bytes each)
+    and scal[s_off:] (`per_block` int32 each). body(e, blk, w, s) emits one block: blk its
+    bytes, w its tile bytes, s its int32s."""
 
     @intrinsic
     def decode(typingctx, raw, off, nblocks, tile, t_off, scal, s_off, table):
@@ -102,8 +106,8 @@ def _decoder(block_bytes, body):
             with cgutils.for_range(builder, args[2]) as loop:
                 b = loop.index
                 blk = e.at(rawp, builder.add(args[1], builder.mul(b, _c64(block_bytes))))
-                w = e.at(tilep, builder.add(args[4], builder.mul(b, _c64(256))))
-                s = builder.gep(scalp, [builder.add(args[6], builder.mul(b, _c64(SCAL)))])
+                w = e.at(tilep, builder.add(args[4], builder.mul(b, _c64(elems))))
+                s = builder.gep(scalp, [builder.add(args[6], builder.mul(b, _c64(per_block)))])
                 body(e, blk, w, s)
             return context.get_dummy_value()
 
@@ -184,15 +188,35 @@ def _q6_k_tile(e, blk, w, s):
     _store_f32(e, s, 25, e.f16(blk, 208))
 
 
+def _q4_0_tile(e, blk, w, s):
+    """Q4_0: weight bytes q - 8 (-8..7)."""
+    q = e.b.sub(_nibbles32(e, blk, 2), ir.Constant(_v(32), [8] * 32))
+    _legacy_store(e, w, s, q, e.f16(blk, 0))
+
+
+def _q5_0_tile(e, blk, w, s):
+    """Q5_0: weight bytes q - 16 (-16..15), the fifth bit of element i bit i of qh."""
+    b = e.b
+    q = b.or_(_nibbles32(e, blk, 6), e.bits32_bytes(e.load(blk, 2, _I32), 16))
+    _legacy_store(e, w, s, b.sub(q, ir.Constant(_v(32), [16] * 32)), e.f16(blk, 0))
+
+
+def _q8_0_tile(e, blk, w, s):
+    """Q8_0: the weight bytes as stored (int8)."""
+    _legacy_store(e, w, s, e.load(blk, 2, _v(32)), e.f16(blk, 0))
+
+
+def _legacy_store(e, w, s, q, d):
+    _store(e, w, 0, q)
+    _store_i32(e, s, 0, _sub_sums(e, q, 32)[0])
+    _store_f32(e, s, 1, d)
+
+
 # ------------------------------------------------------------------------ the micro-kernel
 
-def _gemm(sub, has_min, rows=ROWS, lanes=LANES):
-    """An intrinsic f(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out):
-    out[r * lanes + i] = row r of the tile . token i of the group at xi[x_off] (ysi[ys_off],
-    ydi[yd_off]), for formats with sub-blocks of `sub` (16 or 32) and, if has_min, minimums."""
-    isa = simd.integer_isa()
-    vnni = isa.startswith("vnni")
-    nsub = 256 // sub
+def _gemm_intrinsic(emit):
+    """The intrinsic f(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out) whose
+    code emit(builder, data, args) writes (data(i): argument i's data pointer)."""
 
     @intrinsic
     def gemm(typingctx, tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out):
@@ -203,72 +227,7 @@ def _gemm(sub, has_min, rows=ROWS, lanes=LANES):
             def data(i):
                 return context.make_array(sig.args[i])(context, builder, args[i]).data
 
-            tile_, cols_, scal_, xi_, x_off_, ysi_, ys_off_, ydi_, yd_off_, nblocks_, out_ = args
-            b = builder
-            e = _Emit(b, None)
-            tilep, scalp, outp = data(0), data(2), data(10)
-            xip = b.bitcast(b.gep(data(3), [x_off_]), _I8.as_pointer())
-            ysp = b.gep(data(5), [ys_off_])
-            ydp = b.gep(data(7), [yd_off_])
-            vi, vf = _v(lanes, _I32), _v(lanes, _F32)
-            zero_i = ir.Constant(vi, None)
-            sums = [cgutils.alloca_once_value(b, ir.Constant(vf, None)) for _ in range(rows)]
-            row_tile = [b.gep(tilep, [b.mul(cols_, _c64(r))]) for r in range(rows)]
-            s_stride = b.mul(nblocks_, _c64(SCAL))
-            row_scal = [b.gep(scalp, [b.mul(s_stride, _c64(r))]) for r in range(rows)]
-            with cgutils.for_range(b, nblocks_) as loop:
-                blk = loop.index
-                xb = b.gep(xip, [b.mul(blk, _c64(256 * lanes))])
-                wb = [b.gep(p, [b.mul(blk, _c64(256))]) for p in row_tile]
-                sb = [b.gep(p, [b.mul(blk, _c64(SCAL))]) for p in row_scal]
-                totals = [cgutils.alloca_once_value(b, zero_i) for _ in range(rows)]
-                # The sub-blocks as a loop, not unrolled: unrolled, LLVM's scheduler interleaved
-                # several sub-blocks' accumulators and spilled them (measured 0-30% slower).
-                with cgutils.for_range(b, _c64(nsub)) as sub_loop:
-                    si = sub_loop.index
-                    scale = [b.load(b.gep(sb[r], [si])) for r in range(rows)]
-                    total = [b.load(p) for p in totals]
-                    acc = [zero_i] * rows
-                    first = b.mul(si, _c64(sub))
-                    for g in range(sub // 4):
-                        k = b.add(first, _c64(4 * g))
-                        a = e.load(xb, b.mul(k, _c64(lanes)), _v(4 * lanes))
-                        for r in range(rows):
-                            wv = b.bitcast(_splat(b, e.load(wb[r], k, _I32), lanes), _v(4 * lanes))
-                            if vnni:
-                                acc[r] = simd.dot4_acc(b, acc[r], a, wv)
-                            else:
-                                total[r] = simd.dot4_scaled(b, a, wv, _splat(b, b.trunc(scale[r], _I16), lanes),
-                                                            total[r])
-                    for r in range(rows):
-                        if vnni:
-                            total[r] = b.add(total[r], b.mul(acc[r], _splat(b, scale[r], lanes)))
-                        b.store(total[r], totals[r])
-                total = [b.load(p) for p in totals]
-                yd = b.load(b.bitcast(b.gep(ydp, [b.mul(blk, _c64(lanes))]), vf.as_pointer()), align=4)
-                if has_min:
-                    ys_block = b.gep(ysp, [b.mul(blk, _c64(8 * lanes))])
-                    ys = [b.bitcast(b.load(b.bitcast(b.gep(ys_block, [_c64(p * lanes)]), vi.as_pointer()), align=4),
-                                    _v(2 * lanes, _I16)) for p in range(8)]
-                for r in range(rows):
-                    bias = b.shl(b.load(b.gep(sb[r], [_c64(24)])), ir.Constant(_I32, 7))
-                    exact = b.sub(total[r], _splat(b, bias, lanes))
-                    d = b.bitcast(b.load(b.gep(sb[r], [_c64(25)])), _F32)
-                    value = b.fmul(b.sitofp(exact, vf), b.fmul(_splat(b, d, lanes), yd), flags=("fast",))
-                    if has_min:
-                        mins = None
-                        for p in range(8):
-                            pair = b.bitcast(_splat(b, b.load(b.gep(sb[r], [_c64(16 + p)])), lanes),
-                                             _v(2 * lanes, _I16))
-                            part = simd.madd16(b, ys[p], pair)
-                            mins = part if mins is None else b.add(mins, part)
-                        dmin = b.bitcast(b.load(b.gep(sb[r], [_c64(26)])), _F32)
-                        value = b.fsub(value, b.fmul(b.sitofp(mins, vf), b.fmul(_splat(b, dmin, lanes), yd),
-                                                     flags=("fast",)), flags=("fast",))
-                    b.store(b.fadd(b.load(sums[r]), value, flags=("fast",)), sums[r])
-            for r in range(rows):
-                dst = b.bitcast(b.gep(outp, [_c64(r * lanes)]), vf.as_pointer())
-                b.store(b.load(sums[r]), dst, align=4)
+            emit(builder, data, args)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -276,12 +235,138 @@ def _gemm(sub, has_min, rows=ROWS, lanes=LANES):
     return gemm
 
 
+def _gemm(sub, has_min, rows=ROWS, lanes=LANES):
+    """An intrinsic f(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out):
+    out[r * lanes + i] = row r of the tile . token i of the group at xi[x_off] (ysi[ys_off],
+    ydi[yd_off]), for formats with sub-blocks of `sub` (16 or 32) and, if has_min, minimums."""
+    isa = simd.integer_isa()
+    vnni = isa.startswith("vnni")
+    nsub = 256 // sub
+
+    def emit(builder, data, args):
+        tile_, cols_, scal_, xi_, x_off_, ysi_, ys_off_, ydi_, yd_off_, nblocks_, out_ = args
+        b = builder
+        e = _Emit(b, None)
+        tilep, scalp, outp = data(0), data(2), data(10)
+        xip = b.bitcast(b.gep(data(3), [x_off_]), _I8.as_pointer())
+        ysp = b.gep(data(5), [ys_off_])
+        ydp = b.gep(data(7), [yd_off_])
+        vi, vf = _v(lanes, _I32), _v(lanes, _F32)
+        zero_i = ir.Constant(vi, None)
+        sums = [cgutils.alloca_once_value(b, ir.Constant(vf, None)) for _ in range(rows)]
+        row_tile = [b.gep(tilep, [b.mul(cols_, _c64(r))]) for r in range(rows)]
+        s_stride = b.mul(nblocks_, _c64(SCAL))
+        row_scal = [b.gep(scalp, [b.mul(s_stride, _c64(r))]) for r in range(rows)]
+        with cgutils.for_range(b, nblocks_) as loop:
+            blk = loop.index
+            xb = b.gep(xip, [b.mul(blk, _c64(256 * lanes))])
+            wb = [b.gep(p, [b.mul(blk, _c64(256))]) for p in row_tile]
+            sb = [b.gep(p, [b.mul(blk, _c64(SCAL))]) for p in row_scal]
+            totals = [cgutils.alloca_once_value(b, zero_i) for _ in range(rows)]
+            # The sub-blocks as a loop, not unrolled: unrolled, LLVM's scheduler interleaved
+            # several sub-blocks' accumulators and spilled them (measured 0-30% slower).
+            with cgutils.for_range(b, _c64(nsub)) as sub_loop:
+                si = sub_loop.index
+                scale = [b.load(b.gep(sb[r], [si])) for r in range(rows)]
+                total = [b.load(p) for p in totals]
+                acc = [zero_i] * rows
+                first = b.mul(si, _c64(sub))
+                for g in range(sub // 4):
+                    k = b.add(first, _c64(4 * g))
+                    a = e.load(xb, b.mul(k, _c64(lanes)), _v(4 * lanes))
+                    for r in range(rows):
+                        wv = b.bitcast(_splat(b, e.load(wb[r], k, _I32), lanes), _v(4 * lanes))
+                        if vnni:
+                            acc[r] = simd.dot4_acc(b, acc[r], a, wv)
+                        else:
+                            total[r] = simd.dot4_scaled(b, a, wv, _splat(b, b.trunc(scale[r], _I16), lanes),
+                                                        total[r])
+                for r in range(rows):
+                    if vnni:
+                        total[r] = b.add(total[r], b.mul(acc[r], _splat(b, scale[r], lanes)))
+                    b.store(total[r], totals[r])
+            total = [b.load(p) for p in totals]
+            yd = b.load(b.bitcast(b.gep(ydp, [b.mul(blk, _c64(lanes))]), vf.as_pointer()), align=4)
+            if has_min:
+                ys_block = b.gep(ysp, [b.mul(blk, _c64(8 * lanes))])
+                ys = [b.bitcast(b.load(b.bitcast(b.gep(ys_block, [_c64(p * lanes)]), vi.as_pointer()), align=4),
+                                _v(2 * lanes, _I16)) for p in range(8)]
+            for r in range(rows):
+                bias = b.shl(b.load(b.gep(sb[r], [_c64(24)])), ir.Constant(_I32, 7))
+                exact = b.sub(total[r], _splat(b, bias, lanes))
+                d = b.bitcast(b.load(b.gep(sb[r], [_c64(25)])), _F32)
+                value = b.fmul(b.sitofp(exact, vf), b.fmul(_splat(b, d, lanes), yd), flags=("fast",))
+                if has_min:
+                    mins = None
+                    for p in range(8):
+                        pair = b.bitcast(_splat(b, b.load(b.gep(sb[r], [_c64(16 + p)])), lanes),
+                                         _v(2 * lanes, _I16))
+                        part = simd.madd16(b, ys[p], pair)
+                        mins = part if mins is None else b.add(mins, part)
+                    dmin = b.bitcast(b.load(b.gep(sb[r], [_c64(26)])), _F32)
+                    value = b.fsub(value, b.fmul(b.sitofp(mins, vf), b.fmul(_splat(b, dmin, lanes), yd),
+                                                 flags=("fast",)), flags=("fast",))
+                b.store(b.fadd(b.load(sums[r]), value, flags=("fast",)), sums[r])
+        for r in range(rows):
+            dst = b.bitcast(b.gep(outp, [_c64(r * lanes)]), vf.as_pointer())
+            b.store(b.load(sums[r]), dst, align=4)
+
+    return _gemm_intrinsic(emit)
+
+
+def _gemm32(rows=ROWS, lanes=LANES):
+    """The legacy formats' GEMM: f(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off,
+    nblocks, out) as _gemm's, over `nblocks` blocks of 32, each with its own weight scale d
+    (scal: [bias, d] per row and block) and activation scale (ydi per block of 32)."""
+
+    def emit(builder, data, args):
+        b = builder
+        e = _Emit(b, None)
+        cols_, x_off_, yd_off_, nblocks_ = args[1], args[4], args[8], args[9]
+        xip = b.bitcast(b.gep(data(3), [x_off_]), _I8.as_pointer())
+        ydp = b.gep(data(7), [yd_off_])
+        vi, vf = _v(lanes, _I32), _v(lanes, _F32)
+        sums = [cgutils.alloca_once_value(b, ir.Constant(vf, None)) for _ in range(rows)]
+        row_tile = [b.gep(data(0), [b.mul(cols_, _c64(r))]) for r in range(rows)]
+        row_scal = [b.gep(data(2), [b.mul(nblocks_, _c64(2 * r))]) for r in range(rows)]
+        with cgutils.for_range(b, nblocks_) as loop:
+            blk = loop.index
+            xb = b.gep(xip, [b.mul(blk, _c64(32 * lanes))])
+            acc = [ir.Constant(vi, None)] * rows
+            for g in range(8):
+                a = e.load(xb, 4 * g * lanes, _v(4 * lanes))
+                for r in range(rows):
+                    k = b.add(b.mul(blk, _c64(32)), _c64(4 * g))
+                    wv = b.bitcast(_splat(b, e.load(row_tile[r], k, _I32), lanes), _v(4 * lanes))
+                    acc[r] = simd.dot4_acc(b, acc[r], a, wv)
+            yd = b.load(b.bitcast(b.gep(ydp, [b.mul(blk, _c64(lanes))]), vf.as_pointer()), align=4)
+            for r in range(rows):
+                sb = b.gep(row_scal[r], [b.mul(blk, _c64(2))])
+                bias = b.shl(b.load(sb), ir.Constant(_I32, 7))
+                d = b.bitcast(b.load(b.gep(sb, [_c64(1)])), _F32)
+                exact = b.sitofp(b.sub(acc[r], _splat(b, bias, lanes)), vf)
+                value = b.fmul(exact, b.fmul(_splat(b, d, lanes), yd), flags=("fast",))
+                b.store(b.fadd(b.load(sums[r]), value, flags=("fast",)), sums[r])
+        for r in range(rows):
+            dst = b.bitcast(b.gep(data(10), [_c64(r * lanes)]), vf.as_pointer())
+            b.store(b.load(sums[r]), dst, align=4)
+
+    return _gemm_intrinsic(emit)
+
+
 decode_q4_k = _decoder(144, _q4_k_tile)
 decode_q6_k = _decoder(210, _q6_k_tile)
+decode_q4_0 = _decoder(18, _q4_0_tile, 32, 2)
+decode_q5_0 = _decoder(22, _q5_0_tile, 32, 2)
+decode_q8_0 = _decoder(34, _q8_0_tile, 32, 2)
 gemm_q4_k = _gemm(32, True)
 gemm_q6_k = _gemm(16, False)
+gemm_legacy = _gemm32()
 
-GEMM_TYPES = (Q4_K, Q6_K)
+# The formats with a GEMM. Q8_0's weights reach +-127, where pmaddubsw (the tiers without
+# VNNI) would saturate its pair sums (2 * 255 * 127 > 32767): its GEMM is on the VNNI tiers.
+LEGACY_GEMM_TYPES = (Q4_0, Q5_0, Q8_0) if simd.integer_isa().startswith("vnni") else (Q4_0, Q5_0)
+GEMM_TYPES = (Q4_K, Q6_K) + LEGACY_GEMM_TYPES
 
 
 @njit(inline="always")
@@ -290,13 +375,24 @@ def has_gemm(type_id):
 
 
 @njit(inline="always")
+def _legacy(type_id):
+    return type_id in LEGACY_GEMM_TYPES
+
+
+@njit(inline="always")
 def decode_tile(type_id, raw, off, nblocks, tile, t_off, scal, s_off):
-    """The `nblocks` super-blocks of one row at raw[off] into tile[t_off:], scal[s_off:]."""
+    """The `nblocks` blocks of one row at raw[off] into tile[t_off:], scal[s_off:]."""
     t = F16_TO_F32
     if type_id == Q4_K:
         decode_q4_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q6_K:
         decode_q6_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
+    elif type_id == Q4_0:
+        decode_q4_0(raw, off, nblocks, tile, t_off, scal, s_off, t)
+    elif type_id == Q5_0:
+        decode_q5_0(raw, off, nblocks, tile, t_off, scal, s_off, t)
+    elif type_id == Q8_0:
+        decode_q8_0(raw, off, nblocks, tile, t_off, scal, s_off, t)
 
 
 @njit(inline="always")
@@ -306,26 +402,30 @@ def gemm_group(type_id, tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, n
         gemm_q4_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
     elif type_id == Q6_K:
         gemm_q6_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
+    else:
+        gemm_legacy(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
 
 
 @njit(inline="always")
-def interleaved(groups, cols):
-    """Empty (xi, ysi, ydi) for `groups` token groups of rows of `cols` elements."""
+def interleaved(groups, cols, block):
+    """Empty (xi, ysi, ydi) for `groups` token groups of rows of `cols` elements, activation
+    blocks of `block`."""
     return (np.empty(groups * (cols // 4) * LANES, np.int32), np.empty(groups * (cols // 32) * LANES, np.int32),
-            np.empty(groups * (cols // 256) * LANES, np.float32))
+            np.empty(groups * (cols // block) * LANES, np.float32))
 
 
 _BIAS = np.int32(-0x7F7F7F80)  # 0x80808080: +128 on each of 4 bytes (xor on two's complement)
 
 
 @njit(inline="always")
-def interleave(q, s, d, n, cols, xi, ysi, ydi, group):
-    """Token group `group` of the Q8_K activations (q, s, d: token after token) into the
-    lane-interleaved xi, ysi, ydi (see the module docstring); tokens past n read as zeros."""
+def interleave(q, s, d, n, cols, block, xi, ysi, ydi, group):
+    """Token group `group` of the activations (q, s, d: token after token, blocks of `block`)
+    into the lane-interleaved xi, ysi, ydi (see the module docstring); tokens past n read as
+    zeros."""
     L = LANES
     q32 = q.view(np.int32)
     s32 = s.view(np.int32)
-    k4, k32, nb = cols // 4, cols // 32, cols // 256
+    k4, k32, nb = cols // 4, cols // 32, cols // block
     for lane in range(L):
         t = group * L + lane
         if t < n:
@@ -348,13 +448,15 @@ def interleave(q, s, d, n, cols, xi, ysi, ydi, group):
 def gemm_rows(type_id, raw, row_bytes, rows, first, cols, xi, ysi, ydi, n, out):
     """out[:, first:first + ROWS] (rows past `rows` skipped) for all n tokens."""
     L = LANES
-    nb = cols // 256
+    legacy = _legacy(type_id)
+    nb = cols // 32 if legacy else cols // 256
+    per_block = 2 if legacy else SCAL
     tile = np.empty(ROWS * cols, np.int8)
-    scal = np.empty(ROWS * nb * SCAL, np.int32)
+    scal = np.empty(ROWS * nb * per_block, np.int32)
     sums = np.empty(ROWS * L, np.float32)
     for r in range(ROWS):
         row = min(first + r, rows - 1)
-        decode_tile(type_id, raw, row * row_bytes, nb, tile, r * cols, scal, r * nb * SCAL)
+        decode_tile(type_id, raw, row * row_bytes, nb, tile, r * cols, scal, r * nb * per_block)
     count = min(ROWS, rows - first)
     for group in range((n + L - 1) // L):
         gemm_group(type_id, tile, cols, scal, xi, group * (cols // 4) * L, ysi, group * (cols // 32) * L,
