@@ -10,6 +10,7 @@ synthetic models with real tokenizers:
 
     folder = vocab_dir()                # raises VocabUnavailable (with the reason) offline;
                                         # $MODELRUN_LLAMACPP_MODELS names a folder to use instead
+    templates_dir()                     # llama.cpp's chat template collection (models/templates)
     vocab_path(folder, "qwen2")         # .../ggml-vocab-qwen2.gguf
     vocab_names(folder)                 # every vocabulary; names_with_cases(): those with cases
     load_cases(folder, "qwen2")         # {input text: expected ids}, as test-tokenizer-0
@@ -44,23 +45,36 @@ def cache_root() -> Path:
 
 
 def vocab_dir(root: Path | None = None) -> Path:
-    """The folder of ggml-vocab-* files, downloaded and extracted on the first call.
+    """The folder of ggml-vocab-* files, downloaded and extracted on the first call."""
+    given = os.environ.get("MODELRUN_LLAMACPP_MODELS")
+    if given and root is None:  # a folder that holds them already, e.g. llama.cpp's models/
+        return Path(given)
+    return _fetched((root or cache_root()) / VERSION, _extract_vocabularies)
+
+
+def templates_dir(root: Path | None = None) -> Path:
+    """The folder of llama.cpp's chat template collection (models/templates/*.jinja: the
+    real models' templates), from the same sdist, extracted on the first call."""
+    given = os.environ.get("MODELRUN_LLAMACPP_MODELS")
+    if given and root is None:
+        return Path(given) / "templates"
+    return _fetched((root or cache_root()) / f"{VERSION}-templates", _extract_templates)
+
+
+def _fetched(folder: Path, extract) -> Path:
+    """`folder`, filled by `extract(sdist, into)` from the downloaded sdist on the first call.
 
     Safe when several processes call it at once: each extracts into a folder of its own and
     renames it into place; the first rename wins.
     """
-    given = os.environ.get("MODELRUN_LLAMACPP_MODELS")
-    if given and root is None:  # a folder that holds them already, e.g. llama.cpp's models/
-        return Path(given)
-    folder = (root or cache_root()) / VERSION
     if (folder / "complete").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as work:
         work = Path(work)
         sdist = _download(work / "download")
-        staged = work / VERSION
-        _extract_vocabularies(sdist, staged)
+        staged = work / folder.name
+        extract(sdist, staged)
         (staged / "complete").touch()
         try:
             staged.rename(folder)
@@ -90,11 +104,20 @@ def _download(into: Path) -> Path:
 
 
 def _extract_vocabularies(sdist: Path, into: Path) -> None:
+    _extract(sdist, into, lambda path, name: "/models/" in path and name.startswith(_PREFIX))
+
+
+def _extract_templates(sdist: Path, into: Path) -> None:
+    _extract(sdist, into, lambda path, name: "/models/templates/" in path and name.endswith(".jinja"))
+
+
+def _extract(sdist: Path, into: Path, wanted) -> None:
+    """The sdist's files for which wanted(path, file name) holds, flat into `into`."""
     into.mkdir()
     with tarfile.open(sdist) as tar:
         for member in tar:
             name = member.name.rsplit("/", 1)[-1]
-            if member.isfile() and "/models/" in member.name and name.startswith(_PREFIX):
+            if member.isfile() and wanted(member.name, name):
                 with tar.extractfile(member) as src, open(into / name, "wb") as dst:
                     shutil.copyfileobj(src, dst)
 

@@ -16,7 +16,17 @@ from runtime.openai_api import RequestError
 from runtime.openai_chat import ChatOutput, ChatSettings, chat_request, template_messages
 from runtime.tool_calls import detect_format
 
-TEMPLATES = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/models/templates")
+
+
+@pytest.fixture(scope="module")
+def templates() -> Path:
+    """llama.cpp's chat template collection, from the llama-cpp-python sdist on PyPI."""
+    import llamacpp_vocab
+
+    try:
+        return llamacpp_vocab.templates_dir()
+    except llamacpp_vocab.VocabUnavailable as e:
+        pytest.skip(f"llama.cpp's template collection is unavailable: {e}")
 
 CASES = [  # (format, model text, content, [(name, arguments)], reasoning)
     ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
@@ -209,12 +219,10 @@ ROUND_TRIPS = {  # template -> (format, what ends the assistant's turn in the re
 
 
 @pytest.mark.parametrize("name", sorted(ROUND_TRIPS))
-def test_a_templates_own_tool_calls_parse_back(name):
+def test_a_templates_own_tool_calls_parse_back(name, templates):
     from runtime.chat import ChatTemplate
 
-    path = TEMPLATES / f"{name}.jinja"
-    if not path.exists():
-        pytest.skip(f"llama.cpp's template collection is not at {TEMPLATES}")
+    path = templates / f"{name}.jinja"
     fmt, turn_end = ROUND_TRIPS[name]
     source = path.read_text()
     assert detect_format(source) == fmt
@@ -329,14 +337,12 @@ MARKERS_OF = {"hermes": [], "llama3": [], "generic": [], "mistral": ["[TOOL_CALL
               "deepseek": ["<｜tool▁calls▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"]}
 
 
-def test_gpt_oss_takes_back_a_turn_with_thinking_content_and_a_call():
+def test_gpt_oss_takes_back_a_turn_with_thinking_content_and_a_call(templates):
     """gpt-oss's template refuses an assistant turn with both content and thinking beside a
     call, and reads every tool's description: the server adapts what clients send."""
     from runtime.chat import ChatTemplate
 
-    path = TEMPLATES / "openai-gpt-oss-120b.jinja"
-    if not path.exists():
-        pytest.skip(f"llama.cpp's template collection is not at {TEMPLATES}")
+    path = templates / "openai-gpt-oss-120b.jinja"
     tools = [{"type": "function", "function": {"name": "get_weather"}}]
     history = [{"role": "user", "content": "Weather in Paris?"},
                {"role": "assistant", "content": "Let me check.", "reasoning_content": "Need it.",
