@@ -61,17 +61,13 @@ def post_chat(h: RequestHandler) -> None:
         tokens = worker.prompt_tokens(prompt)
     except ValueError as e:
         raise RequestError(400, f"{e}", "messages") from None
-    forced = chat.forced_grammar(worker.encode, worker.chat_template_source(), prompt.text)
-    params.constraint = _constraint(h, body, worker, forced)
-    # A grammar of the request's own decides the answer from its first token: a <think>
-    # the prompt opened does not hold it (a <think> block the grammar writes still does).
-    opened_by = "" if params.constraint is not None and forced is None else prompt.text
-    # a grammar decides every token: no thinking budget may force one of its own
-    budget = None if params.constraint is not None else chat.budget(
-        worker.encode, worker.chat_template_source(), prompt.text)
+    source = worker.chat_template_source()
+    params.constraint = _constraint(h, body, worker, chat.forced_grammar(worker.encode, source))
+    # a thinking model thinks first, bounded by the budget; a grammar constrains the answer
+    budget = chat.budget(worker.encode, source, prompt.text, params.constraint is not None)
     job = Job(tokens, params, (top_n or 0) if want_logprobs else None,
               spell_special=chat.spell_special, n=_choices(body, info), budget=budget)
-    _run_job(h, job, info, "chat", stream, body, [chat.output(opened_by, stream) for _ in range(job.n)])
+    _run_job(h, job, info, "chat", stream, body, [chat.output(prompt.text, stream) for _ in range(job.n)])
 
 
 def post_completion(h: RequestHandler) -> None:

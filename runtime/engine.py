@@ -320,7 +320,8 @@ class TextGeneration:
     (`pending`), the decoding of all of them being one engine step. `cancel`, set from any
     thread, ends it before the next token (and without the rest of a partly decoded
     character or a held-back stop-string prefix). `budget` (a runtime.reasoning.ReasoningBudget)
-    bounds the thinking: once it is spent, the end of thinking is forced token by token.
+    bounds the thinking: once it is spent, the end of thinking is forced token by token; with
+    a grammar too (params.constraint), the grammar constrains the answer after the thinking.
     """
 
     def __init__(self, engine: Engine, tokenizer, prompt_tokens: list[int], params,
@@ -328,9 +329,6 @@ class TextGeneration:
         from runtime.sampling import Sampler, StopMatcher
 
         engine.check_fits(len(prompt_tokens) + 1, "prompt")
-        if budget is not None and params.constraint is not None:
-            raise ValueError("a reasoning budget and a grammar cannot both decide the tokens: "
-                             "give only one")
         self.engine, self.tokenizer, self.params, self.slot = engine, tokenizer, params, slot
         self.prompt_tokens = list(prompt_tokens)
         self.cancel = cancel or threading.Event()
@@ -347,17 +345,20 @@ class TextGeneration:
         self.logits: np.ndarray | None = None
         self.pending: int | None = None  # the sampled token the next step must decode
         self.thinking = None if budget is None else budget.counter(
-            lambda token: tokenizer.token_to_piece(token, special=False))
+            lambda token: tokenizer.token_to_piece(token, special=False),
+            before_grammar=params.constraint is not None)
 
     def _next_token(self, logits: np.ndarray) -> int:
-        forced = None if self.thinking is None else self.thinking.forced_token()
-        if forced is None:
-            # the slot's cached tokens are exactly the prompt and what was generated so far
-            token = self.sampler.sample(logits, self.engine.slots[self.slot].tokens)
-        else:
-            token = forced
-        if self.thinking is not None:
-            self.thinking.accept(token)
+        # the slot's cached tokens are exactly the prompt and what was generated so far
+        history = self.engine.slots[self.slot].tokens
+        thinking = self.thinking
+        if thinking is None:
+            return self.sampler.sample(logits, history)
+        token = thinking.forced_token()
+        if token is None:
+            token = self.sampler.sample(logits, history, grammar=not thinking.grammar_waits,
+                                        besides=thinking.opening())
+        thinking.accept(token)
         return token
 
     def start(self) -> list[int]:

@@ -54,26 +54,29 @@ class ChatRequest:
             return [t for t in self.tools if t["function"]["name"] == name]
         return None
 
-    def forced_grammar(self, encode: Callable[..., list[int]], template_source: str,
-                       prompt_text: str):
+    def forced_grammar(self, encode: Callable[..., list[int]], template_source: str):
         """The grammar of the forced call (runtime.constraint.Grammar), or None; encode:
         the model's tokenizer's (to find the control tokens of the call's markup)."""
         if not self.forced:
             return None
-        return forced_call_grammar(
-            self.fmt, self.forced, marker_token_finder(encode), template_source,
-            reasoning.prompt_opens_thinking(prompt_text))
+        return forced_call_grammar(self.fmt, self.forced, marker_token_finder(encode),
+                                   template_source)
 
     def budget(self, encode: Callable[..., list[int]], template_source: str,
-               prompt_text: str) -> reasoning.ReasoningBudget | None:
+               prompt_text: str, constrained: bool = False) -> reasoning.ReasoningBudget | None:
         """The thinking budget of this chat (None: unlimited, or a model that does not
-        think, or whose tags its vocabulary cannot write); encode: the model's tokenizer's."""
+        think, or whose tags its vocabulary cannot write); encode: the model's tokenizer's.
+        constrained: a grammar constrains the answer, which then comes after the thinking,
+        followed even without a bound (None: the grammar decides from the first token, for
+        thinking that cannot be told from its answer; ReasoningBudget.precedes_grammar)."""
         tags = reasoning.thinking_tags(template_source, self.fmt == "harmony")
-        if self.thinking_budget < 0 or tags is None:
+        if (self.thinking_budget < 0 and not constrained) or tags is None:
             return None
         budget = reasoning.ReasoningBudget.of(self.thinking_budget, tags, self.budget_message,
                                               prompt_text, encode)
-        return budget if budget.start and budget.end else None
+        if not (budget.start and budget.end) or (constrained and not budget.precedes_grammar):
+            return None
+        return budget
 
     def output(self, prompt_text: str, stream: bool) -> ChatOutput:
         return ChatOutput(self.fmt, self.tools is not None, self.reasoning_format,

@@ -9,6 +9,10 @@ freely; N >= 0 lets the thinking run N tokens, after which the end of thinking i
 the tokens of --reasoning-budget-message, then the end tag (ThinkingBudget). 0 also asks the
 template not to think (enable_thinking=false, which Qwen3's template turns into an empty
 <think></think>); a model that thinks anyway is closed at once.
+Under a grammar (response_format, grammar, a forced tool call) the thinking is free text
+and the grammar constrains the answer after it, as llama.cpp's server does: ThinkingBudget
+then also says when the grammar waits (while the model thinks) and which token may open
+the thinking before the answer, and the budget bounds the thinking as without a grammar.
 (gpt-oss thinks in harmony's analysis channel: runtime/tool_call_parsers.py reads those messages;
 its budget counts an analysis message's tokens and forces its <|end|>.)
 """
@@ -78,7 +82,8 @@ def thinking_tags(template_source: str, harmony: bool) -> tuple[str, str] | None
 @dataclass(frozen=True)
 class ReasoningBudget:
     """A request's budget in tokens (llama.cpp's reasoning-budget sampler): `tokens` thinking
-    tokens at most, counted from a `start` sequence (or from the first token when the prompt
+    tokens at most (-1: no bound; the thinking is only followed, for a grammar that waits for
+    its end), counted from a `start` sequence (or from the first token when the prompt
     opened the thinking); an `end` sequence closes the thinking naturally; when the budget is
     spent, `forced` (the message's tokens, then `end`) is written token by token."""
 
@@ -98,13 +103,27 @@ class ReasoningBudget:
         said = tuple(encode(message, add_special=False, parse_special=False)) if message else ()
         return cls(tokens, start, end, said + end, prompt_text.rstrip().endswith(tags[0]))
 
-    def counter(self, token_bytes: Callable[[int], bytes]) -> ThinkingBudget:
+    @property
+    def precedes_grammar(self) -> bool:
+        """Whether the thinking can be told from a grammar's answer token by token: the
+        prompt opened it, or its start is one token (<think> in Qwen3's and DeepSeek's
+        vocabularies). gpt-oss's analysis header is three tokens, the first of which starts
+        its other messages too: under a grammar it does not think."""
+        return self.opened or len(self.start) == 1
+
+    def counter(self, token_bytes: Callable[[int], bytes],
+                before_grammar: bool = False) -> ThinkingBudget:
         """A fresh count for one generation; token_bytes(id): the token's text (a budget
-        never ends inside a character)."""
-        return ThinkingBudget(self, token_bytes)
+        never ends inside a character); before_grammar: a grammar constrains the answer
+        that follows the thinking (precedes_grammar must hold)."""
+        if before_grammar and not self.precedes_grammar:
+            raise ValueError("this thinking cannot precede a grammar: its start tag is "
+                             f"{len(self.start)} tokens and the prompt did not open it")
+        return ThinkingBudget(self, token_bytes, before_grammar)
 
 
 IDLE, COUNTING, WAITING_UTF8, FORCING, DONE = "idle", "counting", "waiting-utf8", "forcing", "done"
+ANSWERING = "answering"  # before a grammar: its answer began, the thinking cannot open again
 
 
 class ThinkingBudget:
@@ -112,10 +131,16 @@ class ThinkingBudget:
     start sequence, counting then (the end sequence ends it: done), once `tokens` are spent
     waiting for the current character to be complete, then forcing `forced` (forced_token
     says which token comes next, accept takes each token generated), done again after it.
-    A new start sequence after the end opens a fresh budget (a model may think twice)."""
+    A new start sequence after the end opens a fresh budget (a model may think twice).
 
-    def __init__(self, budget: ReasoningBudget, token_bytes: Callable[[int], bytes]):
-        self.budget, self.token_bytes = budget, token_bytes
+    before_grammar: a grammar constrains what follows the thinking. The thinking may then
+    open only as the first token (`opening`, offered beside the grammar's tokens) and only
+    once; the grammar waits while the model thinks (`grammar_waits`); any other token is
+    the answer's (ANSWERING, for good)."""
+
+    def __init__(self, budget: ReasoningBudget, token_bytes: Callable[[int], bytes],
+                 before_grammar: bool = False):
+        self.budget, self.token_bytes, self.before_grammar = budget, token_bytes, before_grammar
         self.state, self.remaining, self.position = IDLE, budget.tokens, 0
         self._recent: list[int] = []  # the last tokens, to find a start or end sequence
         self._tail = b""  # the last bytes of the thinking's text, for complete characters
@@ -126,8 +151,28 @@ class ThinkingBudget:
         """The token the generation must take next, None when it samples freely."""
         return self.budget.forced[self.position] if self.state == FORCING else None
 
+    @property
+    def grammar_waits(self) -> bool:
+        """The model is thinking: a grammar on its answer does not apply yet."""
+        return self.state in (COUNTING, WAITING_UTF8, FORCING)
+
+    def opening(self) -> int | None:
+        """Before a grammar: the token that opens the thinking, where it may open now (the
+        first token, and not with a budget of 0), else None."""
+        if self.before_grammar and self.state == IDLE and self.budget.tokens != 0:
+            return self.budget.start[0]
+        return None
+
     def accept(self, token: int) -> None:
         """The token generated (sampled or forced)."""
+        if self.before_grammar and self.state in (IDLE, DONE):
+            if token == self.opening():
+                self._open()
+            else:
+                self.state = ANSWERING
+            return
+        if self.state == ANSWERING:
+            return
         self._recent = (self._recent + [token])[-max(len(self.budget.start), len(self.budget.end)):]
         if self.state in (IDLE, DONE):
             if self._ends_with(self.budget.start):
@@ -144,14 +189,14 @@ class ThinkingBudget:
             self._tail = (self._tail + self.token_bytes(token))[-4:]
             if self.state == COUNTING:
                 self.remaining -= 1
-            if self.remaining <= 0:
+            if self.remaining == 0:
                 self.state = FORCING if utf8_complete(self._tail) else WAITING_UTF8
                 if self.state == FORCING:
                     self._force()
 
     def _open(self) -> None:
         self.state, self.remaining, self._recent, self._tail = COUNTING, self.budget.tokens, [], b""
-        if self.remaining <= 0:
+        if self.remaining == 0:
             self._force()
 
     def _force(self) -> None:

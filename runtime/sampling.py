@@ -183,6 +183,7 @@ class Sampler:
                 raise ValueError(f"the constraint was compiled for {params.constraint.n_vocab} "
                                  f"tokens, the model has {n_vocab}")
             self.matcher = params.constraint.matcher()
+            self._grammar_eog = np.asarray(params.constraint.vocabulary.eog_ids, dtype=np.int64)
 
     @property
     def finished(self) -> bool:
@@ -232,11 +233,15 @@ class Sampler:
                              + (" and the grammar" if self.matcher is not None else "")
                              + "): nothing to sample")
 
-    def _chain(self, logits: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | int:
+    def _chain(self, logits: np.ndarray, history: Sequence[int], grammar: bool = True,
+               besides: int | None = None) -> tuple[np.ndarray, np.ndarray] | int:
         """The greedy token, or (ids, unnormalized weights) to draw from. With a grammar,
-        only the ids it allows are looked at (no mask over the whole vocabulary)."""
+        only the ids it allows are looked at (no mask over the whole vocabulary); while it
+        waits (grammar=False) any token but an end of generation (sample() says why)."""
         x = self._adjusted(logits, history)
-        ids = self._candidates()
+        if self.matcher is not None and not grammar:
+            x[self._grammar_eog] = -np.inf
+        ids = self._candidates(grammar, besides)
         self._check_left(x if ids is None else x[ids])
         if self._greedy:
             if ids is None:
@@ -255,24 +260,36 @@ class Sampler:
         ids, weights = ids[keep], weights[keep]
         return ids, weights / weights.sum(dtype=np.float64)
 
-    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def sample(self, logits: np.ndarray, history: Sequence[int] = (), grammar: bool = True,
+               besides: int | None = None) -> int:
         """The next token. history: every token so far (prompt and generated), for penalties.
-        With a grammar, the token is also fed to it: call sample() once per generated token."""
-        chosen = self._chain(logits, history)
+        With a grammar, the token is also fed to it: call sample() once per generated token.
+        A thinking model's grammar constrains the answer after its thinking
+        (runtime/reasoning.py): grammar=False while it thinks (nothing is fed to the
+        grammar, and no end of generation may come, for the answer must follow); besides:
+        a token allowed beside the grammar's, not fed to it when drawn (the one that opens
+        the thinking, before the answer)."""
+        chosen = self._chain(logits, history, grammar, besides)
         if isinstance(chosen, int):
             token = chosen
         else:
             ids, weights = chosen
             token = int(ids[_prefix_index(weights, self.rng.random(), "right")])
-        if self.matcher is not None:
+        if self.matcher is not None and grammar and token != besides:
             self.matcher.consume(token)
         return token
 
-    def _candidates(self) -> np.ndarray | None:
-        """The ids a grammar allows (None: all). The filters then look at these only: a
-        partition over a vocabulary of mostly -inf is ~20x slower than over real values
-        (NumPy's introselect on many equal keys: 21 vs 1.2 ms for 262k)."""
-        return None if self.matcher is None else np.flatnonzero(self.matcher.allowed())
+    def _candidates(self, grammar: bool = True, besides: int | None = None) -> np.ndarray | None:
+        """The ids a grammar allows (None: all), and `besides`. The filters then look at
+        these only: a partition over a vocabulary of mostly -inf is ~20x slower than over
+        real values (NumPy's introselect on many equal keys: 21 vs 1.2 ms for 262k)."""
+        if self.matcher is None or not grammar:
+            return None
+        allowed = self.matcher.allowed()
+        ids = np.flatnonzero(allowed)
+        if besides is not None and not allowed[besides]:
+            ids = np.append(ids, besides)
+        return ids
 
     def _filtered(self, x: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """top-k, top-p, min-p, then temperature over the ids (all by default): the ids

@@ -13,13 +13,13 @@ from runtime.tool_calls import DS_CALL, DS_CALL_END, DS_CALLS, DS_CALLS_END, DS_
 
 
 def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str], int | None],
-                        template_source: str = "", opened_thinking: bool = False):
+                        template_source: str = ""):
     """The grammar (runtime.constraint.Grammar, llguidance's Lark) of one call of one of
     `tools` in the model's own format: its literal markup around a JSON value that follows
     the function's parameters schema. marker_token(text): the id of the one token that is
     `text`, None when there is none (a marker that is a token is written as that token, as
-    the model was trained to, and a control token can be produced no other way). opened_thinking: the prompt opened <think>, so the call comes
-    after an (empty) end of it."""
+    the model was trained to, and a control token can be produced no other way). A
+    thinking model's thinking comes before it, unconstrained (runtime/reasoning.py)."""
     from runtime.constraint import Grammar
 
     if not tools:
@@ -73,8 +73,7 @@ def forced_call_grammar(fmt: str, tools: list[dict], marker_token: Callable[[str
         body = "%json" + as_written({"type": "object", "properties": {"tool_calls": {
             "type": "array", "minItems": 1, "maxItems": 1, "items": call}},
             "required": ["tool_calls"], "additionalProperties": False})
-    start = "start: " + ('"</think>\\n\\n" ' if opened_thinking else "")
-    return Grammar.lark(start + body)
+    return Grammar.lark("start: " + body)
 
 
 # a forced call's JSON: one line, ", " and ": " between items (as json.dumps and Jinja's

@@ -9,18 +9,24 @@ end-of-generation tokens and </think> banned by logit_bias, so the random model 
 and never closes its thinking or stops on its own. logprobs name every token generated, so
 the test sees where the forced tokens stand and what the thinking was. The tiny gpt-oss
 shows harmony's tags (an analysis message ended by a forced <|end|>) on its own tokenizer.
+
+Under a grammar (response_format, GBNF grammar, a forced tool call) the thinking stays free
+text, the budget bounds it, and the grammar constrains the answer after the end of thinking
+(llama.cpp's server does the same): the tests cut the thinking at its exact token and parse
+the answer after it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from runtime.openai_api import RequestError
 from runtime.openai_chat import ChatSettings, chat_request
-from runtime.reasoning import (COUNTING, DONE, FORCING, IDLE, WAITING_UTF8, ReasoningBudget,
-                               ThinkingBudget, thinking_tags, utf8_complete)
+from runtime.reasoning import (ANSWERING, COUNTING, DONE, FORCING, IDLE, WAITING_UTF8,
+                               ReasoningBudget, ThinkingBudget, thinking_tags, utf8_complete)
 
 # --- the count, on token ids ----------------------------------------------------------------
 
@@ -28,9 +34,10 @@ START, END, SAID = (7,), (9,), (5, 6)
 ASCII = {t: b"a" for t in range(100)}
 
 
-def counted(tokens: int, opened: bool = False, start=START, end=END, pieces=ASCII) -> ThinkingBudget:
+def counted(tokens: int, opened: bool = False, start=START, end=END, pieces=ASCII,
+            before_grammar: bool = False) -> ThinkingBudget:
     budget = ReasoningBudget(tokens, start, end, SAID + end, opened)
-    return budget.counter(lambda token: pieces[token])
+    return budget.counter(lambda token: pieces[token], before_grammar)
 
 
 def run(budget: ThinkingBudget, proposals: list[int]) -> list[int]:
@@ -85,6 +92,26 @@ def test_the_budget_never_ends_inside_a_character():
     assert run(budget, [21, 1, 1, 1]) == [21, 5, 6, 9]
 
 
+def test_before_a_grammar_the_thinking_opens_only_first_and_only_once():
+    """The grammar waits while the model thinks; the start tag is offered only as the first
+    token (not with a budget of 0); once the answer began, nothing reopens the thinking."""
+    budget = counted(2, before_grammar=True)
+    assert budget.opening() == 7 and not budget.grammar_waits
+    assert run(budget, [7, 1, 1, 1]) == [7, 1, 1, 5] and budget.grammar_waits
+    assert run(budget, [1, 1]) == [6, 9] and budget.state == DONE and not budget.grammar_waits
+    assert budget.opening() is None
+    assert run(budget, [7, 1, 1, 1]) == [7, 1, 1, 1] and budget.state == ANSWERING
+    answered = counted(2, before_grammar=True)
+    assert run(answered, [1, 7, 1, 1]) == [1, 7, 1, 1] and answered.state == ANSWERING
+    assert counted(0, before_grammar=True).opening() is None
+    unbounded = counted(-1, opened=True, before_grammar=True)  # followed, never forced
+    assert run(unbounded, [1] * 50 + [9]) == [1] * 50 + [9] and unbounded.state == DONE
+    # a start tag of several tokens cannot be told from a grammar's answer: refused
+    with pytest.raises(ValueError, match="cannot precede a grammar"):
+        counted(2, start=(7, 8), before_grammar=True)
+    assert counted(2, opened=True, start=(7, 8), before_grammar=True).grammar_waits
+
+
 def test_utf8_complete():
     assert utf8_complete(b"") and utf8_complete(b"a") and utf8_complete("é€😀".encode())
     assert not utf8_complete("€".encode()[:2]) and not utf8_complete("😀".encode()[:3])
@@ -127,8 +154,11 @@ from test_gptoss import gpt_oss_f32  # noqa: E402,F401  (a fixture)
 from test_server import EOS, IM_END, N_CTX, loaded_worker, running_server, tokenizer_vocabulary  # noqa: E402
 
 # chatml whose generation prompt opens the thinking (DeepSeek-R1's templates do)
-TEMPLATE = ("{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-            "{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+# (chat_template_kwargs {"opened": false}: the model opens it itself, as Qwen3's template;
+# the comment makes it a Hermes model's, whose tools the template would show: short prompts)
+TEMPLATE = ("{# tools are called as <tool_call>...</tool_call> #}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+            "{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n"
+            "{% if opened is not defined or opened %}<think>\n{% endif %}{% endif %}")
 THINK, UNTHINK = 320, 321  # user-defined tokens, as Qwen3's vocabulary has them
 UNTHINK_TEXT = b"</think>"
 ASK = [{"role": "user", "content": "hello world"}]
@@ -210,15 +240,82 @@ def test_a_request_sets_its_own_budget_and_message(worker):
         assert caught.value.body["param"] == "reasoning_budget_tokens"
 
 
-def test_a_grammar_takes_precedence_over_the_budget(worker):
-    """A constrained answer is the grammar's token by token: no budget forces into it."""
-    with running_server(worker, chat_settings=ChatSettings(reasoning_budget=2)) as server:
-        message = client_of(server).chat.completions.create(
-            model="x", messages=ASK, temperature=0, max_tokens=20,
-            extra_body={"grammar": 'root ::= [a-z]{4,6} "</think>" [a-z]{2,4}'}).choices[0].message
-    # (a grammar of the request's own decides from the first token: the <think> the prompt
-    # opened does not hold its answer, all of which is content)
-    assert re.fullmatch(r"[a-z]{4,6}</think>[a-z]{2,4}", message.content), message
+# the answer's grammar: each is short, so a random model's walk through it ends soon
+PICK = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"], "additionalProperties": False}
+CONSTRAINTS = {
+    "json_schema": ({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "pick", "schema": PICK, "strict": True}}},
+        lambda message: json.loads(message.content)["answer"] in ("yes", "no")),
+    "grammar": ({"grammar": 'root ::= [a-z]{4,6} "."'},
+                lambda message: re.fullmatch(r"[a-z]{4,6}\.", message.content)),
+    "tool_choice": ({"tools": [{"type": "function", "function": {"name": "pick", "parameters": PICK}}],
+                     "tool_choice": "required"},
+                    lambda message: json.loads(message.tool_calls[0].function.arguments)["answer"]
+                    in ("yes", "no")),
+}
+
+
+def ask_constrained(client, constraint: str, **extra):
+    fields, _ = CONSTRAINTS[constraint]
+    body = {k: v for k, v in fields.items() if k != "grammar"}
+    return client.chat.completions.create(
+        model="x", messages=ASK, temperature=0, max_tokens=100, logprobs=True,
+        logit_bias={**BANNED, **extra.pop("logit_bias", {})}, **body,
+        extra_body={**({"grammar": fields["grammar"]} if "grammar" in fields else {}), **extra})
+
+
+@pytest.mark.parametrize("constraint", sorted(CONSTRAINTS))
+@pytest.mark.parametrize("budget,message", [(4, " ok."), (0, "")])
+def test_a_grammar_constrains_the_answer_after_the_budgeted_thinking(worker, constraint, budget,
+                                                                      message):
+    """The prompt opened the thinking: the first `budget` tokens are free text, then the
+    message and </think> are forced, then the answer follows the grammar and ends there.
+    Without the budget, the same greedy model thinks on (</think> is banned) until max_tokens."""
+    with running_server(worker, chat_settings=ChatSettings(reasoning_budget=budget,
+                                                           reasoning_budget_message=message)) as server:
+        client = client_of(server)
+        choice = ask_constrained(client, constraint).choices[0]
+    free = None
+    if budget:
+        with running_server(worker) as unbounded:
+            free = ask_constrained(client_of(unbounded), constraint)
+    pieces = token_bytes(choice.logprobs.content)
+    forced = forced_pieces(worker, message)
+    assert pieces[budget:budget + len(forced)] == forced, pieces
+    assert UNTHINK_TEXT not in b"".join(pieces[:budget])
+    thought = b"".join(pieces[:budget] + forced[:-1]).decode().lstrip()
+    answer = b"".join(pieces[budget + len(forced):]).decode()
+    message_out = choice.message
+    assert choice.finish_reason == ("tool_calls" if constraint == "tool_choice" else "stop"), answer
+    assert CONSTRAINTS[constraint][1](message_out), (answer, message_out)
+    assert getattr(message_out, "reasoning_content", None) == (thought or None)
+    if constraint != "tool_choice":
+        assert message_out.content == answer
+    if free is not None:  # the thinking before the cut is the model's own, and no grammar's
+        free_pieces = token_bytes(free.choices[0].logprobs.content)
+        assert free_pieces[:budget] == pieces[:budget] and len(free_pieces) == 100
+        assert free.choices[0].finish_reason == "length" and free.choices[0].message.reasoning_content
+
+
+def test_a_grammar_after_thinking_the_model_opens_itself(worker):
+    """A prompt that does not open the thinking (Qwen3's): under a grammar the model may
+    still open it with its first token (here pushed to by logit_bias), and the budget cuts it;
+    a model that answers at once is the grammar's from its first token. While it thinks,
+    no end of generation may come (pushed to here as well): the answer must follow."""
+    with running_server(worker, chat_settings=ChatSettings(reasoning_budget=3)) as server:
+        client = client_of(server)
+        thinks = ask_constrained(client, "json_schema", chat_template_kwargs={"opened": False},
+                                 logit_bias={str(THINK): 100, str(EOS): 100}).choices[0]
+        answers = ask_constrained(client, "json_schema", chat_template_kwargs={"opened": False},
+                                  logit_bias={str(THINK): -100}).choices[0]
+    pieces = token_bytes(thinks.logprobs.content)
+    assert pieces[0] == worker.token_bytes(THINK) and pieces[4] == UNTHINK_TEXT, pieces
+    assert thinks.finish_reason == "stop" and thinks.message.reasoning_content
+    assert json.loads(thinks.message.content)["answer"] in ("yes", "no")
+    assert answers.finish_reason == "stop" and not getattr(answers.message, "reasoning_content", None)
+    assert json.loads(answers.message.content)["answer"] in ("yes", "no")
+    assert token_bytes(answers.logprobs.content)[0] == b"{"
 
 
 def test_harmony_ends_an_analysis_message_with_a_forced_end(gpt_oss_f32):

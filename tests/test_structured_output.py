@@ -84,9 +84,11 @@ def test_the_clients_parse_helper_gets_its_pydantic_object(client):
     assert isinstance(parsed, Reply) and parsed.answer in ("yes", "no")
 
 
-def test_an_answer_after_a_prompt_that_opened_thinking_is_content(tmp_path):
-    """A template that ends its prompt with <think> (DeepSeek-R1's) would make the answer
-    thinking; a constrained answer is the grammar's text, so it comes as content."""
+def test_an_answer_after_a_prompt_that_opened_thinking_follows_the_schema(tmp_path):
+    """A template that ends its prompt with <think> (DeepSeek-R1's): the model thinks first,
+    free text (here its tags are several byte tokens: this vocabulary has no <think>), the
+    budget ends it after 5 tokens, and the schema constrains the answer after it
+    (test_reasoning_budget.py checks the exact cut on a vocabulary with the tags as tokens)."""
     from test_server import serving_with_template
 
     template = ("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
@@ -94,11 +96,12 @@ def test_an_answer_after_a_prompt_that_opened_thinking_is_content(tmp_path):
     with serving_with_template(tmp_path, template) as thinking:
         status, _, reply = request(thinking, "POST", "/v1/chat/completions", {
             "messages": HELLO, "max_tokens": 100, "seed": 1, "temperature": 1.0,
-            "response_format": RESPONSE_FORMAT})
+            "response_format": RESPONSE_FORMAT, "reasoning_budget_tokens": 5})
     assert status == 200, reply
     message = reply["choices"][0]["message"]
+    assert reply["choices"][0]["finish_reason"] == "stop", message
     check_schema(json.loads(message["content"]))
-    assert not message.get("reasoning_content")
+    assert message["reasoning_content"]
 
 
 def test_json_object_gives_an_object(client):

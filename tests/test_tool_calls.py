@@ -296,8 +296,7 @@ def valid_arguments(name: str, arguments: dict) -> bool:
 @pytest.mark.parametrize("fmt,source", [("hermes", ""), ("llama3", ""), ("mistral", ""),
                                         ("mistral", "[ARGS]"), ("harmony", ""), ("generic", ""),
                                         ("deepseek", "```json"), ("deepseek", "")])
-@pytest.mark.parametrize("opened", [False, True])
-def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, opened):
+def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source):
     """Random walks through the forced-call grammar (any allowed token, uniformly) always
     parse back into one call of a given tool whose arguments follow its schema."""
     import numpy as np
@@ -306,7 +305,7 @@ def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, ope
     from runtime.tool_call_grammar import forced_call_grammar, marker_token_finder
 
     tok = marker_tokenizer
-    grammar = forced_call_grammar(fmt, FORCED_TOOLS, marker_token_finder(tok.encode), source, opened)
+    grammar = forced_call_grammar(fmt, FORCED_TOOLS, marker_token_finder(tok.encode), source)
     constraint = ConstraintVocabulary.of(tok, tok.vocab_size).compile(grammar)
     rng = np.random.default_rng(0)
     for walk in range(8):
@@ -322,7 +321,7 @@ def test_a_forced_call_is_always_a_valid_call(marker_tokenizer, fmt, source, ope
         text = tok.decode(ids, skip_special=False)
         for marker in MARKERS_OF[fmt]:  # the markup is its tokens, never spelled out
             assert tok.encode(marker, False, True)[0] in ids, (marker, ids)
-        output = ChatOutput(fmt, True, "auto", opened, stream=False)
+        output = ChatOutput(fmt, True, "auto", False, stream=False)
         message, has_calls = output.message(text)
         assert has_calls and not message["content"], text
         (call,) = message["tool_calls"]
