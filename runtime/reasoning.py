@@ -124,6 +124,9 @@ class ReasoningBudget:
 
 IDLE, COUNTING, WAITING_UTF8, FORCING, DONE = "idle", "counting", "waiting-utf8", "forcing", "done"
 ANSWERING = "answering"  # before a grammar: its answer began, the thinking cannot open again
+# tokens a spent budget waits for the current character: a UTF-8 character has at most 4
+# bytes, so a real one is whole within 3 more; bytes that never make one are cut anyway
+MAX_UTF8_WAIT = 3
 
 
 class ThinkingBudget:
@@ -141,7 +144,7 @@ class ThinkingBudget:
     def __init__(self, budget: ReasoningBudget, token_bytes: Callable[[int], bytes],
                  before_grammar: bool = False):
         self.budget, self.token_bytes, self.before_grammar = budget, token_bytes, before_grammar
-        self.state, self.remaining, self.position = IDLE, budget.tokens, 0
+        self.state, self.remaining, self.position, self._waited = IDLE, budget.tokens, 0, 0
         self._recent: list[int] = []  # the last tokens, to find a start or end sequence
         self._tail = b""  # the last bytes of the thinking's text, for complete characters
         if budget.opened:
@@ -189,13 +192,17 @@ class ThinkingBudget:
             self._tail = (self._tail + self.token_bytes(token))[-4:]
             if self.state == COUNTING:
                 self.remaining -= 1
-            if self.remaining == 0:
-                self.state = FORCING if utf8_complete(self._tail) else WAITING_UTF8
-                if self.state == FORCING:
-                    self._force()
+                if self.remaining == 0:
+                    self.state = WAITING_UTF8
+            else:
+                self._waited += 1
+            if self.state == WAITING_UTF8 and (utf8_complete(self._tail)
+                                               or self._waited >= MAX_UTF8_WAIT):
+                self._force()
 
     def _open(self) -> None:
         self.state, self.remaining, self._recent, self._tail = COUNTING, self.budget.tokens, [], b""
+        self._waited = 0
         if self.remaining == 0:
             self._force()
 
@@ -207,9 +214,11 @@ class ThinkingBudget:
 
 
 def utf8_complete(data: bytes) -> bool:
-    """Whether data ends with a whole UTF-8 character (or is empty)."""
+    """Whether data does not end inside a UTF-8 character that more bytes could complete:
+    it ends with a whole one, is empty, or ends with continuation bytes that no lead byte
+    starts (bytes no character can take: waiting for more would never end)."""
     for i in range(1, min(4, len(data)) + 1):
         byte = data[-i]
         if byte & 0xC0 != 0x80:  # the lead byte of the last character
             return i >= (4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2 if byte >= 0xC0 else 1)
-    return not data
+    return True

@@ -90,6 +90,10 @@ def test_the_budget_never_ends_inside_a_character():
     assert run(budget, [1]) == [1] and budget.state == COUNTING
     assert run(budget, [20]) == [20] and budget.state == WAITING_UTF8
     assert run(budget, [21, 1, 1, 1]) == [21, 5, 6, 9]
+    # lead bytes that never get their continuation: cut after 3 tokens of waiting
+    pieces = {**ASCII, 22: b"\xf0"}
+    garbage = counted(2, opened=True, pieces=pieces)
+    assert run(garbage, [22, 22, 22, 22, 22, 22, 1]) == [22, 22, 22, 22, 22, 5, 6]
 
 
 def test_before_a_grammar_the_thinking_opens_only_first_and_only_once():
@@ -115,7 +119,10 @@ def test_before_a_grammar_the_thinking_opens_only_first_and_only_once():
 def test_utf8_complete():
     assert utf8_complete(b"") and utf8_complete(b"a") and utf8_complete("é€😀".encode())
     assert not utf8_complete("€".encode()[:2]) and not utf8_complete("😀".encode()[:3])
-    assert not utf8_complete(b"\x80\x80\x80\x80")
+    # continuation bytes with no lead can never become a character: nothing to wait for (a
+    # random model writing such bytes kept its thinking open past the budget for good)
+    assert utf8_complete(b"\x80\x80\x80\x80") and utf8_complete(b"\x80")
+    assert not utf8_complete(b"\x80\xf0\x9f") and utf8_complete(b"\xf0\x9f\x98\x80")
 
 
 def test_thinking_tags_and_the_budget_fields_of_a_request():
@@ -168,14 +175,19 @@ BANNED = {str(5 + b): -100 for b in range(0x80, 0x100)} | {
     str(IM_END): -100, str(EOS): -100, str(UNTHINK): -100}
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
+def write_thinking_model(folder):
+    """The tiny qwen3 with <think> and </think> as tokens and TEMPLATE: its path."""
     tokens, scores, types = tokenizer_vocabulary()
-    path = tmp_path_factory.mktemp("thinking") / "tiny.gguf"
+    path = folder / "tiny.gguf"
     write_synthetic_model_with_tokenizer(
         path, "qwen3", (tokens + ["<think>", "</think>"], scores + [0.0, 0.0], types + [4, 4]),
         seed=5, more=lambda w: w.add_chat_template(TEMPLATE), n_ctx_train=N_CTX)
-    worker = loaded_worker(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    worker = loaded_worker(write_thinking_model(tmp_path_factory.mktemp("thinking")))
     yield worker
     worker.stop()
 
