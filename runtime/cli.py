@@ -185,10 +185,13 @@ def main(model: str | None, container: str | None, info: bool, verify: bool, pro
             raise UsageError(f"{e}") from None
         session = load_session(gguf, ctx_size, threads, (cache_type_k, cache_type_v),
                                n_ctx_checkpoints=ctx_checkpoints)
+        from runtime.openai_chat import ChatSettings
+
+        settings = ChatSettings(reasoning_format, reasoning_budget, reasoning_budget_message)
         if chat:
-            run_chat(session, params)
+            run_chat(session, params, settings)
         else:
-            run_prompt(session, prompt, params, n_predict)
+            run_prompt(session, prompt, params, n_predict, settings)
 
 
 def has_display() -> bool:
@@ -288,20 +291,89 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def generate_text(session: Session, prompt_tokens: list[int], params) -> str:
-    """Stream the continuation to stdout; timings to stderr. Returns the text."""
+class Answer:
+    """A generation shown as llama-cli shows a thinking model's answer: the thinking between
+    [Start thinking] and [End thinking] (grey on a terminal), then the answer; with
+    --reasoning-format none, the text as the model writes it, tags and all. The thinking and
+    the budget are the server's (runtime.openai_chat.ChatRequest: ChatOutput splits the
+    text, ReasoningBudget bounds it). A model that does not think is printed as it comes."""
+
+    GREY, RESET = "\x1b[90m", "\x1b[0m"
+
+    def __init__(self, chat, template_source: str, prompt_text: str, tokenizer, thinking_file):
+        from runtime.reasoning import thinking_tags
+
+        self.thinks = thinking_tags(template_source, chat.fmt == "harmony") is not None
+        self.budget = chat.budget(tokenizer.encode, template_source, prompt_text)
+        self.spell_special = chat.spell_special
+        self.output = chat.output(prompt_text, stream=True)
+        self.thinking_file = thinking_file
+        self.text, self.inside = "", False
+
+    def show(self, piece: str, final: bool = False) -> None:
+        self.text += piece
+        if not self.thinks:
+            _echo(piece)
+            return
+        for delta in self.output.deltas(self.text, final):
+            if delta.get("reasoning_content"):
+                if not self.inside:
+                    self._think("[Start thinking]\n")
+                    self.inside = True
+                self._think(delta["reasoning_content"])
+            if delta.get("content"):
+                self._end_thinking()
+                _echo(delta["content"])
+        if final:
+            self._end_thinking()
+
+    def message(self) -> dict:
+        """The assistant's message for the conversation (its thinking apart, as a client of
+        the server sends it back)."""
+        if not self.thinks:
+            return {"role": "assistant", "content": self.text}
+        return self.output.message(self.text)[0]
+
+    def _think(self, text: str) -> None:
+        grey = self.thinking_file.isatty()
+        click.echo((self.GREY if grey else "") + printable(text, keep_layout=True)
+                   + (self.RESET if grey else ""), nl=False, file=self.thinking_file)
+        self.thinking_file.flush()
+
+    def _end_thinking(self) -> None:
+        if self.inside:
+            self._think("\n[End thinking]\n\n")
+            self.inside = False
+
+
+def _echo(text: str) -> None:
+    """Model text on stdout: its escape sequences shown, not obeyed."""
+    click.echo(printable(text, keep_layout=True), nl=False)
+    sys.stdout.flush()
+
+
+def generate_text(session: Session, prompt_tokens: list[int], params, answer: Answer | None = None) -> str:
+    """Stream the continuation to stdout (as `answer` shows it); timings to stderr. Returns
+    the text."""
     from runtime.engine import ContextOverflowError, TextGeneration
 
     try:
-        generation = TextGeneration(session.engine, session.tokenizer, prompt_tokens, params)
+        generation = TextGeneration(session.engine, session.tokenizer, prompt_tokens, params,
+                                    budget=answer.budget if answer else None)
     except ContextOverflowError as e:
         raise UserError(f"{e}; shorten it or raise -c (the model allows "
                         f"{session.engine.model.hp.n_ctx_train})") from None
+    if answer is not None:
+        generation.skip_special = not answer.spell_special
     pieces = []
     for piece in generation:  # a stranger's model may write escape sequences: shown, not obeyed
         pieces.append(piece)
-        click.echo(printable(piece, keep_layout=True), nl=False)
-        sys.stdout.flush()
+        if answer is None:
+            _echo(piece)
+        else:
+            answer.show(piece)
+    if answer is not None:
+        answer.show("", final=True)
     stats = session.engine.stats
     click.echo(f"\n[{len(prompt_tokens)} prompt tokens, {len(generation.tokens)} generated; "
                f"prefill {_rate(stats['prefill_tokens'], stats['prefill_s'])}, "
@@ -314,11 +386,20 @@ def _rate(tokens: int, seconds: float) -> str:
     return f"{tokens / seconds:.1f} tok/s" if seconds > 0 else "-"
 
 
-def run_prompt(session: Session, prompt: str, params, n_predict: int) -> None:
+def run_prompt(session: Session, prompt: str, params, n_predict: int, settings) -> None:
+    """-p: the continuation of the text on stdout. A thinking model's thinking (which the
+    text may open with <think>) is bounded by --reasoning-budget and shown on stderr as
+    --reasoning-format says, so stdout holds the answer alone (none: inline, as written)."""
+    from runtime.openai_chat import chat_request
+
     if n_predict == 0:
         return
     tokens = session.tokenizer.encode(prompt)
-    generate_text(session, tokens, params)
+    source = session.gguf.metadata.get("tokenizer.chat_template")
+    source = source if isinstance(source, str) else ""
+    answer = Answer(chat_request({"messages": []}, source, settings), source, prompt,
+                    session.tokenizer, sys.stderr)
+    generate_text(session, tokens, params, answer)
     click.echo()
 
 
@@ -377,10 +458,14 @@ def read_text_file(path: str, option: str) -> str:
                         f"{e.start}); convert it to UTF-8 first") from None
 
 
-def run_chat(session: Session, params) -> None:
+def run_chat(session: Session, params, settings) -> None:
     """A terminal chat: the conversation is re-rendered each turn; the engine reuses the
-    shared prefix of the KV cache, so only the new turn is computed."""
+    shared prefix of the KV cache, so only the new turn is computed. The reasoning flags act
+    as on the server's chat completions (settings: its ChatSettings): --reasoning-budget 0
+    asks the template not to think, N bounds the thinking, and the thinking is shown apart
+    from the answer (Answer) and kept apart in the conversation."""
     from runtime.chat import ChatTemplate, ChatTemplateError
+    from runtime.openai_chat import chat_request
 
     template = ChatTemplate.for_model(session.gguf.metadata)
     messages: list[dict] = []
@@ -400,22 +485,25 @@ def run_chat(session: Session, params) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
+        chat = chat_request({"messages": messages}, template.source, settings)
         try:
-            tokens = template.prompt(messages, add_generation_prompt=True).tokens(session.tokenizer)
+            prompt = template.prompt(chat.messages, add_generation_prompt=True, **chat.template_vars)
+            tokens = prompt.tokens(session.tokenizer)
         except ChatTemplateError as e:
             messages.pop()
             click.echo(f"error: {e}", err=True)
             continue
+        answer = Answer(chat, template.source, prompt.text, session.tokenizer, sys.stdout)
         try:
-            reply = generate_text(session, tokens, params)
+            generate_text(session, tokens, params, answer)
         except UserError as e:
             messages.pop()
             click.echo(f"error: {e.format_message()}; /clear to start over", err=True)
             continue
         except KeyboardInterrupt:
-            reply = ""
+            answer = None
             click.echo("\n(interrupted)", err=True)
-        messages.append({"role": "assistant", "content": reply})
+        messages.append(answer.message() if answer else {"role": "assistant", "content": ""})
 
 
 def verify_container(path: str) -> None:

@@ -63,7 +63,7 @@ def test_model_text_cannot_drive_the_terminal(monkeypatch, capsys):
     pieces = ["Hello\x1b]0;pwned\x07", " \x1b[2J", "line\rEVIL", "\n\tnext \u202eline"]
 
     class ScriptedGeneration:  # stands in for the engine's TextGeneration: these pieces
-        def __init__(self, engine, tokenizer, prompt_tokens, params):
+        def __init__(self, engine, tokenizer, prompt_tokens, params, budget=None):
             self.tokens, self.finish_reason = [0] * len(pieces), "length"
 
         def __iter__(self):
