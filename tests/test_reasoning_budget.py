@@ -268,11 +268,11 @@ CONSTRAINTS = {
 }
 
 
-def ask_constrained(client, constraint: str, **extra):
+def ask_constrained(client, constraint: str, stream: bool = False, **extra):
     fields, _ = CONSTRAINTS[constraint]
     body = {k: v for k, v in fields.items() if k != "grammar"}
     return client.chat.completions.create(
-        model="x", messages=ASK, temperature=0, max_tokens=100, logprobs=True,
+        model="x", messages=ASK, temperature=0, max_tokens=100, logprobs=True, stream=stream,
         logit_bias={**BANNED, **extra.pop("logit_bias", {})}, **body,
         extra_body={**({"grammar": fields["grammar"]} if "grammar" in fields else {}), **extra})
 
@@ -288,6 +288,8 @@ def test_a_grammar_constrains_the_answer_after_the_budgeted_thinking(worker, con
                                                            reasoning_budget_message=message)) as server:
         client = client_of(server)
         choice = ask_constrained(client, constraint).choices[0]
+        deltas = [c.choices[0].delta for c in ask_constrained(client, constraint, stream=True)
+                  if c.choices] if budget else None
     free = None
     if budget:
         with running_server(worker) as unbounded:
@@ -304,6 +306,11 @@ def test_a_grammar_constrains_the_answer_after_the_budgeted_thinking(worker, con
     assert getattr(message_out, "reasoning_content", None) == (thought or None)
     if constraint != "tool_choice":
         assert message_out.content == answer
+    if deltas is not None:  # streamed: the same thinking, answer and call
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == thought
+        assert "".join(d.content or "" for d in deltas) == (message_out.content or "")
+        assert "".join(call.function.arguments or "" for d in deltas for call in d.tool_calls or ()) \
+            == "".join(call.function.arguments for call in message_out.tool_calls or ())
     if free is not None:  # the thinking before the cut is the model's own, and no grammar's
         free_pieces = token_bytes(free.choices[0].logprobs.content)
         assert free_pieces[:budget] == pieces[:budget] and len(free_pieces) == 100
