@@ -144,6 +144,11 @@ class ConstraintVocabulary:
         self.n_vocab = int(n_vocab)
         self.eog_ids = sorted(tokenizer.eog_ids)
         pieces = [tokenizer.token_to_piece(i, True) for i in range(n_tok)]
+        # tokens of blanks only (a thinking model writes "\n\n" between </think> and the
+        # answer a grammar constrains: runtime/reasoning.py lets a few through)
+        self.blank_ids = np.array([i for i, piece in enumerate(pieces) if piece
+                                   and not piece.strip(b" \t\n\r") and not tokenizer.is_control(i)],
+                                  dtype=np.int64)
         wrapper = _TokenizerView(tokenizer, pieces)
         self.lltokenizer = llg.LLTokenizer(llg.TokenizerWrapper(wrapper), n_vocab=self.n_vocab,
                                            eos_token=self.eog_ids or None)

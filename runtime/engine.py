@@ -346,7 +346,8 @@ class TextGeneration:
         self.pending: int | None = None  # the sampled token the next step must decode
         self.thinking = None if budget is None else budget.counter(
             lambda token: tokenizer.token_to_piece(token, special=False),
-            before_grammar=params.constraint is not None)
+            before_grammar=params.constraint is not None,
+            blanks=params.constraint.vocabulary.blank_ids if params.constraint is not None else ())
 
     def _next_token(self, logits: np.ndarray) -> int:
         # the slot's cached tokens are exactly the prompt and what was generated so far
@@ -357,7 +358,7 @@ class TextGeneration:
         token = thinking.forced_token()
         if token is None:
             token = self.sampler.sample(logits, history, grammar=not thinking.grammar_waits,
-                                        besides=thinking.opening())
+                                        besides=thinking.beside_grammar())
         thinking.accept(token)
         return token
 

@@ -11,8 +11,9 @@ template not to think (enable_thinking=false, which Qwen3's template turns into 
 <think></think>); a model that thinks anyway is closed at once.
 Under a grammar (response_format, grammar, a forced tool call) the thinking is free text
 and the grammar constrains the answer after it, as llama.cpp's server does: ThinkingBudget
-then also says when the grammar waits (while the model thinks) and which token may open
-the thinking before the answer, and the budget bounds the thinking as without a grammar.
+then also says when the grammar waits (while the model thinks) and which tokens it allows
+beside the grammar's (the one that opens the thinking, first; a few blanks after it, as
+llama.cpp's grammars allow space there), and the budget bounds the thinking as without one.
 (gpt-oss thinks in harmony's analysis channel: runtime/tool_call_parsers.py reads those messages;
 its budget counts an analysis message's tokens and forces its <|end|>.)
 """
@@ -20,7 +21,7 @@ its budget counts an analysis message's tokens and forces its <|end|>.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
 OPEN, CLOSE = "<think>", "</think>"
@@ -111,15 +112,16 @@ class ReasoningBudget:
         its other messages too: under a grammar it does not think."""
         return self.opened or len(self.start) == 1
 
-    def counter(self, token_bytes: Callable[[int], bytes],
-                before_grammar: bool = False) -> ThinkingBudget:
+    def counter(self, token_bytes: Callable[[int], bytes], before_grammar: bool = False,
+                blanks: Iterable[int] = ()) -> ThinkingBudget:
         """A fresh count for one generation; token_bytes(id): the token's text (a budget
         never ends inside a character); before_grammar: a grammar constrains the answer
-        that follows the thinking (precedes_grammar must hold)."""
+        that follows the thinking (precedes_grammar must hold); blanks: the ids of the
+        vocabulary's blank tokens (runtime.constraint.ConstraintVocabulary.blank_ids)."""
         if before_grammar and not self.precedes_grammar:
             raise ValueError("this thinking cannot precede a grammar: its start tag is "
                              f"{len(self.start)} tokens and the prompt did not open it")
-        return ThinkingBudget(self, token_bytes, before_grammar)
+        return ThinkingBudget(self, token_bytes, before_grammar, blanks)
 
 
 IDLE, COUNTING, WAITING_UTF8, FORCING, DONE = "idle", "counting", "waiting-utf8", "forcing", "done"
@@ -127,6 +129,9 @@ ANSWERING = "answering"  # before a grammar: its answer began, the thinking cann
 # tokens a spent budget waits for the current character: a UTF-8 character has at most 4
 # bytes, so a real one is whole within 3 more; bytes that never make one are cut anyway
 MAX_UTF8_WAIT = 3
+# blank tokens a model may write between the end of its thinking and a grammar's answer
+# ("\n\n" after </think> is one token in Qwen's vocabulary, two bytes in others)
+MAX_BLANKS = 2
 
 
 class ThinkingBudget:
@@ -137,13 +142,16 @@ class ThinkingBudget:
     A new start sequence after the end opens a fresh budget (a model may think twice).
 
     before_grammar: a grammar constrains what follows the thinking. The thinking may then
-    open only as the first token (`opening`, offered beside the grammar's tokens) and only
-    once; the grammar waits while the model thinks (`grammar_waits`); any other token is
-    the answer's (ANSWERING, for good)."""
+    open only as the first token, and only once; the grammar waits while the model thinks
+    (`grammar_waits`); after the thinking, up to MAX_BLANKS blank tokens may come before the
+    answer (`beside_grammar` says which tokens are offered beside the grammar's); any other
+    token is the answer's (ANSWERING, for good)."""
 
     def __init__(self, budget: ReasoningBudget, token_bytes: Callable[[int], bytes],
-                 before_grammar: bool = False):
+                 before_grammar: bool = False, blanks: Iterable[int] = ()):
         self.budget, self.token_bytes, self.before_grammar = budget, token_bytes, before_grammar
+        self._opening = tuple(budget.start[:1])
+        self._blanks, self._n_blanks = tuple(int(t) for t in blanks), 0
         self.state, self.remaining, self.position, self._waited = IDLE, budget.tokens, 0, 0
         self._recent: list[int] = []  # the last tokens, to find a start or end sequence
         self._tail = b""  # the last bytes of the thinking's text, for complete characters
@@ -159,20 +167,26 @@ class ThinkingBudget:
         """The model is thinking: a grammar on its answer does not apply yet."""
         return self.state in (COUNTING, WAITING_UTF8, FORCING)
 
-    def opening(self) -> int | None:
-        """Before a grammar: the token that opens the thinking, where it may open now (the
-        first token, and not with a budget of 0), else None."""
+    def beside_grammar(self) -> tuple[int, ...] | None:
+        """Before a grammar: the token ids allowed now beside the grammar's, which are not
+        the answer's: the start of the thinking as the first token (not with a budget of
+        0), blanks after the thinking; None: the grammar's alone."""
         if self.before_grammar and self.state == IDLE and self.budget.tokens != 0:
-            return self.budget.start[0]
+            return self._opening
+        if self.before_grammar and self.state == DONE and self._n_blanks < MAX_BLANKS:
+            return self._blanks
         return None
 
     def accept(self, token: int) -> None:
         """The token generated (sampled or forced)."""
         if self.before_grammar and self.state in (IDLE, DONE):
-            if token == self.opening():
+            beside = self.beside_grammar()
+            if beside is None or token not in beside:
+                self.state = ANSWERING
+            elif self.state == IDLE:
                 self._open()
             else:
-                self.state = ANSWERING
+                self._n_blanks += 1
             return
         if self.state == ANSWERING:
             return

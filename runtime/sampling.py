@@ -234,7 +234,7 @@ class Sampler:
                              + "): nothing to sample")
 
     def _chain(self, logits: np.ndarray, history: Sequence[int], grammar: bool = True,
-               besides: int | None = None) -> tuple[np.ndarray, np.ndarray] | int:
+               besides: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray] | int:
         """The greedy token, or (ids, unnormalized weights) to draw from. With a grammar,
         only the ids it allows are looked at (no mask over the whole vocabulary); while it
         waits (grammar=False) any token but an end of generation (sample() says why)."""
@@ -261,35 +261,32 @@ class Sampler:
         return ids, weights / weights.sum(dtype=np.float64)
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = (), grammar: bool = True,
-               besides: int | None = None) -> int:
+               besides: Sequence[int] | None = None) -> int:
         """The next token. history: every token so far (prompt and generated), for penalties.
         With a grammar, the token is also fed to it: call sample() once per generated token.
         A thinking model's grammar constrains the answer after its thinking
         (runtime/reasoning.py): grammar=False while it thinks (nothing is fed to the
         grammar, and no end of generation may come, for the answer must follow); besides:
-        a token allowed beside the grammar's, not fed to it when drawn (the one that opens
-        the thinking, before the answer)."""
+        token ids allowed beside the grammar's, not fed to it when drawn (the one that opens
+        the thinking before the answer, blanks after it)."""
         chosen = self._chain(logits, history, grammar, besides)
         if isinstance(chosen, int):
             token = chosen
         else:
             ids, weights = chosen
             token = int(ids[_prefix_index(weights, self.rng.random(), "right")])
-        if self.matcher is not None and grammar and token != besides:
+        if self.matcher is not None and grammar and not (besides and token in besides):
             self.matcher.consume(token)
         return token
 
-    def _candidates(self, grammar: bool = True, besides: int | None = None) -> np.ndarray | None:
+    def _candidates(self, grammar: bool = True, besides: Sequence[int] | None = None) -> np.ndarray | None:
         """The ids a grammar allows (None: all), and `besides`. The filters then look at
         these only: a partition over a vocabulary of mostly -inf is ~20x slower than over
         real values (NumPy's introselect on many equal keys: 21 vs 1.2 ms for 262k)."""
         if self.matcher is None or not grammar:
             return None
-        allowed = self.matcher.allowed()
-        ids = np.flatnonzero(allowed)
-        if besides is not None and not allowed[besides]:
-            ids = np.append(ids, besides)
-        return ids
+        ids = np.flatnonzero(self.matcher.allowed())
+        return ids if not besides else np.union1d(ids, np.asarray(besides, dtype=np.int64))
 
     def _filtered(self, x: np.ndarray, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """top-k, top-p, min-p, then temperature over the ids (all by default): the ids

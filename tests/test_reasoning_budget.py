@@ -98,16 +98,25 @@ def test_the_budget_never_ends_inside_a_character():
 
 def test_before_a_grammar_the_thinking_opens_only_first_and_only_once():
     """The grammar waits while the model thinks; the start tag is offered only as the first
-    token (not with a budget of 0); once the answer began, nothing reopens the thinking."""
-    budget = counted(2, before_grammar=True)
-    assert budget.opening() == 7 and not budget.grammar_waits
+    token (not with a budget of 0); after the thinking, up to 2 blanks; once the answer
+    began, nothing reopens the thinking."""
+    def counted_before(tokens: int, **kwargs) -> ThinkingBudget:
+        budget = ReasoningBudget(tokens, START, END, SAID + END, kwargs.pop("opened", False))
+        return budget.counter(lambda token: ASCII[token], True, blanks=(3, 4))
+
+    budget = counted_before(2)
+    assert budget.beside_grammar() == (7,) and not budget.grammar_waits
     assert run(budget, [7, 1, 1, 1]) == [7, 1, 1, 5] and budget.grammar_waits
+    assert budget.beside_grammar() is None
     assert run(budget, [1, 1]) == [6, 9] and budget.state == DONE and not budget.grammar_waits
-    assert budget.opening() is None
+    assert budget.beside_grammar() == (3, 4)
+    assert run(budget, [4, 3]) == [4, 3] and budget.state == DONE and budget.beside_grammar() is None
     assert run(budget, [7, 1, 1, 1]) == [7, 1, 1, 1] and budget.state == ANSWERING
-    answered = counted(2, before_grammar=True)
+    answered = counted_before(2)
     assert run(answered, [1, 7, 1, 1]) == [1, 7, 1, 1] and answered.state == ANSWERING
-    assert counted(0, before_grammar=True).opening() is None
+    assert counted_before(0).beside_grammar() is None
+    forced = counted_before(0, opened=True)  # blanks after a forced end too
+    assert run(forced, [1, 1, 1, 3, 3]) == [5, 6, 9, 3, 3] and forced.state == DONE
     unbounded = counted(-1, opened=True, before_grammar=True)  # followed, never forced
     assert run(unbounded, [1] * 50 + [9]) == [1] * 50 + [9] and unbounded.state == DONE
     # a start tag of several tokens cannot be told from a grammar's answer: refused
@@ -299,7 +308,10 @@ def test_a_grammar_constrains_the_answer_after_the_budgeted_thinking(worker, con
     assert pieces[budget:budget + len(forced)] == forced, pieces
     assert UNTHINK_TEXT not in b"".join(pieces[:budget])
     thought = b"".join(pieces[:budget] + forced[:-1]).decode().lstrip()
-    answer = b"".join(pieces[budget + len(forced):]).decode()
+    after = pieces[budget + len(forced):]
+    blanks = next(i for i, piece in enumerate(after) if piece.strip())
+    assert blanks <= 2  # the blanks a model may write before the answer, at most
+    answer = b"".join(after[blanks:]).decode()
     message_out = choice.message
     assert choice.finish_reason == ("tool_calls" if constraint == "tool_choice" else "stop"), answer
     assert CONSTRAINTS[constraint][1](message_out), (answer, message_out)
