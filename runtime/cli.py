@@ -114,7 +114,8 @@ class RuntimeCommand(click.Command):
               help="Serve GET /slots (each slot's state, as llama.cpp's server).")
 @click.option("--reasoning-format", type=click.Choice(list(REASONING_FORMATS)), default="auto",
               show_default=True, help="A thinking model's thoughts: auto/deepseek return them "
-              "as reasoning_content; none leaves them in the content; deepseek-legacy does both.")
+              "as reasoning_content (-p, --chat: shown between [Start thinking] and [End "
+              "thinking]); none leaves them in the content, inline; deepseek-legacy does both.")
 @click.option("--reasoning-budget", type=click.IntRange(-1, 2**31 - 1), default=-1, show_default=True,
               metavar="N", help="Thinking tokens at most: -1 no limit; 0 ask the model not to think "
               "(enable_thinking=false); N > 0 end its thinking after N tokens.")
