@@ -3,9 +3,12 @@
 Activations are float32 rows: a batch of n tokens is an [n, width] array, and a row that
 holds several heads stores them one after another (head h at columns h*head_dim..).
 These ops are cheap next to the matmuls (they touch activations, not weights), so they are
-written for clarity first, and run on one thread: waking the other threads for a parallel
-loop costs more than the whole op on a decoded token's row (bench/launches.py measures
-both). Attention alone runs in parallel, since its work grows with the context.
+written for clarity first, and run on one thread for a few rows: waking the other threads
+for a parallel loop costs more than the whole op on a decoded token's row (bench/launches.py
+measures both). A batch of PARALLEL_ROWS rows or more (a prefill chunk) has the norms, RoPE
+and the gated activations split by rows over the threads: one thread left them at ~6% of
+a 1B model's prefill on one thread, the other idle. Attention always runs in parallel,
+since its work grows with the context.
 
 The KV cache attention reads is bytes, laid out [n_kv_head, n_ctx, row bytes] per layer
 (the keys one head attends over are one contiguous slab); each head's row at a position is
@@ -27,17 +30,35 @@ from .common import dot_f32
 from .dispatch import decode_blocks
 
 
+# Rows from which the row-wise ops below run their rows in parallel.
+PARALLEL_ROWS = 8
+
+
+@njit(inline="always")
+def _rms_norm_row(x, weight, eps, out, i):
+    d = x.shape[1]
+    ss = 0.0  # float64 sum, as llama.cpp does
+    for j in range(d):
+        ss += np.float64(x[i, j]) * x[i, j]
+    scale = np.float32(1.0 / math.sqrt(ss / d + eps))
+    for j in range(d):
+        out[i, j] = x[i, j] * scale * weight[j]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _rms_norm_parallel(x, weight, eps, out):
+    for i in prange(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, i)
+
+
 @njit(cache=True, fastmath=True)
 def rms_norm(x, weight, eps, out):
     """out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight, for each row i of x[n, d]."""
-    n, d = x.shape
-    for i in range(n):
-        ss = 0.0  # float64 sum, as llama.cpp does
-        for j in range(d):
-            ss += np.float64(x[i, j]) * x[i, j]
-        scale = np.float32(1.0 / math.sqrt(ss / d + eps))
-        for j in range(d):
-            out[i, j] = x[i, j] * scale * weight[j]
+    if x.shape[0] >= PARALLEL_ROWS:
+        _rms_norm_parallel(x, weight, eps, out)
+        return
+    for i in range(x.shape[0]):
+        _rms_norm_row(x, weight, eps, out, i)
 
 
 @njit(cache=True, fastmath=True)
@@ -72,6 +93,34 @@ def rope_inv_freq(n_rot, freq_base, freq_scale, freq_factors):
     return inv
 
 
+@njit(inline="always")
+def _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, i):
+    """Row i: each pair's angle (its cosine and sine) once, applied to every head."""
+    half = n_rot // 2
+    pos = positions[i]
+    for k in range(half):
+        angle = pos * inv_freq[k]
+        c = np.float32(math.cos(angle))
+        s = np.float32(math.sin(angle))
+        for h in range(n_heads):
+            if neox:
+                a = h * head_dim + k
+                b = a + half
+            else:
+                a = h * head_dim + 2 * k
+                b = a + 1
+            x0 = x[i, a]
+            x1 = x[i, b]
+            x[i, a] = x0 * c - x1 * s
+            x[i, b] = x0 * s + x1 * c
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _rope_parallel(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
+    for i in prange(x.shape[0]):
+        _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, i)
+
+
 @njit(cache=True, fastmath=True)
 def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
     """In place rotary embedding of x[n, n_heads*head_dim], row i at positions[i].
@@ -79,26 +128,11 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
     The first n_rot dimensions of each head rotate in pairs: (2k, 2k+1) in the original
     (GPT-J, llama) style, (k, k + n_rot/2) in the NEOX style (Qwen, Gemma).
     """
-    n = x.shape[0]
-    half = n_rot // 2
-    for t in range(n * n_heads):
-        i = t // n_heads
-        base = (t % n_heads) * head_dim
-        pos = positions[i]
-        for k in range(half):
-            angle = pos * inv_freq[k]
-            c = np.float32(math.cos(angle))
-            s = np.float32(math.sin(angle))
-            if neox:
-                a = base + k
-                b = base + k + half
-            else:
-                a = base + 2 * k
-                b = a + 1
-            x0 = x[i, a]
-            x1 = x[i, b]
-            x[i, a] = x0 * c - x1 * s
-            x[i, b] = x0 * s + x1 * c
+    if x.shape[0] >= PARALLEL_ROWS:
+        _rope_parallel(x, positions, n_heads, head_dim, n_rot, inv_freq, neox)
+        return
+    for i in range(x.shape[0]):
+        _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, i)
 
 
 # Attention works on tiles: a work item is one KV head, a tile of up to _QUERY_TILE
@@ -314,8 +348,7 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
 
 
 @njit(cache=True, fastmath=True)
-def silu_mul(gate, up):
-    """gate = silu(gate) * up, in place (the SwiGLU feed-forward of llama and Qwen)."""
+def _silu_mul_rows(gate, up):
     n, d = gate.shape
     for i in range(n):
         for j in range(d):
@@ -324,8 +357,7 @@ def silu_mul(gate, up):
 
 
 @njit(cache=True, fastmath=True)
-def gelu_tanh_mul(gate, up):
-    """gate = gelu_tanh(gate) * up, in place (the GeGLU feed-forward of Gemma)."""
+def _gelu_tanh_mul_rows(gate, up):
     n, d = gate.shape
     c = np.float32(math.sqrt(2.0 / math.pi))
     for i in range(n):
@@ -333,3 +365,48 @@ def gelu_tanh_mul(gate, up):
             g = gate[i, j]
             inner = c * (g + np.float32(0.044715) * g * g * g)
             gate[i, j] = np.float32(0.5) * g * (np.float32(1.0) + np.float32(math.tanh(inner))) * up[i, j]
+
+
+@njit(inline="always")
+def _share(n, p):
+    """Rows a..b of share p of _SHARES: each share is one call of the one-thread function (the
+    rows' code compiled once), so that a batch computes exactly what one thread did."""
+    parts = min(n, _SHARES)
+    return p * n // parts, (p + 1) * n // parts
+
+
+_SHARES = 16
+
+@njit(inline="always")
+def _gated_rows(gate, up, gelu):
+    if gelu:
+        _gelu_tanh_mul_rows(gate, up)
+    else:
+        _silu_mul_rows(gate, up)
+
+
+@njit(cache=True, parallel=True)
+def _gated_parallel(gate, up, gelu):
+    for p in prange(min(gate.shape[0], _SHARES)):
+        a, b = _share(gate.shape[0], p)
+        _gated_rows(gate[a:b], up[a:b], gelu)
+
+
+@njit(inline="always")
+def _gated(gate, up, gelu):
+    if gate.shape[0] >= PARALLEL_ROWS:
+        _gated_parallel(gate, up, gelu)
+    else:
+        _gated_rows(gate, up, gelu)
+
+
+@njit(cache=True)
+def silu_mul(gate, up):
+    """gate = silu(gate) * up, in place (the SwiGLU feed-forward of llama and Qwen)."""
+    _gated(gate, up, False)
+
+
+@njit(cache=True)
+def gelu_tanh_mul(gate, up):
+    """gate = gelu_tanh(gate) * up, in place (the GeGLU feed-forward of Gemma)."""
+    _gated(gate, up, True)
