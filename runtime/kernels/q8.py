@@ -45,6 +45,19 @@ def _round_to_f16(d):
     return np.array([bits]).view(np.float32)[0]
 
 
+@njit(inline="always")
+def _abs_max(xs):
+    """max |xs[i]| (0 for none), as the largest of the bits with the sign cleared: for
+    floats that are not NaN their order as integers is their order as numbers, and an integer
+    maximum compiles to vector code where the float one stayed a scalar compare-and-select
+    (~1.5 ns an element, most of quantize_activations' time; now ~0.15)."""
+    bits = xs.view(np.int32)
+    top = np.int32(0)
+    for i in range(bits.size):
+        top = max(top, np.int32(bits[i] & np.int32(0x7FFFFFFF)))
+    return np.array([top], np.int32).view(np.float32)[0]
+
+
 @njit(fastmath=False, cache=True)
 def quantize_activations(x, block, yq, yd, ys):
     """x (float32, length a multiple of `block`) -> yq int8 with |yq| <= 127 and yd per block,
@@ -54,9 +67,7 @@ def quantize_activations(x, block, yq, yd, ys):
     n = x.size
     for b in range(n // block):
         xs = x[b * block:(b + 1) * block]
-        amax = np.float32(0.0)
-        for i in range(block):
-            amax = max(amax, abs(xs[i]))
+        amax = _abs_max(xs)
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)  # as ggml: not 1 / d
         yd[b] = _round_to_f16(d) if block == 32 else d
