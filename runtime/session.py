@@ -123,6 +123,7 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
     from runtime.engine import ContextSizeError, Engine, return_freed_memory
     from runtime.ggml_types import UnsupportedTypeError
     from runtime.model import UnsupportedModelError
+    from runtime.resident import release_compiler_code
     from runtime.tokenizer import Tokenizer
     from runtime.tokenizer_cache import TokenizerCache
 
@@ -142,11 +143,13 @@ def load_session(gguf: GGUFFile, ctx_size: int, threads: int,
         raise UsageError(f"{e}") from None
     except ValueError as e:  # the model's metadata (a TokenizerError, ...) says why
         raise UserError(f"{e}") from None
+    release_compiler_code()  # what loading LLVM and numba touched; loading the kernels touches less
     kernels_line = load_kernels(engine, tokenizer)
     if cached_tokenizer is None:
         tokenizer_cache.save_in_background(tokenizer)
     start_up_done()
     return_freed_memory()
+    release_compiler_code()  # LLVM's pages: it has loaded the kernels (runtime.resident)
     slots = f" ({engine.n_parallel} slots of {engine.n_ctx})" if engine.n_parallel > 1 else ""
     click.echo(f"loaded in {time.perf_counter() - t0:.2f} s; context {engine.n_ctx_total} tokens{slots}, "
                f"KV cache {format_bytes(engine.kv_cache_bytes)}", err=True)
