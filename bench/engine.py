@@ -3,7 +3,8 @@
 For each model and thread count: prefill tok/s of a 512-token prompt, decode tok/s over 128
 greedy tokens after it, the fraction of the decode roofline (this machine's read bandwidth at
 that thread count / the weight bytes one token reads), and the private memory of the process
-(resident memory not backed by the model file). Models: Gemma 3 270M (the real model, from its
+(resident memory not backed by the model file; for ours, a line after the table says by what it
+is held and what it peaked at). Models: Gemma 3 270M (the real model, from its
 PyPI package) and synthetic models at real shapes (bench/synth.py), Q4_K_M by default.
 
 Engines, run one after the other for each thread count (the machine is shared: the closer in
@@ -82,6 +83,7 @@ class Row:
     decode: list[float]
     private_bytes: int | None = None
     note: str = ""
+    memory: str = ""  # ours: where the private memory is (memory_line)
 
 
 def model_path(name: str, type_name: str) -> Path:
@@ -114,6 +116,17 @@ def run_bench_entry(command: list[str], threads: int, args, cwd: Path, layer: st
         return json.loads(out.read_text())
 
 
+def memory_line(result: dict) -> str:
+    """Where our engine's private memory is, in MB: beyond the KV cache, by kind (the KV
+    cache's arrays are among the heap's or the anonymous mappings), and its peak."""
+    kinds = result["private_by_kind"]
+    private, kv = result["private_bytes"], result["kv_cache_bytes"]
+    parts = ", ".join(f"{name} {size / 1e6:.0f}" for name, size in kinds.items())
+    return (f"private {private / 1e6:.0f} MB, {(private - kv) / 1e6:.0f} beyond the KV cache ({parts}); "
+            f"peak {result['peak_private_bytes'] / 1e6:.0f}, {(result['peak_private_bytes'] - kv) / 1e6:.0f} "
+            f"beyond the KV cache")
+
+
 def ours(engine: str, command: list[str], threads: int, args, cwd: Path, layer: str) -> Row:
     result = run_bench_entry(command, threads, args, cwd, layer)
     if layer != "default":
@@ -124,7 +137,8 @@ def ours(engine: str, command: list[str], threads: int, args, cwd: Path, layer: 
               [result["gen_tokens"] / r["decode_s"] for r in result["runs"]],
               result["private_bytes"],
               f"{result['threading_layer']} threads" + (f" ({', '.join(result['openmp'])})"
-                                                         if result["openmp"] else ""))
+                                                         if result["openmp"] else ""),
+              memory_line(result))
 
 
 def build_model_run(gguf: Path, payload: Path, folder: Path) -> Path:
@@ -248,6 +262,7 @@ def bench_model(name: str, args, payload: Path | None, work: Path, notes: set[st
     print(HEAD)
     print("-" * len(HEAD), flush=True)
     ours_command = [sys.executable, "-m", "runtime", "-m", str(path)]
+    memory = []
     for threads in args.threads:
         roofline = read_bandwidth_at(threads) / per_token
         runs = [(e, layer) for e in args.engines
@@ -269,6 +284,10 @@ def bench_model(name: str, args, payload: Path | None, work: Path, notes: set[st
                 continue
             notes.add(f"{row.engine}: {row.note}")
             print(format_row(row, roofline), flush=True)
+            if row.memory:
+                memory.append(f"{row.engine} {row.threads} thr: {row.memory}")
+    for line in memory:
+        print(line)
     if run_file is not None:
         run_file.unlink(missing_ok=True)
 

@@ -64,22 +64,35 @@ def prefill_and_decode(engine, prompt: list[int], n_gen: int) -> tuple[float, fl
     return prefill, time.perf_counter() - t
 
 
-def private_and_mapped_rss(path: str) -> tuple[int, int]:
-    """(resident bytes not backed by the file at `path`, resident bytes of its mappings)."""
-    total = mapped = 0
-    current = None
+def resident_by_kind(path: str) -> dict[str, int]:
+    """This process's resident bytes by what holds them (/proc/self/smaps): "model" (the
+    mappings of the file at `path`), "llvm" (libllvmlite.so), "libraries" (every other
+    file: Python, NumPy, Numba's and the system's libraries), "heap" (malloc's: C++ and
+    NumPy's smaller arrays, Python's bigger objects), "anonymous" (Python's object arenas,
+    NumPy's big arrays such as the KV cache, the loaded kernels' code, thread stacks)."""
+    kinds = dict.fromkeys(("model", "llvm", "libraries", "heap", "anonymous"), 0)
+    current = "anonymous"
     target = os.path.realpath(path)
     with open("/proc/self/smaps") as f:
         for line in f:
             fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
-                current = fields[5] if len(fields) > 5 else ""
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):  # a mapping's header
+                name = fields[5] if len(fields) > 5 else ""
+                current = ("model" if name == target else "llvm" if "libllvmlite" in name
+                           else "libraries" if name.startswith("/") else "heap" if name == "[heap]"
+                           else "anonymous")
             elif fields[0] == "Rss:":
-                size = int(fields[1]) * 1024
-                total += size
-                if current == target:
-                    mapped += size
-    return total - mapped, mapped
+                kinds[current] += int(fields[1]) * 1024
+    return kinds
+
+
+def peak_resident() -> int:
+    """The process's peak resident bytes (VmHWM), model pages included."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def mapped_libraries(*names: str) -> list[str]:
@@ -127,13 +140,15 @@ def main(job_path: str, argv: list[str]) -> int:
         for _ in range(int(job.get("repeats", 1))):
             prefill, decode = prefill_and_decode(engine, prompt, n_gen)
             runs.append({"threads": threads, "prefill_s": prefill, "decode_s": decode})
-    private, mapped = private_and_mapped_rss(path)
+    kinds = resident_by_kind(path)
+    mapped = kinds.pop("model")
     result = {
         "model": path, "frozen": bool(getattr(sys, "frozen", False)),
         "threading_layer": numba.threading_layer(), "tier": str(cpu.selected() or cpu.numba_tier()),
         "openmp": mapped_libraries("libgomp", "libiomp", "libomp", "libtbb"),
         "prompt": prompt, "gen_tokens": n_gen, "runs": runs,
-        "private_bytes": private, "mapped_bytes": mapped, "kv_cache_bytes": engine.kv_cache_bytes,
+        "private_bytes": sum(kinds.values()), "mapped_bytes": mapped, "private_by_kind": kinds,
+        "peak_private_bytes": peak_resident() - mapped, "kv_cache_bytes": engine.kv_cache_bytes,
         "weight_bytes_per_token": weight_bytes_per_token(gguf),
     }
     with open(job["out"], "w") as f:
