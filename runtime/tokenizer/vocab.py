@@ -6,7 +6,8 @@ from __future__ import annotations
 import array
 import zlib
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import numpy as np
 
@@ -70,6 +71,34 @@ def metadata_id(metadata: Mapping, key: str, n_tokens: int) -> int | None:
     return value if 0 <= value < n_tokens else None
 
 
+class Pieces(Sequence):
+    """Every piece's bytes, in one buffer with their end offsets. A list of bytes objects
+    costs an object header per piece: on Gemma's 262k pieces ~15 MB, this ~4 MB."""
+
+    __slots__ = ("_blob", "_ends")
+
+    def __init__(self, pieces: list[bytes]):
+        self._blob = b"".join(pieces)
+        self._ends = array.array("q", accumulate(map(len, pieces)))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        ends = self._ends
+        end = ends[i]  # an IndexError past either end, as a list's
+        i %= len(ends)
+        return self._blob[ends[i - 1] if i else 0:end]
+
+    def __iter__(self):
+        blob, start = self._blob, 0
+        for end in self._ends:
+            yield blob[start:end]
+            start = end
+
+
 class PieceIndex:
     """Piece bytes -> id, by binary search over the pieces' CRC-32s.
 
@@ -82,13 +111,13 @@ class PieceIndex:
 
     __slots__ = ("_pieces", "_crcs", "_ids")
 
-    def __init__(self, pieces: list[bytes]):
+    def __init__(self, pieces: Sequence[bytes]):
         crcs = np.fromiter(map(zlib.crc32, pieces), np.int64, len(pieces))
         order = np.argsort(crcs, kind="stable")
         crcs = crcs[order]
         self._pieces = pieces
-        self._crcs = array.array("q", crcs.tobytes())
-        self._ids = array.array("q", order.astype(np.int64).tobytes())
+        self._crcs = array.array("I", crcs.astype(np.uint32).tobytes())  # CRC-32s: 4 bytes each
+        self._ids = array.array("i", order.astype(np.int32).tobytes())
         for i in np.flatnonzero(crcs[1:] == crcs[:-1]).tolist():  # a few, if any
             later = int(order[i + 1])
             j = i
@@ -124,9 +153,9 @@ class Vocab:
     _PREFIX_LEN = 4  # characters of a special token's text that index it
 
     def __init__(self, pieces: list[bytes], types: list[int]):
-        self.pieces = pieces
-        self.types = types
-        self.piece_to_id = PieceIndex(pieces)
+        self.pieces = Pieces(pieces)
+        self.types = array.array("i", types)  # 4 bytes a token, not a list's 8
+        self.piece_to_id = PieceIndex(self.pieces)
         self.unknown_id: int | None = None
         # Special tokens that swallow the whitespace before (lstrip) or after (rstrip) them
         # when the text is cut around them; llama.cpp decides by the model's name.
