@@ -19,14 +19,16 @@ The estimate is the sum of
 The constants were measured with this runtime (peak RSS, /proc/self/status VmHWM, and the
 resident pages of the .so mappings from /proc/self/smaps) with kernels from a warm cache, on
 Gemma 3 270M (262,144-token vocabulary). Library code is apart because the kernel, not this
-runtime, decides how much of it is resident: the same libllvmlite.so mapped 68 MB in one venv
-and 87 MB in a fresh clone's on the same machine (page-cache folio sizes differ), so the
-library share is a typical value and tests/test_memory.py checks the rest against real runs:
-`-p` runs of Gemma whose prompt fills the context peaked, less their library code, 0.3% below
-the estimate's rest at contexts 512, 1024 and 4096, and differed by the KV cache alone. The
-tokenizer's share of a BPE model (merges as well as pieces) is extrapolated from Gemma's
-SentencePiece one. Running the kernels' first compile (cold cache) peaks higher, and
---perplexity holds a batch of logits more (256 x the vocabulary, float32).
+runtime, decides how much of it is resident (page-cache folio sizes: the same libllvmlite.so
+mapped 68 MB in one venv and 87 MB in a fresh clone's); LLVM's share is let go once the
+kernels are loaded (runtime.resident), which leaves ~26 MB of Python's, NumPy's and the
+system's libraries, and tests/test_memory.py checks the rest against real runs: `-p` runs
+of Gemma whose prompt fills the context peaked, less their library code, 0.1% below to 0.6%
+above the estimate's rest at contexts 512, 1024 and 4096 (347, 356 and 413 MiB), and
+differed by the KV cache alone. The tokenizer's share of a BPE model (merges as well as
+pieces) is extrapolated from Gemma's SentencePiece one. Running the kernels' first compile
+(cold cache) peaks higher, and --perplexity holds a batch of logits more (256 x the
+vocabulary, float32).
 Imports no kernels (and no Numba), so --info stays fast.
 """
 
@@ -40,9 +42,9 @@ from runtime.units import format_bytes
 
 MEMINFO = "/proc/meminfo"
 MiB = 1 << 20
-RUNTIME_BYTES = 91 * MiB  # Python, NumPy, Numba, click and the loaded kernels, private memory
-LIBRARY_CODE_BYTES = 96 * MiB  # resident code of the .so files (LLVM's ~70-90 MB), typical
-TOKENIZER_BYTES_PER_TOKEN = 156  # vocabulary, merge ranks, index and metadata pages (Gemma)
+RUNTIME_BYTES = 65 * MiB  # Python, NumPy, Numba, click and the loaded kernels, private memory
+LIBRARY_CODE_BYTES = 26 * MiB  # resident code of the .so files once LLVM's is let go, typical
+TOKENIZER_BYTES_PER_TOKEN = 110  # vocabulary, merge ranks, index and metadata pages (Gemma)
 FLOAT_BYTES = 4
 
 

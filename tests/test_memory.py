@@ -92,11 +92,12 @@ def test_estimate_matches_the_peak_memory_of_real_runs(gemma_path, gemma):
     within 15% of the estimate's rest, and the two runs differ by the KV cache alone (within
     8 MB). Library code is left out because its resident size is the kernel's choice, not the
     runtime's: the same libllvmlite.so mapped 68 MB in one venv and 87 MB in a fresh clone's,
-    and a whole peak came out 15.5% above the estimate inside a fresh clone's suite. Its
-    share of the estimate is a typical value; here it is only checked to be of that order.
-    The rest matched within 0.3% in the development tree; 15% is the estimate's own promise
-    (advice: "needs ~0.5 GB"). Leaving out the runtime's ~90 MB of private memory would miss
-    by 23%; the KV cache is checked by the growth between the two contexts."""
+    and a whole peak came out 15.5% above the estimate inside a fresh clone's suite (LLVM's
+    pages are now let go after loading, runtime.resident; the other libraries' ~26 MB stay).
+    Its share of the estimate is a typical value; here it is only checked to be of that order.
+    The rest matched within 0.6% in the development tree; 15% is the estimate's own promise
+    (advice: "needs ~0.5 GB"). Leaving out the runtime's ~65 MB of private memory would miss
+    by 19%; the KV cache is checked by the growth between the two contexts."""
     from runtime.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_metadata(gemma.metadata)
