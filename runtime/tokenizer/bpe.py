@@ -8,7 +8,7 @@ import regex
 from runtime.tokenizer.model import WordModel, merge_symbols
 from runtime.tokenizer.pretokenizers import PreTokenizer
 from runtime.tokenizer.spm import SpmModel
-from runtime.tokenizer.vocab import SPM_SPACE, SPM_SPACE_UTF8, Vocab
+from runtime.tokenizer.vocab import SPM_SPACE, SPM_SPACE_UTF8, PieceIndex, Pieces, Vocab
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -40,8 +40,9 @@ class BpeModel(WordModel):
         self.splitters = [regex.compile(p) if isinstance(p, str) else p for p in pre.patterns]
         # "left right" -> rank; the first occurrence wins, as in llama.cpp. Pieces never
         # contain a space (GPT-2 writes it as U+0120, Gemma 4 as U+2581), so the joined
-        # string is a unique key.
-        self.merge_ranks = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1)))
+        # string is a unique key. Indexed as the vocabulary is: a dict of Llama 3's 280k
+        # merges took ~30 MiB, this ~8.
+        self.merge_ranks = PieceIndex(Pieces(merges), first_wins=True)
         self.byte_ids = [vocab.id_of(f"<0x{b:02X}>") for b in range(256)] \
             if pre.spm_style else None
         if pre.spm_style:  # its words are whole lines: cache them as SPM caches fragments

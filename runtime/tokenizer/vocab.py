@@ -111,13 +111,17 @@ class PieceIndex:
 
     __slots__ = ("_pieces", "_crcs", "_ids")
 
-    def __init__(self, pieces: Sequence[bytes]):
+    def __init__(self, pieces: Sequence[bytes], first_wins: bool = False):
+        """first_wins: a piece that occurs twice maps to its first index (BPE merges, as
+        llama.cpp ranks them), else it is refused (a vocabulary)."""
         crcs = np.fromiter(map(zlib.crc32, pieces), np.int64, len(pieces))
-        order = np.argsort(crcs, kind="stable")
+        order = np.argsort(crcs, kind="stable")  # equal pieces stay in index order
         crcs = crcs[order]
         self._pieces = pieces
         self._crcs = array.array("I", crcs.astype(np.uint32).tobytes())  # CRC-32s: 4 bytes each
         self._ids = array.array("i", order.astype(np.int32).tobytes())
+        if first_wins:
+            return
         for i in np.flatnonzero(crcs[1:] == crcs[:-1]).tolist():  # a few, if any
             later = int(order[i + 1])
             j = i
