@@ -26,8 +26,10 @@ from numba import njit, prange
 
 from runtime.ggml_types import F16, F32
 
-from .common import dot_f32
 from .dispatch import decode_blocks
+from .simd import f16_to_f32_f16c, has_f16c
+
+_F16C = has_f16c()  # a constant of the compiled kernels (their cache is kept per CPU tier)
 
 
 # Rows from which the row-wise ops below run their rows in parallel.
@@ -135,6 +137,33 @@ def rope(x, positions, n_heads, head_dim, n_rot, inv_freq, neox):
         _rope_row(x, positions, n_heads, head_dim, n_rot, inv_freq, neox, i)
 
 
+# exp(z) for float32 z, vectorizable (libm's expf is a call per element, which no loop
+# vectorizes): z = n ln2 + r with |r| <= ln2/2, exp(r) by the minimax polynomial of Cephes'
+# expf (relative error ~1 ulp), 2^n put into a float's exponent bits. z is clamped to
+# [-87, 88], where 2^n stays a normal float: exp beyond it is below 1.7e-38 or above
+# 1.6e38, as good as 0 or infinity for the activations below, which take 1 / (1 + exp).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.0)
+_EXP_HI = np.float32(88.0)
+
+
+@njit(inline="always", fastmath=True)
+def _exp_parts(z):
+    """(m, b) with exp(z) = m * (the float32 whose bits are the int32 b)."""
+    z = min(max(z, _EXP_LO), _EXP_HI)
+    n = np.floor(z * _LOG2E + np.float32(0.5))
+    r = z - n * _LN2_HI - n * _LN2_LO
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    return p * r * r + r + np.float32(1.0), np.int32((n + np.float32(127.0)) * np.float32(8388608.0))
+
+
 # Attention works on tiles: a work item is one KV head, a tile of up to _QUERY_TILE
 # consecutive queries (with all the query heads that share that KV head: their rows are
 # scored together, so each cached key is read and converted once per tile) and a span of
@@ -168,10 +197,14 @@ _NO_SCORE = np.float32(-3.0e38)
 
 @njit(inline="always")
 def f16_to_f32(raw, out):
-    """out = the IEEE binary16 values of the bytes raw (little-endian, 2 per value), exactly:
-    the bits are moved into float32 position and rebiased by one multiply by 2^112, which
-    also normalises the subnormals; infinities and NaNs get their float32 exponent back.
-    Branch-free, so it compiles to vector code on every CPU tier (no F16C needed)."""
+    """out = the IEEE binary16 values of the bytes raw (little-endian, 2 per value), exactly.
+    With F16C (x86-64-v3 and up) in hardware, 16 values an instruction; otherwise the bits
+    are moved into float32 position and rebiased by one multiply by 2^112, which also
+    normalises the subnormals; infinities and NaNs get their float32 exponent back:
+    branch-free, so it compiles to vector code on every CPU tier."""
+    if _F16C:
+        f16_to_f32_f16c(raw, out)
+        return
     bits = raw.view(np.uint16)
     ob = out.view(np.uint32)
     n = out.size
@@ -191,6 +224,10 @@ def f16_to_f32(raw, out):
 def _cache_rows_f32(cache_type, rows, first, count, blocks, out):
     """Rows first..first+count of one head's cache slab rows[n_ctx, row bytes] (GGML type
     cache_type) as float32 into out[:count, :]."""
+    if cache_type == F16 and _F16C:  # the rows are one run of f16 values: one call
+        f16_to_f32_f16c(rows[first:first + count].reshape(count * rows.shape[1]),
+                        out[:count].reshape(count * out.shape[1]))
+        return
     for j in range(count):
         row = rows[first + j]
         if cache_type == F16:
@@ -209,6 +246,38 @@ def _tile(tile_kv, n_kv_heads, n_tiles):
     half = tile // 2
     tile = half if tile % 2 == 0 else n_tiles - 1 - half
     return tile_kv % n_kv_heads, tile * _QUERY_TILE
+
+
+@njit(cache=True, fastmath=True)
+def _merge_spans(tile_kv, n_kv_heads, n_tiles, n, group, n_spans, head_dim_v, run_max, run_sum, acc, sinks, out):
+    """Tile tile_kv's rows of out from its spans' partial results, each weighted by its
+    share of the whole softmax (and the sink's logit in the denominator)."""
+    kvh, i0 = _tile(tile_kv, n_kv_heads, n_tiles)
+    rows = (min(n, i0 + _QUERY_TILE) - i0) * group
+    base = tile_kv * n_spans
+    for r in range(rows):
+        i = i0 + r // group
+        h = kvh * group + r % group
+        dst = out[i, h * head_dim_v:(h + 1) * head_dim_v]
+        if n_spans == 1:
+            dst[:] = acc[base, r]
+            continue
+        top = _NO_SCORE
+        for sp in range(n_spans):
+            top = max(top, run_max[base + sp, r])
+        whole = np.float32(0.0)
+        if sinks is not None:  # the sink: one more logit in the whole softmax's denominator
+            top = max(top, sinks[h])
+            whole = np.float32(math.exp(sinks[h] - top))
+        share = np.empty(n_spans, np.float32)
+        for sp in range(n_spans):
+            share[sp] = run_sum[base + sp, r] * np.float32(math.exp(run_max[base + sp, r] - top))
+            whole += share[sp]
+        dst[:] = 0.0
+        for sp in range(n_spans):
+            f = share[sp] / whole
+            for d in range(head_dim_v):
+                dst[d] += f * acc[base + sp, r, d]
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -277,14 +346,19 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
         keys = np.empty((_KEY_BLOCK, head_dim), np.float32)
         values = np.empty((_KEY_BLOCK, head_dim_v), np.float32)
         p = np.empty((rows, max(k1 - k0, 1)), np.float32)  # scores, then softmax weights
+        mantissa = np.empty(max(k1 - k0, 1), np.float32)  # exp of a row's scores (_exp_parts)
+        exponent = np.empty(max(k1 - k0, 1), np.int32)
+        power = exponent.view(np.float32)
         # pass 1: the scores of the span's keys, a block of keys converted at a time
         for b0 in range(k0, k1, _KEY_BLOCK):
             nb = min(_KEY_BLOCK, k1 - b0)
             _cache_rows_f32(k_type, k_cache[kvh], b0, nb, k_blocks, keys)
             for r in range(rows):
-                qr = qt[r]
                 for j in range(max(seen_from[r], b0), min(seen_to[r], b0 + nb)):
-                    s = dot_f32(qr, 0, keys[j - b0], 0, head_dim) * scale
+                    s = np.float32(0.0)
+                    for d in range(head_dim):  # indexed in place: a view per key costs more
+                        s += qt[r, d] * keys[j - b0, d]
+                    s *= scale
                     if softcap > 0:
                         s = np.float32(softcap * math.tanh(s / softcap))
                     p[r, j - k0] = s
@@ -298,9 +372,12 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
                 sink = sinks[kvh * group + r % group]
                 m[r] = max(m[r], sink)
                 t += np.float32(math.exp(sink - m[r]))
+            pr, top = p[r], m[r]
             for j in range(seen_from[r] - k0, seen_to[r] - k0):
-                e = np.float32(math.exp(p[r, j] - m[r]))
-                p[r, j] = e
+                mantissa[j], exponent[j] = _exp_parts(pr[j] - top)
+            for j in range(seen_from[r] - k0, seen_to[r] - k0):
+                e = mantissa[j] * power[j]
+                pr[j] = e
                 t += e
             total[r] = t
             if t > 0:
@@ -311,60 +388,55 @@ def attention(q, k_cache, k_type, k_blocks, v_cache, v_type, v_blocks, start_pos
         for b0 in range(k0, k1, _KEY_BLOCK):
             _cache_rows_f32(v_type, v_cache[kvh], b0, min(_KEY_BLOCK, k1 - b0), v_blocks, values)
             for r in range(rows):
-                ar = a[r]
                 for j in range(max(seen_from[r], b0), min(seen_to[r], b0 + _KEY_BLOCK)):
                     w = p[r, j - k0]
-                    vj = values[j - b0]
                     for d in range(head_dim_v):
-                        ar[d] += w * vj[d]
-    # merge the spans of each tile (weighted by their share of the softmax) into out
-    for tile_kv in prange(n_kv_heads * n_tiles):
-        kvh, i0 = _tile(tile_kv, n_kv_heads, n_tiles)
-        rows = (min(n, i0 + _QUERY_TILE) - i0) * group
-        base = tile_kv * n_spans
-        for r in range(rows):
-            i = i0 + r // group
-            h = kvh * group + r % group
-            dst = out[i, h * head_dim_v:(h + 1) * head_dim_v]
-            if n_spans == 1:
-                dst[:] = acc[base, r]
-                continue
-            top = _NO_SCORE
-            for sp in range(n_spans):
-                top = max(top, run_max[base + sp, r])
-            whole = np.float32(0.0)
-            if sinks is not None:  # the sink: one more logit in the whole softmax's denominator
-                top = max(top, sinks[h])
-                whole = np.float32(math.exp(sinks[h] - top))
-            share = np.empty(n_spans, np.float32)
-            for sp in range(n_spans):
-                share[sp] = run_sum[base + sp, r] * np.float32(math.exp(run_max[base + sp, r] - top))
-                whole += share[sp]
-            dst[:] = 0.0
-            for sp in range(n_spans):
-                f = share[sp] / whole
-                for d in range(head_dim_v):
-                    dst[d] += f * acc[base + sp, r, d]
+                        a[r, d] += w * values[j - b0, d]
+    # merge the spans of each tile (weighted by their share of the softmax) into out: on
+    # the calling thread when there are few tiles (a decoded token), which spares waking
+    # the threads once more for a few hundred multiply-adds
+    if n_kv_heads * n_tiles < _SPLIT_BELOW:
+        for tile_kv in range(n_kv_heads * n_tiles):
+            _merge_spans(tile_kv, n_kv_heads, n_tiles, n, group, n_spans, head_dim_v, run_max, run_sum, acc,
+                         sinks, out)
+    else:
+        for tile_kv in prange(n_kv_heads * n_tiles):
+            _merge_spans(tile_kv, n_kv_heads, n_tiles, n, group, n_spans, head_dim_v, run_max, run_sum, acc,
+                         sinks, out)
 
 
 @njit(cache=True, fastmath=True)
 def _silu_mul_rows(gate, up):
+    """gate = gate / (1 + exp(-gate)) * up, exp vectorized (_exp_parts)."""
     n, d = gate.shape
+    mantissa = np.empty(d, np.float32)
+    exponent = np.empty(d, np.int32)
+    power = exponent.view(np.float32)
     for i in range(n):
+        g, u = gate[i], up[i]
         for j in range(d):
-            g = gate[i, j]
-            gate[i, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[i, j]
+            mantissa[j], exponent[j] = _exp_parts(-g[j])
+        for j in range(d):
+            g[j] = g[j] / (np.float32(1.0) + mantissa[j] * power[j]) * u[j]
 
 
 @njit(cache=True, fastmath=True)
 def _gelu_tanh_mul_rows(gate, up):
+    """gate = 0.5 g (1 + tanh(t)) * up with t = sqrt(2/pi) (g + 0.044715 g^3), computed as the
+    equal g / (1 + exp(-2t)) * up, exp vectorized (_exp_parts; libm's tanhf is a call per
+    element)."""
     n, d = gate.shape
-    c = np.float32(math.sqrt(2.0 / math.pi))
+    c = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
+    mantissa = np.empty(d, np.float32)
+    exponent = np.empty(d, np.int32)
+    power = exponent.view(np.float32)
     for i in range(n):
+        g, u = gate[i], up[i]
         for j in range(d):
-            g = gate[i, j]
-            inner = c * (g + np.float32(0.044715) * g * g * g)
-            gate[i, j] = np.float32(0.5) * g * (np.float32(1.0) + np.float32(math.tanh(inner))) * up[i, j]
+            x = g[j]
+            mantissa[j], exponent[j] = _exp_parts(c * (x + np.float32(0.044715) * x * x * x))
+        for j in range(d):
+            g[j] = g[j] / (np.float32(1.0) + mantissa[j] * power[j]) * u[j]
 
 
 @njit(inline="always")

@@ -401,3 +401,45 @@ def byte_lookup(builder, table, indices):
 
 def _v8(n):
     return ir.VectorType(_I8, n)
+
+
+def has_f16c() -> bool:
+    """Whether the pinned tier converts f16 in hardware (F16C: x86-64-v3 and up)."""
+    return "f16c" in cpu.compiled_features()
+
+
+_F16_LANES = 16
+
+
+@intrinsic
+def f16_to_f32_f16c(typingctx, raw, out):
+    """out[i] = the IEEE binary16 value of the 2 bytes raw[2i:2i+2] (little-endian), for i <
+    out.size: LLVM's `fpext half to float`, 16 values an instruction (vcvtph2ps). Exact
+    (every f16 is a float32). Only for tiers with F16C (has_f16c): elsewhere LLVM would
+    call a runtime helper per value."""
+    sig = types.void(raw, out)
+
+    def codegen(context, builder, sig, args):
+        raw_, out_ = args
+        src = context.make_array(sig.args[0])(context, builder, raw_).data
+        dst_array = context.make_array(sig.args[1])(context, builder, out_)
+        dst = dst_array.data
+        n = builder.extract_value(dst_array.shape, 0)
+        half, half_vec = ir.HalfType(), ir.VectorType(ir.HalfType(), _F16_LANES)
+        float_vec = ir.VectorType(_F32, _F16_LANES)
+        src_half = builder.bitcast(src, half.as_pointer())
+        lanes = ir.Constant(n.type, _F16_LANES)
+        chunks = builder.udiv(n, lanes)
+        with cgutils.for_range(builder, chunks) as loop:
+            first = builder.mul(loop.index, lanes)
+            values = builder.load(builder.bitcast(builder.gep(src_half, [first]), half_vec.as_pointer()), align=1)
+            builder.store(builder.fpext(values, float_vec),
+                          builder.bitcast(builder.gep(dst, [first]), float_vec.as_pointer()), align=4)
+        done = builder.mul(chunks, lanes)
+        with cgutils.for_range(builder, builder.sub(n, done)) as loop:
+            i = builder.add(done, loop.index)
+            builder.store(builder.fpext(builder.load(builder.gep(src_half, [i]), align=1), _F32),
+                          builder.gep(dst, [i]))
+        return context.get_dummy_value()
+
+    return sig, codegen
