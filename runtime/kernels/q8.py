@@ -35,27 +35,35 @@ def activation_block(type_id):
 
 
 @njit(inline="always")
-def _round_to_f16(d):
+def _round_to_f16(d, bits):
     """The float32 d (>= 0) rounded to the nearest f16 value (ties to even), subnormals
-    included: how ggml stores a Q8_0 block's scale."""
+    included: how ggml stores a Q8_0 block's scale. bits: a uint32[1] to move d through."""
     if d < np.float32(2.0 ** -14):  # f16 subnormals: multiples of 2^-24
         return np.float32(np.rint(d * np.float32(2.0 ** 24)) * np.float32(2.0 ** -24))
-    bits = np.array([d]).view(np.uint32)[0]
-    bits = (bits + np.uint32(0xFFF) + ((bits >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
-    return np.array([bits]).view(np.float32)[0]
+    value = bits.view(np.float32)
+    value[0] = d
+    b = bits[0]
+    bits[0] = (b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return value[0]
 
 
-@njit(inline="always")
-def _abs_max(xs):
-    """max |xs[i]| (0 for none), as the largest of the bits with the sign cleared: for
-    floats that are not NaN their order as integers is their order as numbers, and an integer
-    maximum compiles to vector code where the float one stayed a scalar compare-and-select
-    (~1.5 ns an element, most of quantize_activations' time; now ~0.15)."""
-    bits = xs.view(np.int32)
-    top = np.int32(0)
-    for i in range(bits.size):
-        top = max(top, np.int32(bits[i] & np.int32(0x7FFFFFFF)))
-    return np.array([top], np.int32).view(np.float32)[0]
+@njit(cache=True)
+def _magnitude_bits(words, first, count):
+    """The bits of max |x| over x[first:first + count] (x's bits as uint32 `words`): the
+    maximum taken on the bits with the sign cleared, as non-negative floats order as their
+    bits do (a float maximum does not vectorize; this does)."""
+    top = np.uint32(0)
+    for i in range(first, first + count):
+        top = max(top, words[i] & np.uint32(0x7FFFFFFF))
+    return top
+
+
+@njit(cache=True)
+def _round_scaled(x, first, count, inv, yq):
+    """yq = round(x * inv), halves to even, over [first, first + count) (its own function, so
+    that the loop vectorizes)."""
+    for i in range(first, first + count):
+        yq[i] = np.int8(np.int32(np.rint(x[i] * inv)))
 
 
 @njit(fastmath=False, cache=True)
@@ -63,17 +71,17 @@ def quantize_activations(x, block, yq, yd, ys):
     """x (float32, length a multiple of `block`) -> yq int8 with |yq| <= 127 and yd per block,
     as ggml's quantize_row_q8_0 (block 32: d = max|x| / 127 stored as f16, q = round(x / d)
     with the unrounded d) and quantize_row_q8_K (block 256: d in float32); ys = sums of yq
-    per 16."""
+    per 16. Nothing allocates per block."""
     n = x.size
+    words = x.view(np.uint32)
+    bits = np.empty(1, np.uint32)
     for b in range(n // block):
-        xs = x[b * block:(b + 1) * block]
-        amax = _abs_max(xs)
+        bits[0] = _magnitude_bits(words, b * block, block)
+        amax = bits.view(np.float32)[0]
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)  # as ggml: not 1 / d
-        yd[b] = _round_to_f16(d) if block == 32 else d
-        q = yq[b * block:(b + 1) * block]
-        for i in range(block):
-            q[i] = np.int8(np.rint(xs[i] * inv))
+        yd[b] = _round_to_f16(d, bits) if block == 32 else d
+        _round_scaled(x, b * block, block, inv, yq)
     for g in range(n // 16):
         s = np.int32(0)
         for i in range(16):
