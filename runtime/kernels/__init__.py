@@ -194,8 +194,9 @@ class BlockMatrix:
         return matmul_many([self], self.cols, X, None if out is None else [out])[0]
 
     def rows_f32(self, ids) -> np.ndarray:
-        """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup)."""
-        from .dispatch import dequantize_kernel
+        """Rows `ids` as float32[len(ids), cols], decoding only those rows (embedding lookup),
+        each on the calling thread: a row is too little work to wake the others for."""
+        from .dispatch import decode_blocks
 
         ids = np.asarray(ids, np.int64).reshape(-1)
         bad = ids[(ids < 0) | (ids >= self.rows)]
@@ -204,8 +205,7 @@ class BlockMatrix:
         t, rb = self.type, self.row_bytes
         out = np.empty((ids.size, self.cols), np.float32)
         for i, r in enumerate(ids.tolist()):
-            dequantize_kernel(t.id, self.raw[r * rb:(r + 1) * rb], self.row_blocks,
-                              t.block_bytes, t.block_elems, out[i])
+            decode_blocks(t.id, self.raw, r * rb, self.row_blocks, out[i], 0)
         return out
 
 

@@ -89,6 +89,7 @@ class Projections:
         self.row_blocks = np.array([m.row_blocks for m in matrices], np.int64)
         self.ends = np.cumsum([m.rows for m in matrices]).astype(np.int64)
         self.bounds = list(zip([0, *self.ends[:-1].tolist()], self.ends.tolist()))
+        self.total_rows = int(self.ends[-1])
         # every matrix on the integer path: one token goes straight to the kernel, with the
         # arguments above, checked once here (a decoded token makes ~4 calls per layer)
         self.integer = all(m.type.id in q8.INTEGER_TYPES and m.cols == self.cols for m in matrices)
@@ -97,15 +98,20 @@ class Projections:
         """[X @ W.T for each matrix W], each [n, W.rows]."""
         if X.shape[0] != 1:
             return kernels.matmul_many(self.matrices, self.cols, X)
-        out = np.empty((1, int(self.ends[-1])), np.float32)
+        out = np.empty((1, self.total_rows), np.float32)
         x = X[0]
+        if len(self.bounds) == 1:  # one matrix: its rows are the whole of out
+            parts = (out[0],)
+        else:
+            parts = tuple([out[0, a:b] for a, b in self.bounds])
         if self.integer and kernels.INTEGER_PATH and x.shape == (self.cols,):
             if x.dtype != np.float32 or not x.flags.c_contiguous:
                 x = np.ascontiguousarray(x, np.float32)
-            q8.matvec_kernel(self.type_ids, self.raws, self.row_counts, self.row_bytes, self.cols, x,
-                             tuple(out[0, a:b] for a, b in self.bounds))
+            q8.matvec_kernel(self.type_ids, self.raws, self.row_counts, self.row_bytes, self.cols, x, parts)
         else:
-            kernels.matvec_many(self.matrices, self.cols, x, [out[0, a:b] for a, b in self.bounds])
+            kernels.matvec_many(self.matrices, self.cols, x, list(parts))
+        if len(self.bounds) == 1:
+            return [out]
         return [out[:, a:b] for a, b in self.bounds]
 
 
