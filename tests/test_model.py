@@ -17,6 +17,11 @@ pairing and the sliding window). 1e-4 relative to the largest logit sits between
 
 import dataclasses
 import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,6 +303,68 @@ def test_attention_kernel_gqa_window_against_numpy(cache_type):
                 ds = scale * (k_err[kv, first:pos + 1] @ np.abs(qh)).max()
                 bound = np.expm1(2 * ds) * np.abs(v_cache[kv]).max() + v_err[kv, first:pos + 1].max() + 1e-5
                 assert np.abs(got - attend(k_cache.astype(np.float64), v_cache)).max() <= bound
+
+
+@pytest.mark.parametrize("name", ["gelu_tanh_mul", "silu_mul"])
+def test_gated_activations_against_float64(name):
+    """The activations are g / (1 + exp(-z)) * u (z = g for SiLU; z = 2 sqrt(2/pi) (g +
+    0.044715 g^3) for GELU's tanh form, since 0.5 (1 + tanh(z/2)) = 1 / (1 + exp(-z))), exp
+    by ops' vectorized polynomial (~1 ulp). Against that formula in float64: z computed in
+    float32 is off by ~4 roundings, 4 |z| 2^-24 absolute, which moves the result by that
+    relative (times e / (1 + e) < 1); exp, the division and the products add ~8 ulps; so
+    2^-24 (8 + 4 |z|) relative, plus 1e-36 absolute where the true value is below float32's
+    normal range (exp is clamped at 88: g / (1 + e^88) stays a tiny nonzero)."""
+    from runtime.kernels import ops
+
+    rng = np.random.default_rng(7)
+    g = np.concatenate([rng.standard_normal(3000) * 4, [-100, -90, -20, -1e-3, 0, 1e-3, 20, 90, 100]])
+    gate = g.astype(np.float32)[None, :]
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    g64, u64 = gate.astype(np.float64), up.astype(np.float64)
+    z = g64 if name == "silu_mul" else 2 * math.sqrt(2 / math.pi) * (g64 + 0.044715 * g64 ** 3)
+    with np.errstate(over="ignore"):
+        want = g64 / (1 + np.exp(-z)) * u64
+    got = gate.copy()
+    getattr(ops, name)(got, up)
+    assert np.all(np.abs(got - want) <= 2.0 ** -24 * (8 + 4 * np.abs(z)) * np.abs(want) + 1e-36)
+
+
+_F16_TIER_CHECK = """
+import numpy as np
+from runtime.kernels import ops
+from numba import njit, types
+@njit
+def convert(raw, out):
+    ops.f16_to_f32(raw, out)
+every = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+for n in (65536, 65535, 17, 3):
+    out = np.empty(n, np.float32)
+    convert(every[:n].view(np.uint8), out)
+    want = every[:n].view(np.float16).astype(np.float32)
+    assert np.all((out.view(np.uint32) == want.view(np.uint32)) | (np.isnan(out) & np.isnan(want))), n
+print(ops._F16C)
+print(convert.inspect_asm(convert.signatures[0]))
+"""
+
+
+@pytest.mark.parametrize("tier", ["x86-64-v4", "x86-64-v3", "x86-64-v2"])
+def test_f16_cache_conversion_is_exact_on_every_tier(tier, tmp_path):
+    """Attention reads an f16 cache through ops.f16_to_f32: F16C's vcvtph2ps from x86-64-v3
+    up (no AVX-512 at v3), the bit-moving conversion below (no VEX, no F16C at v2). Every
+    one of the 65,536 f16 values converts to the float32 NumPy gives (NaNs stay NaNs)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "MODELRUN_"))}
+    env.update(MODELRUN_CPU_TIER=tier, XDG_CACHE_HOME=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", _F16_TIER_CHECK], cwd=Path(__file__).resolve().parent.parent,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    f16c, asm = out.stdout.split("\n", 1)
+    assert f16c == str(tier != "x86-64-v2")
+    if tier == "x86-64-v2":
+        assert "vcvtph2ps" not in asm and not re.search(r"^\s+v[a-z0-9]+\s", asm, re.M)
+    else:
+        assert "vcvtph2ps" in asm
+        if tier == "x86-64-v3":
+            assert "zmm" not in asm
 
 
 @pytest.mark.parametrize("start,n,window,softcap,with_sinks",
