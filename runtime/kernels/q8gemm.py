@@ -1,4 +1,4 @@
-"""Prefill matmul as a GEMM (Q4_K, Q6_K, Q4_0, Q5_0, Q8_0): a tile of weight rows decoded
+"""Prefill matmul as a GEMM (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0): a tile of weight rows decoded
 once to int8 in L1, every token of the batch run over it with the tokens in the vector lanes.
 
 Why this shape: the row dots of q8dot.py put a weight block's elements in the lanes, so
@@ -10,7 +10,8 @@ at once, and a sub-block's scale is one lane-wise multiply. Nothing is joined ac
 
 Blocks read (kquants.py spells them out): Q4_K (144 bytes): d, dmin:f16, scales[12] (eight
 6-bit scales and mins), qs[128], element 64c + l the low nibble of qs[32c + l], 64c + 32 + l
-its high nibble. Q6_K (210 bytes): ql[128], qh[64], scales[16] int8, d:f16, element
+its high nibble. Q5_K (176): as Q4_K with qh[32] between scales and qs, bit k of qh[l] the
+fifth bit of element 32k + l. Q6_K (210 bytes): ql[128], qh[64], scales[16] int8, d:f16, element
 128h + 32j + l from a nibble of ql[64h + 32(j % 2) + l] and bits 2j.. of qh[32h + l], q - 32.
 Blocks of 32 (legacy.py): Q4_0 (18): d:f16, qs[16], element i < 16 the low nibble of qs[i],
 i >= 16 the high nibble of qs[i - 16], q - 8. Q5_0 (22): d, qh:u32, qs[16]; bit i of qh is
@@ -19,7 +20,7 @@ element i's fifth bit, q - 16. Q8_0 (34): d, qs[32] int8.
 The weights stay in their memory-mapped blocks; what is decoded is a transient tile of
 ROWS rows, rewritten for every group of rows:
 - tile (int8, ROWS x cols, row-major): one signed byte per weight, the integer the format
-  stores: Q4_K q (0..15); Q6_K q - 32 (-32..31); Q4_0 q - 8; Q5_0 q - 16; Q8_0 q.
+  stores: Q4_K q (0..15); Q5_K q (0..31); Q6_K q - 32 (-32..31); Q4_0 q - 8; Q5_0 q - 16; Q8_0 q.
 - scal (int32, 32 per row and super-block of 256): [0:16] the sub-block scales (8 used by
   formats with sub-blocks of 32), [16:24] the minimums as int16 pairs (m_a | m_b << 16) for
   the activation sums of elements 32p..32p+15 and 32p+16..32p+31, [24] C = sum over the
@@ -47,7 +48,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 import numpy as np
 
-from runtime.ggml_types import Q4_0, Q4_K, Q5_0, Q6_K, Q8_0
+from runtime.ggml_types import Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
 
 from .common import F16_TO_F32
 from . import simd
@@ -148,14 +149,19 @@ def _lanes(e, vec):
     return [e.b.extract_element(vec, ir.Constant(_I32, i)) for i in range(vec.type.count)]
 
 
-def _q4_k_tile(e, blk, w, s):
-    """Q4_K: weight bytes q (0..15), 8 scales and minimums."""
+def _q4_k_tile(e, blk, w, s, qs_off=16, qh_off=None):
+    """Q4_K: weight bytes q (0..15), 8 scales and minimums; Q5_K (qh_off): q (0..31), the
+    fifth bit of sub-block 2c + h bit 2c + h of qh[l]."""
     b = e.b
     scales, mins = _k4_scales_mins(e, blk)
+    high_bits = e.load(blk, qh_off, _v(32)) if qh_off is not None else None
     sums = []
     for c in range(4):  # 32 bytes of qs: sub-blocks 2c (low nibbles) and 2c + 1 (high)
-        q = e.load(blk, 16 + 32 * c, _v(32))
+        q = e.load(blk, qs_off + 32 * c, _v(32))
         low, high = e.mask(q, 15), e.shr(q, 4)
+        if high_bits is not None:
+            low = b.or_(low, e.shl(e.bits(high_bits, 2 * c, 1), 4))
+            high = b.or_(high, e.shl(e.bits(high_bits, 2 * c + 1, 1), 4))
         _store(e, w, 64 * c, low)
         _store(e, w, 64 * c + 32, high)
         sums += _sub_sums(e, e.cat(low, high), 32)
@@ -167,6 +173,11 @@ def _q4_k_tile(e, blk, w, s):
     _store_i32(e, s, 24, _bias(e, sc, sums))
     _store_f32(e, s, 25, e.f16(blk, 0))
     _store_f32(e, s, 26, e.f16(blk, 2))
+
+
+def _q5_k_tile(e, blk, w, s):
+    """Q5_K: as Q4_K with qh[32] at byte 16 and qs after it."""
+    _q4_k_tile(e, blk, w, s, qs_off=48, qh_off=16)
 
 
 def _q6_k_tile(e, blk, w, s):
@@ -355,6 +366,7 @@ def _gemm32(rows=ROWS, lanes=LANES):
 
 
 decode_q4_k = _decoder(144, _q4_k_tile)
+decode_q5_k = _decoder(176, _q5_k_tile)
 decode_q6_k = _decoder(210, _q6_k_tile)
 decode_q4_0 = _decoder(18, _q4_0_tile, 32, 2)
 decode_q5_0 = _decoder(22, _q5_0_tile, 32, 2)
@@ -366,7 +378,7 @@ gemm_legacy = _gemm32()
 # The formats with a GEMM. Q8_0's weights reach +-127, where pmaddubsw (the tiers without
 # VNNI) would saturate its pair sums (2 * 255 * 127 > 32767): its GEMM is on the VNNI tiers.
 LEGACY_GEMM_TYPES = (Q4_0, Q5_0, Q8_0) if simd.integer_isa().startswith("vnni") else (Q4_0, Q5_0)
-GEMM_TYPES = (Q4_K, Q6_K) + LEGACY_GEMM_TYPES
+GEMM_TYPES = (Q4_K, Q5_K, Q6_K) + LEGACY_GEMM_TYPES
 
 
 @njit(inline="always")
@@ -385,6 +397,8 @@ def decode_tile(type_id, raw, off, nblocks, tile, t_off, scal, s_off):
     t = F16_TO_F32
     if type_id == Q4_K:
         decode_q4_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
+    elif type_id == Q5_K:
+        decode_q5_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q6_K:
         decode_q6_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q4_0:
@@ -398,7 +412,7 @@ def decode_tile(type_id, raw, off, nblocks, tile, t_off, scal, s_off):
 @njit(inline="always")
 def gemm_group(type_id, tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out):
     """The ROWS x LANES results of the tile and one token group into out (row after row)."""
-    if type_id == Q4_K:
+    if type_id == Q4_K or type_id == Q5_K:  # Q5_K: the same sums, its q up to 31
         gemm_q4_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
     elif type_id == Q6_K:
         gemm_q6_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
