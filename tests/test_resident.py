@@ -55,15 +55,9 @@ def test_a_kernel_loaded_from_the_cache_links_into_a_later_compile(tmp_path):
 
 def _llvm_rss() -> int:
     """Resident bytes of this process's libllvmlite mappings."""
-    total, ours = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
-                ours = len(fields) > 5 and "libllvmlite" in fields[5]
-            elif fields[0] == "Rss:" and ours:
-                total += int(fields[1]) * 1024
-    return total
+    from runtime.benchmark import resident_by_kind
+
+    return resident_by_kind(__file__)["llvm"]
 
 
 def test_compiler_code_is_paged_out_and_comes_back_when_needed():
