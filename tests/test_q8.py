@@ -159,7 +159,7 @@ def test_matmul(name, n):
     check(got, raw, name, rows, cols, X)
 
 
-GEMM_TYPES = ["Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q5_0", "Q8_0"]  # runtime/kernels/q8gemm.py (Q8_0: VNNI tiers)
+GEMM_TYPES = ["Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q4_0", "Q5_0", "Q8_0"]  # runtime/kernels/q8gemm.py (IQ4_XS, Q8_0: VNNI tiers)
 
 
 @pytest.mark.parametrize("name", GEMM_TYPES)
@@ -184,6 +184,7 @@ def test_gemm(name, rows, cols, n):
 # Bytes (offset, length, value) that put a format's integers at their largest magnitude.
 EXTREMES = {"Q4_K": [(4, 12, 0xFF), (16, 128, 0xFF)],  # scales and minimums 63, indices 15
             "Q5_K": [(4, 12, 0xFF), (16, 160, 0xFF)],  # scales and minimums 63, indices 31
+            "IQ4_XS": [(2, 6, 0x00), (8, 128, 0x00)],  # scales 0 - 32, levels -127
             "Q6_K": [(0, 192, 0x00), (192, 16, 0x80)],  # indices 0 - 32, scales -128
             "Q4_0": [(2, 16, 0x00)], "Q5_0": [(2, 20, 0x00)],  # 0 - 8, 0 - 16
             "Q8_0": [(2, 32, 0x80)]}  # -128
@@ -265,7 +266,7 @@ for name in INTEGER_TYPES:
     raw = random_blocks(name, 3 * 512, rng)
     X = rng.standard_normal((2, 512)).astype(np.float32)
     check(kernels.matvec(raw, name, 3, 512, X[0])[None, :], raw, name, 3, 512, X[:1])
-for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q8_0"):  # the GEMM (q8gemm.py)
+for name in ("Q4_K", "Q5_K", "Q6_K", "IQ4_XS", "Q5_0", "Q8_0"):  # the GEMM (q8gemm.py)
     raw = random_blocks(name, 9 * 512, rng)
     X = rng.standard_normal((17, 512)).astype(np.float32)
     check(kernels.matmul(raw, name, 9, 512, X), raw, name, 9, 512, X)

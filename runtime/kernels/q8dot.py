@@ -467,14 +467,20 @@ def _iq4_nl_body(e, k, blk, y, ys, dy):
     return [(sums, e.block_scales([e.f16(blk, 18 * i) for i in range(k)], dy))]
 
 
-def _iq4_xs_body(e, k, blk, y, ys, dy):
+def iq4_xs_scales(e, blk):
+    """IQ4_XS: the 8 groups' scales ls - 32 as <8 x i32>."""
     b = e.b
     v8 = _v(8, _I32)
     low = e.pick(e.widen(e.load(blk, 4, _v(4))), [g // 2 for g in range(8)])
     low = b.and_(b.lshr(low, ir.Constant(v8, [4 * (g % 2) for g in range(8)])), ir.Constant(v8, [15] * 8))
     high = e.pick(e.widen(b.bitcast(e.load(blk, 2, _I16), _v(2))), [0] * 4 + [1] * 4)
     high = b.and_(b.lshr(high, ir.Constant(v8, [2 * (g % 4) for g in range(8)])), ir.Constant(v8, [3] * 8))
-    scales = b.trunc(b.sub(b.or_(low, b.shl(high, ir.Constant(v8, [4] * 8))), ir.Constant(v8, [32] * 8)), _v(8, _I16))
+    return b.sub(b.or_(low, b.shl(high, ir.Constant(v8, [4] * 8))), ir.Constant(v8, [32] * 8))
+
+
+def _iq4_xs_body(e, k, blk, y, ys, dy):
+    b = e.b
+    scales = b.trunc(iq4_xs_scales(e, blk), _v(8, _I16))
     total = None
     for pair in range(4):  # groups 2p, 2p + 1: 32 bytes of qs, 64 weights
         w = byte_lookup(b, IQ4_LEVELS, e.cat(_nibbles32(e, blk, 8 + 32 * pair), _nibbles32(e, blk, 24 + 32 * pair)))

@@ -1,4 +1,4 @@
-"""Prefill matmul as a GEMM (Q4_K, Q5_K, Q6_K, Q4_0, Q5_0, Q8_0): a tile of weight rows decoded
+"""Prefill matmul as a GEMM (Q4_K, Q5_K, Q6_K, IQ4_XS, Q4_0, Q5_0, Q8_0): a tile of weight rows decoded
 once to int8 in L1, every token of the batch run over it with the tokens in the vector lanes.
 
 Why this shape: the row dots of q8dot.py put a weight block's elements in the lanes, so
@@ -11,7 +11,9 @@ at once, and a sub-block's scale is one lane-wise multiply. Nothing is joined ac
 Blocks read (kquants.py spells them out): Q4_K (144 bytes): d, dmin:f16, scales[12] (eight
 6-bit scales and mins), qs[128], element 64c + l the low nibble of qs[32c + l], 64c + 32 + l
 its high nibble. Q5_K (176): as Q4_K with qh[32] between scales and qs, bit k of qh[l] the
-fifth bit of element 32k + l. Q6_K (210 bytes): ql[128], qh[64], scales[16] int8, d:f16, element
+fifth bit of element 32k + l. IQ4_XS (136): d, scales_h:u16, scales_l[4], qs[128]; group g of
+32 has qs[16g:16g+16] as Q4_0's nibbles, weight K[q] of ggml's 16-level codebook K, scale
+(nibble g % 2 of scales_l[g // 2] | bits 2g.. of scales_h << 4) - 32. Q6_K (210 bytes): ql[128], qh[64], scales[16] int8, d:f16, element
 128h + 32j + l from a nibble of ql[64h + 32(j % 2) + l] and bits 2j.. of qh[32h + l], q - 32.
 Blocks of 32 (legacy.py): Q4_0 (18): d:f16, qs[16], element i < 16 the low nibble of qs[i],
 i >= 16 the high nibble of qs[i - 16], q - 8. Q5_0 (22): d, qh:u32, qs[16]; bit i of qh is
@@ -20,7 +22,7 @@ element i's fifth bit, q - 16. Q8_0 (34): d, qs[32] int8.
 The weights stay in their memory-mapped blocks; what is decoded is a transient tile of
 ROWS rows, rewritten for every group of rows:
 - tile (int8, ROWS x cols, row-major): one signed byte per weight, the integer the format
-  stores: Q4_K q (0..15); Q5_K q (0..31); Q6_K q - 32 (-32..31); Q4_0 q - 8; Q5_0 q - 16; Q8_0 q.
+  stores: Q4_K q (0..15); Q5_K q (0..31); IQ4_XS K[q] (-127..113); Q6_K q - 32 (-32..31); Q4_0 q - 8; Q5_0 q - 16; Q8_0 q.
 - scal (int32, 32 per row and super-block of 256): [0:16] the sub-block scales (8 used by
   formats with sub-blocks of 32), [16:24] the minimums as int16 pairs (m_a | m_b << 16) for
   the activation sums of elements 32p..32p+15 and 32p+16..32p+31, [24] C = sum over the
@@ -48,11 +50,11 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 import numpy as np
 
-from runtime.ggml_types import Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
+from runtime.ggml_types import IQ4_XS, Q4_0, Q4_K, Q5_0, Q5_K, Q6_K, Q8_0
 
 from .common import F16_TO_F32
 from . import simd
-from .q8dot import _Emit, _k4_scales_mins, _nibbles32
+from .q8dot import IQ4_LEVELS, _Emit, _k4_scales_mins, _nibbles32, iq4_xs_scales
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -178,6 +180,21 @@ def _q4_k_tile(e, blk, w, s, qs_off=16, qh_off=None):
 def _q5_k_tile(e, blk, w, s):
     """Q5_K: as Q4_K with qh[32] at byte 16 and qs after it."""
     _q4_k_tile(e, blk, w, s, qs_off=48, qh_off=16)
+
+
+def _iq4_xs_tile(e, blk, w, s):
+    """IQ4_XS: weight bytes the codebook's levels (-127..113), 8 signed scales ls - 32."""
+    b = e.b
+    sc = _lanes(e, iq4_xs_scales(e, blk))
+    sums = []
+    for g in range(8):  # group g: qs[16g:16g+16] as IQ4_NL
+        q = simd.byte_lookup(b, IQ4_LEVELS, _nibbles32(e, blk, 8 + 16 * g))
+        _store(e, w, 32 * g, q)
+        sums += _sub_sums(e, q, 32)
+    for i, v in enumerate(sc):
+        _store_i32(e, s, i, v)
+    _store_i32(e, s, 24, _bias(e, sc, sums))
+    _store_f32(e, s, 25, e.f16(blk, 0))
 
 
 def _q6_k_tile(e, blk, w, s):
@@ -368,17 +385,21 @@ def _gemm32(rows=ROWS, lanes=LANES):
 decode_q4_k = _decoder(144, _q4_k_tile)
 decode_q5_k = _decoder(176, _q5_k_tile)
 decode_q6_k = _decoder(210, _q6_k_tile)
+decode_iq4_xs = _decoder(136, _iq4_xs_tile)
 decode_q4_0 = _decoder(18, _q4_0_tile, 32, 2)
 decode_q5_0 = _decoder(22, _q5_0_tile, 32, 2)
 decode_q8_0 = _decoder(34, _q8_0_tile, 32, 2)
 gemm_q4_k = _gemm(32, True)
 gemm_q6_k = _gemm(16, False)
+gemm_iq4_xs = _gemm(32, False)
 gemm_legacy = _gemm32()
 
-# The formats with a GEMM. Q8_0's weights reach +-127, where pmaddubsw (the tiers without
-# VNNI) would saturate its pair sums (2 * 255 * 127 > 32767): its GEMM is on the VNNI tiers.
-LEGACY_GEMM_TYPES = (Q4_0, Q5_0, Q8_0) if simd.integer_isa().startswith("vnni") else (Q4_0, Q5_0)
-GEMM_TYPES = (Q4_K, Q5_K, Q6_K) + LEGACY_GEMM_TYPES
+# The formats with a GEMM. Q8_0's and IQ4_XS's weights reach +-127, where pmaddubsw (the
+# tiers without VNNI) would saturate its pair sums (2 * 255 * 127 > 32767): their GEMM is on
+# the VNNI tiers.
+_VNNI = simd.integer_isa().startswith("vnni")
+LEGACY_GEMM_TYPES = (Q4_0, Q5_0, Q8_0) if _VNNI else (Q4_0, Q5_0)
+GEMM_TYPES = (Q4_K, Q5_K, Q6_K) + ((IQ4_XS,) if _VNNI else ()) + LEGACY_GEMM_TYPES
 
 
 @njit(inline="always")
@@ -401,6 +422,8 @@ def decode_tile(type_id, raw, off, nblocks, tile, t_off, scal, s_off):
         decode_q5_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q6_K:
         decode_q6_k(raw, off, nblocks, tile, t_off, scal, s_off, t)
+    elif type_id == IQ4_XS:
+        decode_iq4_xs(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q4_0:
         decode_q4_0(raw, off, nblocks, tile, t_off, scal, s_off, t)
     elif type_id == Q5_0:
@@ -416,6 +439,8 @@ def gemm_group(type_id, tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, n
         gemm_q4_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
     elif type_id == Q6_K:
         gemm_q6_k(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
+    elif type_id == IQ4_XS:
+        gemm_iq4_xs(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
     else:
         gemm_legacy(tile, cols, scal, xi, x_off, ysi, ys_off, ydi, yd_off, nblocks, out)
 
