@@ -60,7 +60,7 @@ def _llvm_rss() -> int:
     return resident_by_kind(__file__)["llvm"]
 
 
-def test_compiler_code_is_paged_out_and_comes_back_when_needed():
+def test_compiler_code_is_let_go_and_comes_back_when_needed():
     import numba
 
     from runtime.resident import release_compiler_code
