@@ -15,22 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = Path(__file__).parent / "data" / "perplexity_text.txt"
 
 # Runs `python -m runtime ARGS...`, then prints the process's peak resident memory and the
-# resident code of the shared libraries it maps (the .so files: LLVM, Python, NumPy...).
+# resident code of the files it maps other than the model (LLVM's, Python's, NumPy's...).
 PEAK_RSS_SCRIPT = """
 import runpy, sys
 sys.argv = ["runtime"] + sys.argv[1:]
 try:
     runpy.run_module("runtime", run_name="__main__")
 finally:
-    peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-    library_kb, in_library = 0, False
-    for line in open("/proc/self/smaps"):
-        fields = line.split()
-        if line[0] in "0123456789abcdef" and "-" in fields[0]:
-            in_library = len(fields) > 5 and ".so" in fields[5].rsplit("/", 1)[-1]
-        elif in_library and fields[0] == "Rss:":
-            library_kb += int(fields[1])
-    print("peak_kb", int(peak.split()[1]), "library_kb", library_kb, file=sys.stderr)
+    from runtime.benchmark import peak_resident, resident_by_kind
+    kinds = resident_by_kind(sys.argv[sys.argv.index("-m") + 1])
+    print("peak", peak_resident(), "library", kinds["llvm"] + kinds["libraries"], file=sys.stderr)
 """
 
 
@@ -83,8 +77,8 @@ def _peak_rss_of_prompt_run(gemma_path, tokenizer, n_ctx: int) -> tuple[int, int
         if attempt and re.search(r"kernels: .* 0 compiled", out.stderr):
             break
     assert re.search(r"kernels: .* 0 compiled", out.stderr), out.stderr  # else not comparable
-    peak_kb, library_kb = re.search(r"peak_kb (\d+) library_kb (\d+)", out.stderr).groups()
-    return int(peak_kb) * 1024, int(library_kb) * 1024
+    peak, library = re.search(r"peak (\d+) library (\d+)", out.stderr).groups()
+    return int(peak), int(library)
 
 
 def test_estimate_matches_the_peak_memory_of_real_runs(gemma_path, gemma):
