@@ -396,8 +396,7 @@ def run_prompt(session: Session, prompt: str, params, n_predict: int, settings) 
     if n_predict == 0:
         return
     tokens = session.tokenizer.encode(prompt)
-    source = session.gguf.metadata.get("tokenizer.chat_template")
-    source = source if isinstance(source, str) else ""
+    source = session.model_chat_template()
     answer = Answer(chat_request({"messages": []}, source, settings), source, prompt,
                     session.tokenizer, sys.stderr)
     generate_text(session, tokens, params, answer)

@@ -47,6 +47,11 @@ class Session:
     tokenizer: Any
     gguf: GGUFFile
 
+    def model_chat_template(self) -> str:
+        """The chat template the model file carries, "" when it has none (a base model)."""
+        source = self.gguf.metadata.get("tokenizer.chat_template")
+        return source if isinstance(source, str) else ""
+
 
 # --- opening files -----------------------------------------------------------------------------
 

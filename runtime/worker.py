@@ -202,8 +202,7 @@ class EngineWorker:
 
     def model_chat_template(self) -> str:
         """The chat template the model file carries, "" when it has none (a base model)."""
-        source = self.session.gguf.metadata.get("tokenizer.chat_template")
-        return source if isinstance(source, str) else ""
+        return self.session.model_chat_template()
 
     def fewest_tokens(self, text: str) -> int:
         """A lower bound on text's tokens, without tokenizing it (Tokenizer.fewest_tokens)."""
