@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from runtime.resident import smaps_mappings
+
 TEXT = ("The history of the printing press begins in the fifteenth century, when movable type "
         "changed how books were made, sold and read across Europe. Within a few decades, presses "
         "spread from Mainz to Venice, Paris and London, and the price of a book fell sharply. ")
@@ -71,18 +73,12 @@ def resident_by_kind(path: str) -> dict[str, int]:
     NumPy's smaller arrays, Python's bigger objects), "anonymous" (Python's object arenas,
     NumPy's big arrays such as the KV cache, the loaded kernels' code, thread stacks)."""
     kinds = dict.fromkeys(("model", "llvm", "libraries", "heap", "anonymous"), 0)
-    current = "anonymous"
     target = os.path.realpath(path)
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):  # a mapping's header
-                name = fields[5] if len(fields) > 5 else ""
-                current = ("model" if name == target else "llvm" if "libllvmlite" in name
-                           else "libraries" if name.startswith("/") else "heap" if name == "[heap]"
-                           else "anonymous")
-            elif fields[0] == "Rss:":
-                kinds[current] += int(fields[1]) * 1024
+    for header, counters in smaps_mappings():
+        name = header[5] if len(header) > 5 else ""
+        kind = ("model" if name == target else "llvm" if "libllvmlite" in name
+                else "libraries" if name.startswith("/") else "heap" if name == "[heap]" else "anonymous")
+        kinds[kind] += counters.get("Rss", 0) * 1024
     return kinds
 
 

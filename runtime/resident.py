@@ -13,25 +13,37 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 
 MADV_DONTNEED = 4
 COMPILER_LIBRARIES = ("libllvmlite",)  # file names' starts
+
+
+def smaps_mappings(smaps: str = "/proc/self/smaps") -> Iterator[tuple[list[str], dict[str, int]]]:
+    """Each mapping of the process: its header's fields (address range, permissions, offset,
+    device, inode, and the path if any) and its counters in kB (Rss, Anonymous, ...)."""
+    header: list[str] | None = None
+    counters: dict[str, int] = {}
+    with open(smaps) as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                if header is not None:
+                    yield header, counters
+                header, counters = fields, {}
+            elif len(fields) >= 2 and fields[0].endswith(":") and fields[1].isdigit():
+                counters[fields[0][:-1]] = int(fields[1])
+    if header is not None:
+        yield header, counters
 
 
 def file_only_mappings(names: tuple[str, ...], smaps: str = "/proc/self/smaps") -> list[tuple[int, int]]:
     """(start, end) of the read-only mappings of the libraries whose file names start with
     one of `names` that hold only the file's pages. Dropping those loses nothing; a mapping
     the loader wrote into (relocations: its Anonymous pages) would lose its writes."""
-    found, current = [], None
-    with open(smaps) as f:
-        for line in f:
-            fields = line.split()
-            if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
-                named = len(fields) > 5 and os.path.basename(fields[5]).startswith(names)
-                current = fields if named and "w" not in fields[1] else None
-            elif current is not None and fields[0] == "Anonymous:" and fields[1] == "0":
-                found.append(tuple(int(x, 16) for x in current[0].split("-")))
-    return found
+    return [tuple(int(x, 16) for x in header[0].split("-")) for header, counters in smaps_mappings(smaps)
+            if len(header) > 5 and os.path.basename(header[5]).startswith(names) and "w" not in header[1]
+            and counters.get("Anonymous") == 0]
 
 
 def release_compiler_code() -> int:
